@@ -1,0 +1,141 @@
+"""Reverse-process samplers as plain functions.
+
+Every sampler has the shape ``sample_x(model, x, schedule, timesteps, ...) -> x_0`` where
+``model(x, t) -> network output`` at integer timestep ``t`` (see ``denoiser.py``), ``x`` is x_T,
+``timesteps`` is the decreasing list from :func:`make_timesteps`, and the chain always ends at the
+clean image (alpha_bar = 1). Coefficients are Python floats computed in float64, so the loop
+issues no host-device synchronisation. ``noise()`` draws a fresh standard normal like ``x``.
+``callback`` receives ``{"i", "t", "x", "denoised"}`` after each step.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from ddpm_cli.engine.errors import InputError
+from ddpm_cli.engine.schedule import NoiseSchedule
+
+SAMPLERS = ("ddpm", "ddim", "dpmpp-2m")
+SPACINGS = ("leading", "trailing", "linspace")
+VARIANCES = ("fixed_small", "fixed_large")
+# Each sampler's usual spacing: DDPM and DDIM as in their diffusers schedulers, DPM-Solver++ ending
+# at a timestep of T/n (diffusers' own default for it differs from "trailing" by one step at most).
+DEFAULT_SPACING = {"ddpm": "leading", "ddim": "leading", "dpmpp-2m": "trailing"}
+
+Model = Callable[[torch.Tensor, int], torch.Tensor]
+Callback = Callable[[dict], None] | None
+
+
+def make_timesteps(num_train_timesteps: int, steps: int, spacing: str = "leading", offset: int = 0) -> list[int]:
+    """The decreasing timesteps visited by an n-step sampler (Table 2 of Lin et al. 2024).
+
+    leading: 0, T/n, 2T/n... (DDPM/DDIM in diffusers); trailing: T-1, T-1-T/n, ... down to T/n-1;
+    linspace: n points evenly from T-1 to 0. ``offset`` is diffusers' ``steps_offset``.
+    """
+    T = num_train_timesteps
+    if not 1 <= steps <= T:
+        raise InputError(f"--steps must be between 1 and {T} (the model's training timesteps), got {steps}")
+    if spacing == "leading":
+        values = np.arange(0, steps) * (T // steps) + offset
+    elif spacing == "trailing":
+        values = np.round(np.arange(T, 0, -T / steps)).astype(np.int64) - 1
+    elif spacing == "linspace":
+        values = np.linspace(0, T - 1, steps).round()
+    else:
+        raise InputError(f"unknown timestep spacing {spacing!r}; choose one of {', '.join(SPACINGS)}")
+    return sorted({int(min(max(v, 0), T - 1)) for v in values}, reverse=True)
+
+
+def _prev(timesteps: list[int], i: int) -> int:
+    return timesteps[i + 1] if i + 1 < len(timesteps) else -1
+
+
+@torch.no_grad()
+def sample_ddpm(model: Model, x: torch.Tensor, schedule: NoiseSchedule, timesteps: list[int],
+                noise: Callable[[], torch.Tensor], variance: str = "fixed_small", callback: Callback = None) -> torch.Tensor:
+    """Ancestral sampling, Algorithm 2 of Ho et al. (2020), over any subsequence of timesteps.
+
+    Respaced steps use beta_t = 1 - alpha_bar_t / alpha_bar_prev (Nichol & Dhariwal 2021, sec. 4).
+    variance: "fixed_small" is the posterior variance beta_tilde_t, "fixed_large" is beta_t.
+    """
+    if variance not in VARIANCES:
+        raise InputError(f"unknown variance {variance!r}; choose one of {', '.join(VARIANCES)}")
+    for i, t in enumerate(timesteps):
+        alpha_bar_t, alpha_bar_prev = schedule.alpha_bar(t), schedule.alpha_bar(_prev(timesteps, i))
+        alpha_t = alpha_bar_t / alpha_bar_prev
+        beta_t = 1.0 - alpha_t
+        x0, _ = schedule.split_prediction(model(x, t), x, t)
+        # Posterior mean mu_tilde(x_t, x_0), eq. (7).
+        mean = (alpha_bar_prev**0.5 * beta_t / (1.0 - alpha_bar_t)) * x0 \
+            + (alpha_t**0.5 * (1.0 - alpha_bar_prev) / (1.0 - alpha_bar_t)) * x
+        # Add noise on every step but the last.
+        if i + 1 < len(timesteps):
+            var = beta_t if variance == "fixed_large" else max((1.0 - alpha_bar_prev) / (1.0 - alpha_bar_t) * beta_t, 1e-20)
+            x = mean + var**0.5 * noise()
+        else:
+            x = mean
+        if callback is not None:
+            callback({"i": i, "t": t, "x": x, "denoised": x0})
+    return x
+
+
+@torch.no_grad()
+def sample_ddim(model: Model, x: torch.Tensor, schedule: NoiseSchedule, timesteps: list[int],
+                noise: Callable[[], torch.Tensor] | None = None, eta: float = 0.0, callback: Callback = None) -> torch.Tensor:
+    """DDIM, eq. (12) of Song et al. (2021); eta = 0 is deterministic, eta = 1 matches DDPM's variance."""
+    if eta < 0:
+        raise InputError(f"--eta must be >= 0, got {eta}")
+    if eta > 0 and noise is None:
+        raise ValueError("sample_ddim needs a noise source when eta > 0")
+    for i, t in enumerate(timesteps):
+        alpha_bar_t, alpha_bar_prev = schedule.alpha_bar(t), schedule.alpha_bar(_prev(timesteps, i))
+        x0, eps = schedule.split_prediction(model(x, t), x, t)
+        # sigma_t(eta), eq. (16).
+        sigma = eta * ((1.0 - alpha_bar_prev) / (1.0 - alpha_bar_t) * (1.0 - alpha_bar_t / alpha_bar_prev)) ** 0.5
+        # "Direction pointing to x_t", then the predicted x_{t-1}.
+        direction = max(1.0 - alpha_bar_prev - sigma**2, 0.0) ** 0.5 * eps
+        x = alpha_bar_prev**0.5 * x0 + direction
+        if sigma > 0:
+            x = x + sigma * noise()
+        if callback is not None:
+            callback({"i": i, "t": t, "x": x, "denoised": x0})
+    return x
+
+
+def _lambda(alpha_bar: float) -> float:
+    """Half log-SNR, lambda = log(alpha) - log(sigma), with lambda = +inf at the clean end."""
+    return math.inf if alpha_bar >= 1.0 else 0.5 * math.log(alpha_bar / (1.0 - alpha_bar))
+
+
+@torch.no_grad()
+def sample_dpmpp_2m(model: Model, x: torch.Tensor, schedule: NoiseSchedule, timesteps: list[int],
+                    callback: Callback = None) -> torch.Tensor:
+    """DPM-Solver++(2M), Algorithm 2 of Lu et al. (2022b), data prediction, multistep.
+
+    The first step and the last (to sigma = 0) are first order, as in diffusers' defaults.
+    """
+    x0_prev, h_prev = None, None
+    for i, t in enumerate(timesteps):
+        alpha_bar_s, alpha_bar_t = schedule.alpha_bar(t), schedule.alpha_bar(_prev(timesteps, i))
+        x0, _ = schedule.split_prediction(model(x, t), x, t)
+        sigma_s, sigma_t = (1.0 - alpha_bar_s) ** 0.5, (1.0 - alpha_bar_t) ** 0.5
+        alpha_t = alpha_bar_t**0.5
+        h = _lambda(alpha_bar_t) - _lambda(alpha_bar_s)
+        phi = -math.expm1(-h)  # 1 - e^{-h}
+        last = i + 1 == len(timesteps)
+        if x0_prev is None or last:
+            # First-order update (DDIM in data prediction form).
+            denoised = x0
+        else:
+            # Second-order multistep correction with r = h_prev / h.
+            r = h_prev / h
+            denoised = (1.0 + 0.5 / r) * x0 - (0.5 / r) * x0_prev
+        x = (sigma_t / sigma_s) * x + (alpha_t * phi) * denoised
+        x0_prev, h_prev = x0, h
+        if callback is not None:
+            callback({"i": i, "t": t, "x": x, "denoised": x0})
+    return x

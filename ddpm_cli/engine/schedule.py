@@ -1,0 +1,179 @@
+"""The noise schedule and the forward process of Ho et al. (2020), in float64.
+
+The tables (betas, alpha_bar, posterior coefficients) are computed once in float64 on the CPU,
+because 1 - alpha_bar_t is tiny near t = 0 and cumulative products lose precision in float32.
+Training gathers them per sample from a float32 copy on the training device; samplers read
+single entries as Python floats, so the step loop never synchronises host and device.
+
+Notation (DDPM paper): beta_t, alpha_t = 1 - beta_t, alpha_bar_t = prod_{s<=t} alpha_s,
+q(x_t | x_0) = N(sqrt(alpha_bar_t) x_0, (1 - alpha_bar_t) I), and the posterior
+q(x_{t-1} | x_t, x_0) = N(mu_tilde, beta_tilde_t I) of equations (6) and (7).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from ddpm_cli.engine.errors import InputError, ModelError
+
+BETA_SCHEDULES = ("linear", "cosine", "scaled_linear")
+PREDICTION_TYPES = ("epsilon", "v", "sample")
+
+# diffusers spells some names differently; these map its config values onto ours and back.
+_SCHEDULE_FROM_DIFFUSERS = {"linear": "linear", "scaled_linear": "scaled_linear", "squaredcos_cap_v2": "cosine"}
+_SCHEDULE_TO_DIFFUSERS = {"linear": "linear", "scaled_linear": "scaled_linear", "cosine": "squaredcos_cap_v2"}
+_PREDICTION_FROM_DIFFUSERS = {"epsilon": "epsilon", "v_prediction": "v", "sample": "sample"}
+_PREDICTION_TO_DIFFUSERS = {"epsilon": "epsilon", "v": "v_prediction", "sample": "sample"}
+
+
+def make_betas(kind: str, num_train_timesteps: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> torch.Tensor:
+    """Beta_t for t = 0..T-1 in float64.
+
+    linear: the DDPM paper (beta from 1e-4 to 0.02 over T = 1000).
+    scaled_linear: linear in sqrt(beta), as in Stable Diffusion.
+    cosine: alpha_bar(t) = cos^2(((t/T + s) / (1 + s)) pi/2) with s = 0.008, betas capped at 0.999
+    (Nichol & Dhariwal 2021, eq. 17).
+    """
+    T = num_train_timesteps
+    if kind == "linear":
+        return torch.linspace(beta_start, beta_end, T, dtype=torch.float64)
+    if kind == "scaled_linear":
+        return torch.linspace(beta_start**0.5, beta_end**0.5, T, dtype=torch.float64) ** 2
+    if kind == "cosine":
+        def alpha_bar(u: float) -> float:
+            return math.cos((u + 0.008) / 1.008 * math.pi / 2) ** 2
+
+        betas = [min(1 - alpha_bar((i + 1) / T) / alpha_bar(i / T), 0.999) for i in range(T)]
+        return torch.tensor(betas, dtype=torch.float64)
+    raise InputError(f"unknown noise schedule {kind!r}; choose one of {', '.join(BETA_SCHEDULES)}")
+
+
+@dataclass
+class NoiseSchedule:
+    """A fixed variance schedule with its prediction type and x_0 clipping rule."""
+
+    betas: torch.Tensor
+    prediction_type: str = "epsilon"
+    clip_sample: bool = True
+    clip_sample_range: float = 1.0
+    beta_schedule: str = "linear"
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    _device_tables: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise InputError(f"unknown prediction type {self.prediction_type!r}; choose one of {', '.join(PREDICTION_TYPES)}")
+        self.betas = self.betas.to(torch.float64)
+        self.alphas = 1.0 - self.betas
+        self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
+        self.alphas_cumprod_prev = torch.cat([torch.ones(1, dtype=torch.float64), self.alphas_cumprod[:-1]])
+        # beta_tilde_t = (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t) beta_t  (eq. 7)
+        self.posterior_variance = self.betas * (1.0 - self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
+        self.posterior_mean_coef_x0 = self.betas * self.alphas_cumprod_prev.sqrt() / (1.0 - self.alphas_cumprod)
+        self.posterior_mean_coef_xt = (1.0 - self.alphas_cumprod_prev) * self.alphas.sqrt() / (1.0 - self.alphas_cumprod)
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return self.betas.shape[0]
+
+    @classmethod
+    def create(cls, kind: str = "linear", num_train_timesteps: int = 1000, beta_start: float = 1e-4,
+               beta_end: float = 0.02, prediction_type: str = "epsilon", clip_sample: bool = True) -> NoiseSchedule:
+        betas = make_betas(kind, num_train_timesteps, beta_start, beta_end)
+        return cls(betas, prediction_type, clip_sample, 1.0, kind, beta_start, beta_end)
+
+    @classmethod
+    def from_config(cls, config: dict) -> NoiseSchedule:
+        """Build from a diffusers scheduler_config.json (DDPM, DDIM, DPM-Solver, PNDM... share these keys)."""
+        prediction = _PREDICTION_FROM_DIFFUSERS.get(config.get("prediction_type", "epsilon"))
+        if prediction is None:
+            raise ModelError(f"scheduler config has unsupported prediction_type {config.get('prediction_type')!r}")
+        clip = bool(config.get("clip_sample", False))
+        clip_range = float(config.get("clip_sample_range", 1.0))
+        if config.get("trained_betas"):
+            betas = torch.tensor(config["trained_betas"], dtype=torch.float64)
+            return cls(betas, prediction, clip, clip_range, "trained")
+        kind = _SCHEDULE_FROM_DIFFUSERS.get(config.get("beta_schedule", "linear"))
+        if kind is None:
+            raise ModelError(f"scheduler config has unsupported beta_schedule {config.get('beta_schedule')!r}")
+        start, end = float(config.get("beta_start", 1e-4)), float(config.get("beta_end", 0.02))
+        betas = make_betas(kind, int(config.get("num_train_timesteps", 1000)), start, end)
+        return cls(betas, prediction, clip, clip_range, kind, start, end)
+
+    def to_config(self) -> dict:
+        """The DDPMScheduler config diffusers needs to sample this schedule unchanged."""
+        config = {
+            "_class_name": "DDPMScheduler",
+            "num_train_timesteps": self.num_train_timesteps,
+            "prediction_type": _PREDICTION_TO_DIFFUSERS[self.prediction_type],
+            "clip_sample": self.clip_sample,
+            "clip_sample_range": self.clip_sample_range,
+            "variance_type": "fixed_small",
+        }
+        if self.beta_schedule == "trained":
+            config["trained_betas"] = self.betas.tolist()
+        else:
+            config.update(beta_schedule=_SCHEDULE_TO_DIFFUSERS[self.beta_schedule],
+                          beta_start=self.beta_start, beta_end=self.beta_end)
+        return config
+
+    # -- per-sample tables for training (float32 on the training device) ------------------------
+
+    def _table(self, name: str, device: torch.device) -> torch.Tensor:
+        key = (name, str(device))
+        if key not in self._device_tables:
+            self._device_tables[key] = getattr(self, name).to(device=device, dtype=torch.float32)
+        return self._device_tables[key]
+
+    def _gather(self, name: str, t: torch.Tensor, ndim: int) -> torch.Tensor:
+        values = self._table(name, t.device)[t]
+        return values.reshape(-1, *([1] * (ndim - 1)))
+
+    def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """x_t ~ q(x_t | x_0) = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps, in one shot (eq. 4)."""
+        alpha_bar = self._gather("alphas_cumprod", t, x0.ndim)
+        return alpha_bar.sqrt() * x0 + (1.0 - alpha_bar).sqrt() * noise
+
+    def q_posterior(self, x0: torch.Tensor, xt: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and variance of q(x_{t-1} | x_t, x_0) (eqs. 6-7)."""
+        mean = self._gather("posterior_mean_coef_x0", t, xt.ndim) * x0 + self._gather("posterior_mean_coef_xt", t, xt.ndim) * xt
+        return mean, self._gather("posterior_variance", t, xt.ndim)
+
+    def training_target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """What the network is trained to output: eps, v = sqrt(ab) eps - sqrt(1-ab) x_0, or x_0."""
+        if self.prediction_type == "epsilon":
+            return noise
+        if self.prediction_type == "sample":
+            return x0
+        alpha_bar = self._gather("alphas_cumprod", t, x0.ndim)
+        return alpha_bar.sqrt() * noise - (1.0 - alpha_bar).sqrt() * x0
+
+    # -- single-timestep arithmetic for samplers (Python floats: no device sync) --------------
+
+    def alpha_bar(self, t: int) -> float:
+        """alpha_bar_t for t >= 0; alpha_bar_{-1} = 1 (the clean image) closes every sampler."""
+        return 1.0 if t < 0 else float(self.alphas_cumprod[t])
+
+    def split_prediction(self, output: torch.Tensor, xt: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x_0, eps) predicted at timestep t from the network output; x_0 clipped if the schedule says so.
+
+        eps is derived before clipping, as DDIM does (Song et al. 2021, eq. 12).
+        """
+        alpha_bar = self.alpha_bar(t)
+        sqrt_ab, sqrt_1mab = alpha_bar**0.5, (1.0 - alpha_bar) ** 0.5
+        if self.prediction_type == "epsilon":
+            eps = output
+            x0 = (xt - sqrt_1mab * eps) / sqrt_ab
+        elif self.prediction_type == "sample":
+            x0 = output
+            eps = (xt - sqrt_ab * x0) / sqrt_1mab
+        else:
+            x0 = sqrt_ab * xt - sqrt_1mab * output
+            eps = sqrt_ab * output + sqrt_1mab * xt
+        if self.clip_sample:
+            x0 = x0.clamp(-self.clip_sample_range, self.clip_sample_range)
+        return x0, eps

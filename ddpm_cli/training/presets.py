@@ -1,0 +1,45 @@
+"""U-Net sizes for ``ddpm train --model-size``: diffusers UNet2DModel configs.
+
+``ddpm-cifar10`` is the 35.7M-parameter network of Ho et al. (2020) as published in diffusers'
+google/ddpm-cifar10-32 (channels 128-256-256-256, two residual blocks per level, self-attention at
+16x16). The smaller presets keep its shape with fewer channels; ``tiny`` trains usefully on a CPU.
+"""
+
+from __future__ import annotations
+
+from ddpm_cli.engine.errors import InputError
+
+_DDPM_STYLE = dict(
+    act_fn="silu", center_input_sample=False, downsample_padding=0, flip_sin_to_cos=False, freq_shift=1,
+    mid_block_scale_factor=1, norm_eps=1e-6, time_embedding_type="positional",
+)
+
+PRESETS: dict[str, dict] = {
+    "tiny": dict(block_out_channels=(16, 32, 64), layers_per_block=1, norm_num_groups=8,
+                 down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
+                 up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D")),
+    "small": dict(block_out_channels=(64, 128, 128, 128), layers_per_block=2, norm_num_groups=32,
+                  down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
+                  up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D")),
+    "ddpm-cifar10": dict(block_out_channels=(128, 256, 256, 256), layers_per_block=2, norm_num_groups=32,
+                         down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
+                         up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D")),
+}
+
+
+def unet_config(preset: str, resolution: int, channels: int) -> dict:
+    """The UNet2DModel config for a preset at a resolution; the resolution must survive the downsamplings."""
+    if preset not in PRESETS:
+        raise InputError(f"unknown --model-size {preset!r}; choose one of {', '.join(PRESETS)}")
+    config = dict(_DDPM_STYLE, **PRESETS[preset])
+    factor = 2 ** (len(config["block_out_channels"]) - 1)
+    if resolution % factor:
+        raise InputError(f"--resolution {resolution} is not a multiple of {factor}, which --model-size {preset} needs")
+    config.update(sample_size=resolution, in_channels=channels, out_channels=channels)
+    return config
+
+
+def build_unet(config: dict):
+    from diffusers import UNet2DModel
+
+    return UNet2DModel(**config)

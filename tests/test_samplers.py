@@ -1,0 +1,103 @@
+"""The samplers agree with diffusers' schedulers on the same model, noise and steps (fp32, 1e-4)."""
+
+import pytest
+import torch
+from diffusers.utils.torch_utils import randn_tensor
+
+from ddpm_cli.engine.denoiser import UNetDenoiser
+from ddpm_cli.engine.errors import InputError
+from ddpm_cli.engine.noise import SeededNoise
+from ddpm_cli.engine.samplers import make_timesteps, sample_ddim, sample_ddpm, sample_dpmpp_2m
+from ddpm_cli.engine.schedule import NoiseSchedule
+
+SEEDS = [3, 4]
+SHAPE = (1, 8, 8)
+
+
+def diffusers_loop(unet, scheduler, steps, step_kwargs=None):
+    generators = [torch.Generator().manual_seed(s) for s in SEEDS]
+    x = randn_tensor((len(SEEDS), *SHAPE), generator=generators)
+    scheduler.set_timesteps(steps)
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            out = unet(x, t).sample
+            x = scheduler.step(out, t, x, generator=generators, **(step_kwargs or {})).prev_sample
+    return x, [int(t) for t in scheduler.timesteps]
+
+
+def ours(sampler, unet, schedule, timesteps, **kwargs):
+    noise = SeededNoise(SEEDS, SHAPE)
+    x = noise()
+    if sampler is sample_dpmpp_2m:
+        return sampler(UNetDenoiser(unet), x, schedule, timesteps, **kwargs)
+    return sampler(UNetDenoiser(unet), x, schedule, timesteps, noise=noise, **kwargs)
+
+
+@pytest.mark.parametrize("variance", ["fixed_small", "fixed_large"])
+@pytest.mark.parametrize("steps,prediction", [(10, "epsilon"), (50, "v"), (25, "sample")])
+def test_ddpm_matches_diffusers(unet, variance, steps, prediction):
+    from diffusers import DDPMScheduler
+
+    config = dict(variance_type=variance, clip_sample=True, prediction_type={"v": "v_prediction"}.get(prediction, prediction))
+    expected, their_steps = diffusers_loop(unet, DDPMScheduler(**config), steps)
+    schedule = NoiseSchedule.from_config(config)
+    timesteps = make_timesteps(1000, steps, "leading")
+    assert timesteps == their_steps
+    got = ours(sample_ddpm, unet, schedule, timesteps, variance=variance)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_ddpm_full_chain_matches_diffusers(unet):
+    from diffusers import DDPMScheduler
+
+    expected, _ = diffusers_loop(unet, DDPMScheduler(), 1000)
+    got = ours(sample_ddpm, unet, NoiseSchedule.create(), make_timesteps(1000, 1000))
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("eta,steps,spacing", [(0.0, 20, "leading"), (0.5, 10, "leading"), (0.0, 25, "trailing"), (1.0, 50, "trailing")])
+def test_ddim_matches_diffusers(unet, eta, steps, spacing):
+    from diffusers import DDIMScheduler
+
+    scheduler = DDIMScheduler(clip_sample=True, timestep_spacing=spacing)
+    expected, their_steps = diffusers_loop(unet, scheduler, steps, {"eta": eta})
+    timesteps = make_timesteps(1000, steps, spacing)
+    assert timesteps == their_steps
+    got = ours(sample_ddim, unet, NoiseSchedule.create(clip_sample=True), timesteps, eta=eta)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("steps,prediction,kind", [(10, "epsilon", "linear"), (20, "v", "cosine"), (7, "epsilon", "scaled_linear")])
+def test_dpmpp_2m_matches_diffusers(unet, steps, prediction, kind):
+    from diffusers import DPMSolverMultistepScheduler
+
+    diffusers_name = {"cosine": "squaredcos_cap_v2"}.get(kind, kind)
+    diffusers_prediction = {"v": "v_prediction"}.get(prediction, prediction)
+    scheduler = DPMSolverMultistepScheduler(timestep_spacing="trailing", beta_schedule=diffusers_name,
+                                            prediction_type=diffusers_prediction)
+    expected, their_steps = diffusers_loop(unet, scheduler, steps)
+    schedule = NoiseSchedule.create(kind, prediction_type=prediction, clip_sample=False)
+    timesteps = make_timesteps(1000, steps, "trailing")
+    assert timesteps == their_steps
+    got = ours(sample_dpmpp_2m, unet, schedule, timesteps)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_timesteps_spacings_and_bounds():
+    assert make_timesteps(1000, 4, "leading") == [750, 500, 250, 0]
+    assert make_timesteps(1000, 4, "trailing") == [999, 749, 499, 249]
+    assert make_timesteps(1000, 3, "linspace") == [999, 500, 0]
+    assert make_timesteps(1000, 1000) == list(range(999, -1, -1))
+    with pytest.raises(InputError):
+        make_timesteps(1000, 0)
+    with pytest.raises(InputError):
+        make_timesteps(1000, 1001)
+
+
+def test_noise_is_per_image_and_independent_of_batch():
+    together = SeededNoise([7, 8, 9], (2, 3, 3))
+    alone = SeededNoise([8], (2, 3, 3))
+    first_together, first_alone = together(), alone()
+    torch.testing.assert_close(first_together[1:2], first_alone)
+    torch.testing.assert_close(together()[1:2], alone())
+    assert not torch.equal(first_together[0], first_together[1])
