@@ -25,3 +25,13 @@ def tiny_unet(channels: int = 1, size: int = 8, seed: int = 0):
 @pytest.fixture
 def unet():
     return tiny_unet()
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline_dir(tmp_path_factory):
+    """A tiny random unconditional model saved as diffusers' DDPMPipeline (as on the Hub)."""
+    from diffusers import DDPMPipeline, DDPMScheduler
+
+    folder = tmp_path_factory.mktemp("tiny-ddpm")
+    DDPMPipeline(unet=tiny_unet(channels=3, size=16), scheduler=DDPMScheduler(variance_type="fixed_large")).save_pretrained(folder)
+    return folder

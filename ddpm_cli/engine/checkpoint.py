@@ -8,6 +8,7 @@ corrupt files fail with a clear message; folders that ship Python code are refus
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -328,6 +329,19 @@ def _unet_location(folder: Path) -> tuple[str | None, Path]:
     raise ModelError(f"{folder} has neither unet/config.json nor config.json; pass a diffusers model folder")
 
 
+@contextlib.contextmanager
+def _quiet_diffusers():
+    """diffusers logs advice (install accelerate, dtype notes) that is noise on a CLI's stderr."""
+    from diffusers.utils import logging as diffusers_logging
+
+    level = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        diffusers_logging.set_verbosity(level)
+
+
 def load_unet(folder: Path, device: torch.device | str, dtype: torch.dtype, allow_pickle: bool = False):
     """Load the UNet of a diffusers folder (checked first), in eval mode on device/dtype."""
     import diffusers
@@ -348,19 +362,23 @@ def load_unet(folder: Path, device: torch.device | str, dtype: torch.dtype, allo
         pickle.UnpicklingError, safetensors.SafetensorError,
     )
     try:
-        model = cls.from_pretrained(
-            folder,
-            subfolder=subfolder,
-            use_safetensors=None if allow_pickle else True,
-            local_files_only=True,
-        )
+        with _quiet_diffusers():
+            model = cls.from_pretrained(
+                folder,
+                subfolder=subfolder,
+                use_safetensors=None if allow_pickle else True,
+                local_files_only=True,
+                low_cpu_mem_usage=False,
+                torch_dtype=dtype,
+            )
     except torch.OutOfMemoryError:
         raise ResourceError(f"out of memory while loading the UNet from {folder}; free memory or use a smaller model") from None
     except loader_errors as exc:
         reason = " ".join(str(exc).split())[:300] or type(exc).__name__
         raise ModelError(f"{folder} could not be loaded ({reason}); re-download or re-export the model") from None
     try:
-        model = model.to(device=torch.device(device), dtype=dtype)
+        with _quiet_diffusers():
+            model = model.to(device=torch.device(device), dtype=dtype)
     except torch.OutOfMemoryError:
         raise ResourceError(
             f"out of memory moving the UNet from {folder} to {device}; use a smaller dtype, "

@@ -16,12 +16,10 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from ddpm_cli.engine.choices import SAMPLERS, SPACINGS, VARIANCES
 from ddpm_cli.engine.errors import InputError
 from ddpm_cli.engine.schedule import NoiseSchedule
 
-SAMPLERS = ("ddpm", "ddim", "dpmpp-2m")
-SPACINGS = ("leading", "trailing", "linspace")
-VARIANCES = ("fixed_small", "fixed_large")
 # Each sampler's usual spacing: DDPM and DDIM as in their diffusers schedulers, DPM-Solver++ ending
 # at a timestep of T/n (diffusers' own default for it differs from "trailing" by one step at most).
 DEFAULT_SPACING = {"ddpm": "leading", "ddim": "leading", "dpmpp-2m": "trailing"}

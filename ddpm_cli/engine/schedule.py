@@ -17,10 +17,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ddpm_cli.engine.choices import BETA_SCHEDULES, PREDICTION_TYPES
 from ddpm_cli.engine.errors import InputError, ModelError
 
-BETA_SCHEDULES = ("linear", "cosine", "scaled_linear")
-PREDICTION_TYPES = ("epsilon", "v", "sample")
 
 # diffusers spells some names differently; these map its config values onto ours and back.
 _SCHEDULE_FROM_DIFFUSERS = {"linear": "linear", "scaled_linear": "scaled_linear", "squaredcos_cap_v2": "cosine"}

@@ -1,0 +1,60 @@
+"""The one error path: engine errors and faults become one line on stderr and a documented exit code.
+
+Exit codes: 0 ok, 2 bad usage or input, 3 model missing/corrupt/refused, 4 out of memory or disk,
+5 numerical failure, 130 interrupted. ``--debug`` or ``DDPM_DEBUG=1`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import os
+import sys
+from collections.abc import Callable
+
+import typer
+
+from ddpm_cli.engine.errors import DdpmError
+
+EXIT_USAGE, EXIT_MODEL, EXIT_RESOURCE, EXIT_NUMERICAL, EXIT_INTERRUPTED = 2, 3, 4, 5, 130
+
+
+def debug_enabled() -> bool:
+    return os.environ.get("DDPM_DEBUG", "") not in ("", "0")
+
+
+def fail(message: str, code: int) -> typer.Exit:
+    """Print ``ddpm: error: message`` on stderr and return the Exit to raise."""
+    print(f"ddpm: error: {message}", file=sys.stderr, flush=True)
+    return typer.Exit(code)
+
+
+def _classify(exc: BaseException) -> tuple[str, int] | None:
+    """(message, exit code) for a known failure; None for a bug, which keeps its traceback."""
+    if isinstance(exc, DdpmError):
+        return str(exc), exc.exit_code
+    if isinstance(exc, KeyboardInterrupt):
+        return "interrupted; finished outputs were kept", EXIT_INTERRUPTED
+    if type(exc).__name__ == "OutOfMemoryError" or isinstance(exc, MemoryError):
+        return "out of memory; finished outputs were kept; try a smaller --batch-size", EXIT_RESOURCE
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"no space left on the device ({exc.filename or 'output'}); finished outputs were kept", EXIT_RESOURCE
+    return None
+
+
+def handle_errors(command: Callable) -> Callable:
+    """Wrap a command so every known failure exits with its one-line message and code."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except typer.Exit:
+            raise
+        except BaseException as exc:  # noqa: BLE001 - the one place failures are mapped
+            known = _classify(exc)
+            if known is None or debug_enabled():
+                raise
+            raise fail(*known) from None
+
+    return wrapper

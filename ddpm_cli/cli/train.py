@@ -1,0 +1,96 @@
+"""``ddpm train [DATA]``: train a DDPM on a folder of images or a built-in data set."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated
+
+import typer
+
+from ddpm_cli.cli.errors import handle_errors
+from ddpm_cli.cli.options import DeviceOpt, FormatOpt, QuietOpt
+from ddpm_cli.cli.progress import StepProgress, say
+from ddpm_cli.engine.choices import BETA_SCHEDULES, LR_SCHEDULES, MIXED_PRECISION, PREDICTION_TYPES
+from ddpm_cli.training.config import TrainConfig
+from ddpm_cli.training.presets import PRESETS
+
+D = TrainConfig  # the defaults shown in --help are the ones the run uses
+
+EXAMPLES = """
+Examples:
+
+  ddpm train --max-steps 600 -o runs/fashion          # the built-in Fashion-MNIST
+
+  ddpm train ./photos --resolution 64 --random-flip --model-size small -o runs/photos
+
+  ddpm train -o runs/photos --resume latest --max-steps 20000
+"""
+
+
+def _opt(*names: str, help: str, default=None, **kw):
+    shown = f" [default: {default}]" if default is not None else ""
+    return typer.Option(*names, help=help + shown, show_default=False, **kw)
+
+
+@handle_errors
+def train(
+    data: Annotated[str | None, typer.Argument(help="Image folder (recursive) or built-in data set: fashion-mnist, fashion-mnist-subset.", show_default=False)] = None,
+    output: Annotated[str | None, _opt("--output", "-o", help="Run folder: checkpoints, samples, and the exported pipeline.", default=D.output)] = None,
+    resolution: Annotated[int | None, _opt("--resolution", help="Training size in pixels [default: 32 for built-ins, 64 for folders].", min=8)] = None,
+    channels: Annotated[int | None, _opt("--channels", help="1 (grey) or 3 (RGB) [default: the data's].")] = None,
+    center_crop: Annotated[bool | None, _opt("--center-crop/--random-crop", help="Crop the middle or a random square.", default="center")] = None,
+    random_flip: Annotated[bool | None, _opt("--random-flip/--no-random-flip", help="Flip images left-right at random.", default="no")] = None,
+    model_size: Annotated[str | None, _opt("--model-size", help=f"U-Net preset: {', '.join(PRESETS)}.", default=D.model_size)] = None,
+    schedule: Annotated[str | None, _opt("--schedule", help=f"Noise schedule: {', '.join(BETA_SCHEDULES)}.", default=D.schedule)] = None,
+    prediction_type: Annotated[str | None, _opt("--prediction-type", help=f"Network target: {', '.join(PREDICTION_TYPES)}.", default=D.prediction_type)] = None,
+    max_steps: Annotated[int | None, _opt("--max-steps", help="Optimiser steps to train for.", default=10_000, min=1)] = None,
+    epochs: Annotated[int | None, _opt("--epochs", help="Train for this many passes over the data instead of --max-steps.", min=1)] = None,
+    batch_size: Annotated[int | None, _opt("--batch-size", "-b", help="Images per micro-batch.", default=D.batch_size, min=1)] = None,
+    grad_accum: Annotated[int | None, _opt("--grad-accum", help="Micro-batches per optimiser step.", default=D.grad_accum, min=1)] = None,
+    lr: Annotated[float | None, _opt("--lr", help="Peak learning rate (AdamW).", default=D.lr)] = None,
+    lr_warmup: Annotated[int | None, _opt("--lr-warmup", help="Linear warm-up steps [default: min(500, 10% of the run)].", min=0)] = None,
+    lr_schedule: Annotated[str | None, _opt("--lr-schedule", help=f"After warm-up: {', '.join(LR_SCHEDULES)}.", default=D.lr_schedule)] = None,
+    ema_decay: Annotated[float | None, _opt("--ema-decay", help="EMA decay of the exported weights.", default=D.ema_decay)] = None,
+    mixed_precision: Annotated[str | None, _opt("--mixed-precision", help=f"Autocast: {', '.join(MIXED_PRECISION)}.", default=D.mixed_precision)] = None,
+    grad_clip: Annotated[float | None, _opt("--grad-clip", help="Clip the gradient norm (0: off).", default=D.grad_clip)] = None,
+    seed: Annotated[int | None, _opt("--seed", help="Seed of weights, data order and noise.", default=D.seed, min=0)] = None,
+    checkpoint_every: Annotated[int | None, _opt("--checkpoint-every", help="Steps between checkpoints.", default=D.checkpoint_every, min=1)] = None,
+    keep_checkpoints: Annotated[int | None, _opt("--keep-checkpoints", help="Newest checkpoints kept.", default=D.keep_checkpoints, min=1)] = None,
+    sample_every: Annotated[int | None, _opt("--sample-every", help="Steps between sample grids [default: --checkpoint-every].", min=1)] = None,
+    num_workers: Annotated[int | None, _opt("--num-workers", help="Image decoding processes for folders [default: min(4, cores - 1)].", min=0)] = None,
+    resume: Annotated[str | None, _opt("--resume", help="Continue a run: latest, or a checkpoint folder.")] = None,
+    device: DeviceOpt = "auto",
+    output_format: FormatOpt = "text",
+    quiet: QuietOpt = False,
+) -> None:
+    """Train a DDPM; the run folder loads in diffusers (DDPMPipeline) and in `ddpm sample`."""
+    from ddpm_cli.training.loop import Trainer, prepare
+
+    options = {key: value for key, value in locals().items()
+               if key not in ("resume", "output_format", "quiet", "Trainer", "prepare")}
+    options["device"] = None if device == "auto" else device
+    config, checkpoint = prepare(options, resume)
+    trainer = Trainer(config, checkpoint)
+    bar = StepProgress("training", trainer.total, quiet)
+
+    def on_event(event: dict) -> None:
+        kind = event["kind"]
+        if kind == "start":
+            say(f"ddpm: training {event['parameters'] / 1e6:.2f}M parameters on {event['data']} ({event['images']} images), "
+                f"{event['device']}, mixed precision {event['mixed_precision']}, from step {event['step']}", quiet)
+        elif kind == "step":
+            bar.update(event["step"], f"loss {event['loss']:.4f} {event['images_per_s']:.0f} img/s")
+        elif kind == "nonfinite":
+            say(f"ddpm: warning: non-finite loss at step {event['step']} skipped ({event['in_a_row']} in a row)", quiet)
+        elif kind == "sample" and not bar.interactive:
+            say(f"ddpm: sample grid {event['path']}", quiet)
+
+    trainer.on_event = on_event
+    with bar:
+        summary = trainer.run()
+    if output_format == "json":
+        print(json.dumps(summary, indent=2))
+    else:
+        print(summary["pipeline"])
+        if summary["last_grid"]:
+            print(summary["last_grid"])

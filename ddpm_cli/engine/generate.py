@@ -1,0 +1,77 @@
+"""Generation driver: seeds in, images out, batch by batch, with any sampler.
+
+Image i of a run uses seed + i through its own CPU generator (``noise.SeededNoise``), so the
+same seed gives the same image whatever the batch size or device. The caller decides what to do
+with each finished batch (the CLI writes files as they come, so an interrupt keeps them).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+
+import torch
+
+from ddpm_cli.engine.errors import InputError, NumericalError
+from ddpm_cli.engine.noise import SeededNoise
+from ddpm_cli.engine.pipeline import Pipeline
+from ddpm_cli.engine.samplers import (DEFAULT_SPACING, SAMPLERS, make_timesteps, sample_ddim, sample_ddpm,
+                                      sample_dpmpp_2m)
+
+DEFAULT_STEPS = {"ddpm": None, "ddim": 50, "dpmpp-2m": 20}  # None: every training timestep
+
+
+@dataclass(frozen=True)
+class SamplerSettings:
+    """How to run the reverse process; unset fields take each sampler's usual value."""
+
+    sampler: str = "dpmpp-2m"
+    steps: int | None = None
+    eta: float = 0.0
+    spacing: str | None = None
+    variance: str | None = None
+
+    def resolved(self, pipeline: Pipeline) -> SamplerSettings:
+        if self.sampler not in SAMPLERS:
+            raise InputError(f"unknown sampler {self.sampler!r}; choose one of {', '.join(SAMPLERS)}")
+        if self.eta and self.sampler != "ddim":
+            raise InputError(f"--eta applies to the ddim sampler only, not {self.sampler}")
+        steps = self.steps or DEFAULT_STEPS[self.sampler] or pipeline.schedule.num_train_timesteps
+        variance = (self.variance or pipeline.variance) if self.sampler == "ddpm" else None
+        spacing = self.spacing or DEFAULT_SPACING[self.sampler]
+        make_timesteps(pipeline.schedule.num_train_timesteps, steps, spacing)  # validates steps and spacing
+        return SamplerSettings(self.sampler, steps, self.eta, spacing, variance)
+
+    def describe(self) -> dict:
+        return {key: value for key, value in asdict(self).items() if value is not None}
+
+
+def sample_batch(pipeline: Pipeline, seeds: list[int], settings: SamplerSettings,
+                 callback: Callable[[dict], None] | None = None) -> torch.Tensor:
+    """Sample one batch of images in [-1, 1], one per seed, shape (len(seeds), C, H, W), float32."""
+    settings = settings.resolved(pipeline)
+    timesteps = make_timesteps(pipeline.schedule.num_train_timesteps, settings.steps, settings.spacing)
+    noise = SeededNoise(seeds, pipeline.sample_shape, pipeline.device)
+    x = noise()
+    model, schedule = pipeline.denoiser(), pipeline.schedule
+    if settings.sampler == "ddpm":
+        x = sample_ddpm(model, x, schedule, timesteps, noise, variance=settings.variance, callback=callback)
+    elif settings.sampler == "ddim":
+        x = sample_ddim(model, x, schedule, timesteps, noise, eta=settings.eta, callback=callback)
+    else:
+        x = sample_dpmpp_2m(model, x, schedule, timesteps, callback=callback)
+    x = x.float().cpu()
+    if not torch.isfinite(x).all():
+        raise NumericalError(f"sampling produced non-finite values (seeds {seeds[0]}-{seeds[-1]}, "
+                             f"dtype {str(pipeline.dtype).removeprefix('torch.')}); try --dtype fp32")
+    return x.clamp(-1.0, 1.0)
+
+
+def generate(pipeline: Pipeline, seeds: list[int], batch_size: int, settings: SamplerSettings,
+             callback: Callable[[dict], None] | None = None) -> Iterator[tuple[list[int], torch.Tensor]]:
+    """Yield (seeds, images) batch by batch."""
+    if batch_size < 1:
+        raise InputError(f"--batch-size must be at least 1, got {batch_size}")
+    for start in range(0, len(seeds), batch_size):
+        batch = seeds[start:start + batch_size]
+        yield batch, sample_batch(pipeline, batch, settings, callback)

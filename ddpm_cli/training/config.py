@@ -1,0 +1,106 @@
+"""Resolved training options, validated once, saved with every checkpoint and the run summary.
+
+Free of torch, so the CLI can show the defaults without importing it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+from ddpm_cli.engine.choices import BETA_SCHEDULES, LR_SCHEDULES, MIXED_PRECISION, PREDICTION_TYPES
+from ddpm_cli.engine.errors import InputError
+from ddpm_cli.training.presets import PRESETS
+
+# Options a resumed run may change; every other option comes from the run being resumed.
+RESUMABLE = {"max_steps", "epochs", "checkpoint_every", "keep_checkpoints", "sample_every", "device",
+             "num_workers", "max_nonfinite"}
+
+
+@dataclass
+class TrainConfig:
+    data: str = "fashion-mnist"
+    output: str = "runs/ddpm"
+    resolution: int | None = None
+    channels: int | None = None
+    center_crop: bool = True
+    random_flip: bool = False
+    model_size: str = "tiny"
+    schedule: str = "linear"
+    prediction_type: str = "epsilon"
+    num_train_timesteps: int = 1000
+    max_steps: int | None = None
+    epochs: int | None = None
+    batch_size: int = 64
+    grad_accum: int = 1
+    lr: float = 2e-4
+    lr_warmup: int | None = None
+    lr_schedule: str = "constant"
+    weight_decay: float = 0.0
+    ema_decay: float = 0.9999
+    mixed_precision: str = "no"
+    grad_clip: float = 1.0
+    seed: int = 0
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 2
+    sample_every: int | None = None
+    device: str = "auto"
+    num_workers: int | None = None
+    max_nonfinite: int = 5
+
+    @classmethod
+    def from_options(cls, options: dict, saved: dict | None = None) -> TrainConfig:
+        """Build from the options a user gave (None = not given), on top of a resumed run's saved ones."""
+        given = {key: value for key, value in options.items() if value is not None}
+        known = {f.name for f in fields(cls)}
+        unknown = set(given) - known
+        if unknown:
+            raise InputError(f"unknown training option(s): {', '.join(sorted(unknown))}")
+        if saved is not None:
+            for key, value in given.items():
+                if key not in RESUMABLE and key != "output" and saved.get(key) != value:
+                    flag = "--" + key.replace("_", "-")
+                    raise InputError(f"{flag} {value} differs from the run being resumed ({saved.get(key)}); "
+                                     f"a resumed run keeps its options except {', '.join(sorted(RESUMABLE))}")
+            base = {key: value for key, value in saved.items() if key in known}
+            config = cls(**{**base, **given})
+        else:
+            config = cls(**given)
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        def check(ok: bool, message: str) -> None:
+            if not ok:
+                raise InputError(message)
+
+        check(self.model_size in PRESETS, f"unknown --model-size {self.model_size!r}; choose one of {', '.join(PRESETS)}")
+        check(self.schedule in BETA_SCHEDULES, f"unknown --schedule {self.schedule!r}; choose one of {', '.join(BETA_SCHEDULES)}")
+        check(self.prediction_type in PREDICTION_TYPES,
+              f"unknown --prediction-type {self.prediction_type!r}; choose one of {', '.join(PREDICTION_TYPES)}")
+        check(self.mixed_precision in MIXED_PRECISION,
+              f"unknown --mixed-precision {self.mixed_precision!r}; choose one of {', '.join(MIXED_PRECISION)}")
+        check(self.lr_schedule in LR_SCHEDULES, f"unknown --lr-schedule {self.lr_schedule!r}; choose one of {', '.join(LR_SCHEDULES)}")
+        check(not (self.max_steps and self.epochs), "--max-steps and --epochs cannot be given together")
+        for name in ("batch_size", "grad_accum", "checkpoint_every", "num_train_timesteps", "max_nonfinite"):
+            check(getattr(self, name) >= 1, f"--{name.replace('_', '-')} must be at least 1")
+        for name in ("max_steps", "epochs", "sample_every", "resolution"):
+            value = getattr(self, name)
+            check(value is None or value >= 1, f"--{name.replace('_', '-')} must be at least 1")
+        check(self.lr > 0, "--lr must be positive")
+        check(0.0 <= self.ema_decay < 1.0, "--ema-decay must be in [0, 1)")
+        check(self.grad_clip >= 0, "--grad-clip must be >= 0 (0 turns clipping off)")
+        check(self.keep_checkpoints >= 1, "--keep-checkpoints must be at least 1")
+        check(self.channels in (None, 1, 3), "--channels must be 1 or 3")
+        check(self.lr_warmup is None or self.lr_warmup >= 0, "--lr-warmup must be >= 0")
+
+    def total_steps(self, steps_per_epoch: int) -> int:
+        """Optimiser steps in the run; ``steps_per_epoch`` counts micro-batches."""
+        if self.epochs:
+            return max(1, self.epochs * steps_per_epoch // self.grad_accum)
+        return self.max_steps or 10_000
+
+    def warmup_steps(self, total: int) -> int:
+        return self.lr_warmup if self.lr_warmup is not None else min(500, total // 10)
+
+    def to_dict(self) -> dict:
+        return asdict(self)

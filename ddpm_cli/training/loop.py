@@ -1,0 +1,229 @@
+"""The training loop: L_simple (Ho et al. 2020, Algorithm 1) with EMA, mixed precision, accumulation,
+gradient clipping, atomic checkpoints, exact resume and periodic sample grids.
+
+Progress goes out through ``on_event(dict)``; the loop never prints.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ddpm_cli import __version__
+from ddpm_cli.engine.device import describe, resolve_device
+from ddpm_cli.engine.errors import InputError, NumericalError
+from ddpm_cli.engine.generate import SamplerSettings, sample_batch
+from ddpm_cli.engine.imageio import make_grid, save_png
+from ddpm_cli.engine.pipeline import from_unet
+from ddpm_cli.engine.schedule import NoiseSchedule
+from ddpm_cli.training import checkpoints
+from ddpm_cli.training.config import TrainConfig
+from ddpm_cli.training.data import BUILTIN_DATASETS, BatchLoader, EpochBatches, crop_and_flip, open_dataset
+from ddpm_cli.training.ema import EMA
+from ddpm_cli.training.presets import build_unet, unet_config
+
+SUMMARY_FILE = "ddpm_train.json"
+LOG_FILE = "log.jsonl"
+GRID_SEEDS = list(range(16))
+LOG_EVERY = 10
+
+Events = Callable[[dict], None]
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
+
+
+def make_schedule(config: TrainConfig) -> NoiseSchedule:
+    """The schedule a config trains with; scaled_linear uses Stable Diffusion's beta range."""
+    start, end = (0.00085, 0.012) if config.schedule == "scaled_linear" else (1e-4, 0.02)
+    return NoiseSchedule.create(config.schedule, config.num_train_timesteps, start, end,
+                                prediction_type=config.prediction_type, clip_sample=True)
+
+
+def learning_rate(config: TrainConfig, step: int, total: int) -> float:
+    """Linear warm-up, then constant (the DDPM paper) or cosine decay to zero."""
+    warmup = config.warmup_steps(total)
+    if step < warmup:
+        return config.lr * (step + 1) / warmup
+    if config.lr_schedule == "cosine":
+        progress = (step - warmup) / max(1, total - warmup)
+        return config.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return config.lr
+
+
+class Trainer:
+    """Holds the state of one run; ``run()`` trains from wherever the state is to the last step."""
+
+    def __init__(self, config: TrainConfig, checkpoint: Path | None = None, on_event: Events | None = None):
+        self.on_event = on_event or (lambda event: None)
+        self.run_dir = Path(config.output)
+        self.device = resolve_device(config.device)
+        if config.resolution is None:
+            config.resolution = 32 if config.data in BUILTIN_DATASETS else 64
+        self.dataset = open_dataset(config.data, config.resolution, config.channels)
+        config.channels = self.dataset.channels
+        self.config = config
+        self.schedule = make_schedule(config)
+        torch.manual_seed(config.seed)
+        self.unet = build_unet(unet_config(config.model_size, config.resolution, config.channels)).to(self.device)
+        self.ema = EMA(self.unet, config.ema_decay)
+        self.optimizer = torch.optim.AdamW(self.unet.parameters(), lr=config.lr, weight_decay=config.weight_decay,
+                                           fused=self.device.type == "cuda")
+        self.generators = {
+            "augment": torch.Generator().manual_seed(config.seed + 1),
+            "noise": torch.Generator(self.device).manual_seed(config.seed + 2),
+        }
+        self.batches = EpochBatches(len(self.dataset), config.batch_size, config.seed)
+        self.total = config.total_steps(self.batches.steps_per_epoch)
+        self.step, self.nonfinite, self.elapsed, self.images_seen, self.last_loss = 0, 0, 0.0, 0, None
+        if checkpoint is not None:
+            state = checkpoints.load_checkpoint(checkpoint, self.unet, self.ema.model, self.optimizer, self.generators)
+            self.step, self.nonfinite, self.last_loss = state["step"], state["nonfinite"], state["loss"]
+            self.elapsed, self.images_seen = state["elapsed"], state["images_seen"]
+        amp_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision)
+        self.autocast = torch.autocast(self.device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
+        self.scaler = torch.amp.GradScaler(self.device.type) if config.mixed_precision == "fp16" else None
+
+    def _micro_batch(self, images: list[torch.Tensor]) -> torch.Tensor:
+        c = self.config
+        batch = crop_and_flip(images, c.resolution, c.center_crop, c.random_flip, self.generators["augment"])
+        if self.device.type == "cuda":
+            batch = batch.pin_memory()
+        return batch.to(self.device, non_blocking=True).float() / 127.5 - 1.0
+
+    def _loss(self, x0: torch.Tensor) -> torch.Tensor:
+        """L_simple: || target - network(x_t, t) ||^2 with t uniform and x_t ~ q(x_t | x_0)."""
+        noise_gen = self.generators["noise"]
+        t = torch.randint(0, self.schedule.num_train_timesteps, (x0.shape[0],), generator=noise_gen, device=self.device)
+        noise = torch.randn(x0.shape, generator=noise_gen, device=self.device)
+        with self.autocast:
+            output = self.unet(self.schedule.q_sample(x0, t, noise), t).sample
+        return F.mse_loss(output.float(), self.schedule.training_target(x0, noise, t))
+
+    def _optimizer_step(self) -> None:
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        if self.config.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.unet.parameters(), self.config.grad_clip)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+
+    def run(self) -> dict:
+        c = self.config
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        parameters = sum(p.numel() for p in self.unet.parameters())
+        self.on_event({"kind": "start", "step": self.step, "total": self.total, "device": describe(self.device, torch.float32),
+                       "parameters": parameters, "data": self.dataset.name, "images": len(self.dataset),
+                       "mixed_precision": c.mixed_precision})
+        loader = BatchLoader(self.dataset, self.batches, c.num_workers).iterate(self.step * c.grad_accum)
+        consecutive, recent, started = 0, [], time.perf_counter()
+        while self.step < self.total:
+            lr = learning_rate(c, self.step, self.total)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            self.optimizer.zero_grad(set_to_none=True)
+            loss_sum = 0.0
+            for _ in range(c.grad_accum):
+                _, images, _ = next(loader)
+                loss = self._loss(self._micro_batch(images)) / c.grad_accum
+                (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+                loss_sum += loss.detach()
+            loss_value = float(loss_sum)
+            if not math.isfinite(loss_value):
+                self.nonfinite, consecutive = self.nonfinite + 1, consecutive + 1
+                self.optimizer.zero_grad(set_to_none=True)
+                self.on_event({"kind": "nonfinite", "step": self.step + 1, "in_a_row": consecutive})
+                if consecutive >= c.max_nonfinite:
+                    raise NumericalError(f"the loss was not finite for {consecutive} steps in a row (step {self.step + 1}); "
+                                         "try a lower --lr, --grad-clip 1 or --mixed-precision no")
+                self.step += 1
+                continue
+            consecutive = 0
+            self._optimizer_step()
+            self.ema.update(self.unet, self.step)
+            self.step += 1
+            self.images_seen += c.batch_size * c.grad_accum
+            recent.append(loss_value)
+            now = time.perf_counter()
+            self.elapsed += now - started
+            started = now
+            self.on_event({"kind": "step", "step": self.step, "total": self.total, "loss": loss_value, "lr": lr,
+                           "images_per_s": self.images_seen / max(self.elapsed, 1e-9)})
+            if self.step % LOG_EVERY == 0 or self.step == self.total:
+                self._log(sum(recent) / len(recent), lr)
+                self.last_loss, recent = sum(recent) / len(recent), []
+            if self.step % c.checkpoint_every == 0 or self.step == self.total:
+                self._checkpoint()
+            if self.step % (c.sample_every or c.checkpoint_every) == 0 or self.step == self.total:
+                self._sample_grid()
+            started = time.perf_counter()
+        return self._summary(parameters)
+
+    def _log(self, loss: float, lr: float) -> None:
+        line = {"step": self.step, "loss": loss, "lr": lr, "images_per_s": self.images_seen / max(self.elapsed, 1e-9)}
+        with open(self.run_dir / LOG_FILE, "a") as f:
+            f.write(json.dumps(line) + "\n")
+
+    def _checkpoint(self) -> None:
+        state = {"config": self.config.to_dict(), "nonfinite": self.nonfinite, "elapsed": self.elapsed,
+                 "images_seen": self.images_seen, "loss": self.last_loss, "version": __version__}
+        path = checkpoints.save_checkpoint(self.run_dir, self.step, self.unet, self.ema.model, self.optimizer,
+                                           self.generators, state, self.config.keep_checkpoints)
+        checkpoints.export_pipeline(self.run_dir, self.ema.model, self.schedule.to_config())
+        self.on_event({"kind": "checkpoint", "step": self.step, "path": str(path)})
+
+    def _sample_grid(self) -> None:
+        pipeline = from_unet(self.ema.model, self.schedule)
+        images = sample_batch(pipeline, GRID_SEEDS, SamplerSettings("dpmpp-2m", 20))
+        path = self.run_dir / "samples" / f"step-{self.step:07d}.png"
+        save_png(make_grid(images), path, {"model": str(self.run_dir), "step": self.step, "sampler": "dpmpp-2m",
+                                           "steps": 20, "seeds": f"{GRID_SEEDS[0]}-{GRID_SEEDS[-1]}"}, overwrite=True)
+        self.on_event({"kind": "sample", "step": self.step, "path": str(path)})
+
+    def _summary(self, parameters: int) -> dict:
+        grids = sorted((self.run_dir / "samples").glob("step-*.png"))
+        summary = {
+            "config": self.config.to_dict(), "version": __version__, "steps": self.step,
+            "final_loss": self.last_loss, "wall_time_s": round(self.elapsed, 3),
+            "images_seen": self.images_seen, "images_per_s": round(self.images_seen / max(self.elapsed, 1e-9), 2),
+            "nonfinite_steps": self.nonfinite, "parameters": parameters,
+            "data": {"name": self.dataset.name, "source": str(self.dataset.source), "images": len(self.dataset)},
+            "pipeline": str(self.run_dir), "last_grid": str(grids[-1]) if grids else None,
+        }
+        _write_json(self.run_dir / SUMMARY_FILE, summary)
+        return summary
+
+
+def prepare(options: dict, resume: str | None = None) -> tuple[TrainConfig, Path | None]:
+    """Resolve the options a user gave (None = not given) and the checkpoint to resume, if any.
+
+    A resumed run keeps the options saved with its checkpoint, except those in ``RESUMABLE``.
+    """
+    run_dir = Path(options.get("output") or TrainConfig.output)
+    if resume:
+        checkpoint = checkpoints.resolve_resume(run_dir, resume)
+        return TrainConfig.from_options(options, checkpoints.read_state(checkpoint)["config"]), checkpoint
+    if checkpoints.list_checkpoints(run_dir) or (run_dir / SUMMARY_FILE).exists():
+        raise InputError(f"{run_dir} already holds a training run; pass --resume latest to continue it "
+                         "or choose another -o")
+    return TrainConfig.from_options(options), None
+
+
+def train(options: dict, resume: str | None = None, on_event: Events | None = None) -> dict:
+    """Train (or resume) the run the options describe; return its summary."""
+    config, checkpoint = prepare(options, resume)
+    return Trainer(config, checkpoint, on_event).run()
