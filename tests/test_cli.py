@@ -117,3 +117,19 @@ def test_train_then_sample_through_the_cli(tmp_path):
     sampled = ddpm("sample", run, "-n", 1, "--steps", 3, "-o", tmp_path / "out")
     assert sampled.returncode == 0, sampled.stderr
     assert Image.open(tmp_path / "out" / "000000.png").size == (32, 32)
+
+
+def test_ddpm_sampler_matches_diffusers_pipeline_end_to_end(tiny_pipeline_dir, tmp_path):
+    """The layout of google/ddpm-cifar10-32 (fixed_large variance): our images equal DDPMPipeline's."""
+    import torch
+    from diffusers import DDPMPipeline
+
+    result = ddpm("sample", tiny_pipeline_dir, "-n", 2, "--seed", 5, "--sampler", "ddpm", "--steps", 20,
+                  "-o", tmp_path, "-q")
+    assert result.returncode == 0, result.stderr
+    pipeline = DDPMPipeline.from_pretrained(tiny_pipeline_dir)
+    generators = [torch.Generator().manual_seed(s) for s in (5, 6)]
+    expected = pipeline(batch_size=2, generator=generators, num_inference_steps=20, output_type="np").images
+    for i, seed in enumerate((5, 6)):
+        ours = np.asarray(Image.open(tmp_path / f"{seed:06d}.png"), dtype=float) / 255
+        assert np.abs(ours - expected[i]).max() <= 1 / 255 + 1e-6
