@@ -1,20 +1,26 @@
-"""The ``ddpm`` command: registers one module per subcommand. Imports no torch."""
+"""The ``ddpm`` command: registers one module per subcommand and owns the exit path. Imports no torch."""
 
 from __future__ import annotations
 
+import os
+import sys
+
+import click
 import typer
 
 from ddpm_cli import __version__
 from ddpm_cli.cli import sample, train
+from ddpm_cli.cli.errors import EXIT_INTERRUPTED, EXIT_USAGE
 
 HELP = """Train denoising diffusion models and sample them.
 
 Results go to stdout (paths, or JSON with --format json); progress and messages go to stderr.
+
 Exit codes: 0 ok, 2 bad usage or input, 3 model missing/corrupt/refused, 4 out of memory or disk,
-5 numerical failure, 130 interrupted. DDPM_DEBUG=1 shows tracebacks.
+5 numerical failure, 130 interrupted. --debug (or DDPM_DEBUG=1) shows tracebacks.
 """
 
-app = typer.Typer(help=HELP, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+app = typer.Typer(help=HELP, no_args_is_help=True, add_completion=True, pretty_exceptions_enable=False,
                   context_settings={"help_option_names": ["-h", "--help"]})
 app.command("train", epilog=train.EXAMPLES)(train.train)
 app.command("sample", epilog=sample.EXAMPLES)(sample.sample)
@@ -27,9 +33,34 @@ def _version(value: bool) -> None:
 
 
 @app.callback()
-def root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version.")) -> None:
+def root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks instead of one-line errors."),
+) -> None:
     """ddpm: denoising diffusion probabilistic models from the command line."""
+    if debug:
+        os.environ["DDPM_DEBUG"] = "1"
+
+
+def _usage_line(exc: click.ClickException) -> str:
+    """Click's usage error as one line, with the command to ask for help."""
+    message = " ".join(exc.format_message().split())
+    ctx = getattr(exc, "ctx", None)
+    where = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+    return f"ddpm: error: {message}{where}"
 
 
 def main() -> None:
-    app(prog_name="ddpm")
+    """Entry point: usage errors become one line and exit 2; everything else exits with its code."""
+    try:
+        code = app(prog_name="ddpm", standalone_mode=False)
+    except click.exceptions.NoArgsIsHelpError as exc:
+        print(exc.ctx.get_help() if exc.ctx else str(exc))
+        code = 0
+    except click.ClickException as exc:
+        print(_usage_line(exc), file=sys.stderr)
+        code = EXIT_USAGE
+    except click.exceptions.Abort:
+        print("ddpm: error: interrupted", file=sys.stderr)
+        code = EXIT_INTERRUPTED
+    sys.exit(code if isinstance(code, int) else 0)

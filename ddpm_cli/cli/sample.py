@@ -10,10 +10,10 @@ from typing import Annotated
 import typer
 
 from ddpm_cli.cli.errors import fail, handle_errors
-from ddpm_cli.cli.options import (AllowPickleOpt, DeviceOpt, FormatOpt, OverwriteOpt, QuietOpt, RevisionOpt, SeedOpt,
-                                  SkipExistingOpt)
+from ddpm_cli.cli.options import (AllowPickleOpt, DeviceOpt, DtypeOpt, FormatOpt, OverwriteOpt, QuietOpt, RevisionOpt,
+                                  SeedOpt, SkipExistingOpt, complete)
 from ddpm_cli.cli.progress import StepProgress, say
-from ddpm_cli.engine.choices import DTYPES, SAMPLERS, SPACINGS, VARIANCES
+from ddpm_cli.engine.choices import SAMPLERS, SPACINGS, VARIANCES
 
 EXAMPLES = """
 Examples:
@@ -32,20 +32,20 @@ def image_path(outdir: Path, seed: int) -> Path:
 
 @handle_errors
 def sample(
-    model: Annotated[str, typer.Argument(help="A model folder, a built-in name, or a Hub id.")],
+    model: Annotated[Path, typer.Argument(help="A model folder, a built-in name, or a Hub id.", show_default=False)],
     num_images: Annotated[int, typer.Option("--num-images", "-n", min=1, help="How many images.")] = 8,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Images sampled together.")] = 16,
-    sampler: Annotated[str, typer.Option("--sampler", help=f"One of {', '.join(SAMPLERS)}.")] = "dpmpp-2m",
+    sampler: Annotated[str, typer.Option("--sampler", autocompletion=complete(SAMPLERS), help=f"One of {', '.join(SAMPLERS)}.")] = "dpmpp-2m",
     steps: Annotated[int | None, typer.Option("--steps", min=1, help="Denoising steps [default: ddpm every training step, ddim 50, dpmpp-2m 20].")] = None,
     eta: Annotated[float, typer.Option("--eta", min=0.0, help="DDIM noise: 0 deterministic, 1 like DDPM.")] = 0.0,
-    spacing: Annotated[str | None, typer.Option("--spacing", help=f"Timestep spacing: {', '.join(SPACINGS)} [default: the sampler's usual].")] = None,
-    variance: Annotated[str | None, typer.Option("--variance", help=f"DDPM variance: {', '.join(VARIANCES)} [default: the model's].")] = None,
+    spacing: Annotated[str | None, typer.Option("--spacing", autocompletion=complete(SPACINGS), help=f"Timestep spacing: {', '.join(SPACINGS)} [default: the sampler's usual].")] = None,
+    variance: Annotated[str | None, typer.Option("--variance", autocompletion=complete(VARIANCES), help=f"DDPM variance: {', '.join(VARIANCES)} [default: the model's].")] = None,
     seed: SeedOpt = 0,
     outdir: Annotated[Path, typer.Option("--outdir", "-o", help="Folder for the images.")] = Path("samples"),
     grid: Annotated[bool, typer.Option("--grid", help="Also write grid.png with every image.")] = False,
     output_format: FormatOpt = "text",
     device: DeviceOpt = "auto",
-    dtype: Annotated[str, typer.Option("--dtype", help=f"One of {', '.join(DTYPES)} (auto: fp32 on cpu, bf16/fp16 on gpu).")] = "auto",
+    dtype: DtypeOpt = "auto",
     revision: RevisionOpt = None,
     allow_pickle: AllowPickleOpt = False,
     overwrite: OverwriteOpt = False,
@@ -53,6 +53,7 @@ def sample(
     quiet: QuietOpt = False,
 ) -> None:
     """Sample images from a model; write one PNG per seed and print their paths."""
+    model = str(model)
     if sampler not in SAMPLERS:
         raise fail(f"unknown --sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}", 2)
     if output_format not in ("text", "json"):

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from ddpm_cli.cli.errors import handle_errors
-from ddpm_cli.cli.options import DeviceOpt, FormatOpt, QuietOpt
+from ddpm_cli.cli.options import DeviceOpt, FormatOpt, QuietOpt, complete
 from ddpm_cli.cli.progress import StepProgress, say
 from ddpm_cli.engine.choices import BETA_SCHEDULES, LR_SCHEDULES, MIXED_PRECISION, PREDICTION_TYPES
-from ddpm_cli.training.config import TrainConfig
+from ddpm_cli.training.config import SUMMARY_FILE, TrainConfig
 from ddpm_cli.training.presets import PRESETS
 
 D = TrainConfig  # the defaults shown in --help are the ones the run uses
@@ -34,24 +35,24 @@ def _opt(*names: str, help: str, default=None, **kw):
 
 @handle_errors
 def train(
-    data: Annotated[str | None, typer.Argument(help="Image folder (recursive) or built-in data set: fashion-mnist, fashion-mnist-subset.", show_default=False)] = None,
+    data: Annotated[Path | None, typer.Argument(help="Image folder (recursive) or built-in data set: fashion-mnist, fashion-mnist-subset.", show_default=False)] = None,
     output: Annotated[str | None, _opt("--output", "-o", help="Run folder: checkpoints, samples, and the exported pipeline.", default=D.output)] = None,
     resolution: Annotated[int | None, _opt("--resolution", help="Training size in pixels [default: 32 for built-ins, 64 for folders].", min=8)] = None,
     channels: Annotated[int | None, _opt("--channels", help="1 (grey) or 3 (RGB) [default: the data's].")] = None,
     center_crop: Annotated[bool | None, _opt("--center-crop/--random-crop", help="Crop the middle or a random square.", default="center")] = None,
     random_flip: Annotated[bool | None, _opt("--random-flip/--no-random-flip", help="Flip images left-right at random.", default="no")] = None,
-    model_size: Annotated[str | None, _opt("--model-size", help=f"U-Net preset: {', '.join(PRESETS)}.", default=D.model_size)] = None,
-    schedule: Annotated[str | None, _opt("--schedule", help=f"Noise schedule: {', '.join(BETA_SCHEDULES)}.", default=D.schedule)] = None,
-    prediction_type: Annotated[str | None, _opt("--prediction-type", help=f"Network target: {', '.join(PREDICTION_TYPES)}.", default=D.prediction_type)] = None,
+    model_size: Annotated[str | None, _opt("--model-size", autocompletion=complete(tuple(PRESETS)), help=f"U-Net preset: {', '.join(PRESETS)}.", default=D.model_size)] = None,
+    schedule: Annotated[str | None, _opt("--schedule", autocompletion=complete(BETA_SCHEDULES), help=f"Noise schedule: {', '.join(BETA_SCHEDULES)}.", default=D.schedule)] = None,
+    prediction_type: Annotated[str | None, _opt("--prediction-type", autocompletion=complete(PREDICTION_TYPES), help=f"Network target: {', '.join(PREDICTION_TYPES)}.", default=D.prediction_type)] = None,
     max_steps: Annotated[int | None, _opt("--max-steps", help="Optimiser steps to train for.", default=10_000, min=1)] = None,
     epochs: Annotated[int | None, _opt("--epochs", help="Train for this many passes over the data instead of --max-steps.", min=1)] = None,
     batch_size: Annotated[int | None, _opt("--batch-size", "-b", help="Images per micro-batch.", default=D.batch_size, min=1)] = None,
     grad_accum: Annotated[int | None, _opt("--grad-accum", help="Micro-batches per optimiser step.", default=D.grad_accum, min=1)] = None,
     lr: Annotated[float | None, _opt("--lr", help="Peak learning rate (AdamW).", default=D.lr)] = None,
     lr_warmup: Annotated[int | None, _opt("--lr-warmup", help="Linear warm-up steps [default: min(500, 10% of the run)].", min=0)] = None,
-    lr_schedule: Annotated[str | None, _opt("--lr-schedule", help=f"After warm-up: {', '.join(LR_SCHEDULES)}.", default=D.lr_schedule)] = None,
+    lr_schedule: Annotated[str | None, _opt("--lr-schedule", autocompletion=complete(LR_SCHEDULES), help=f"After warm-up: {', '.join(LR_SCHEDULES)}.", default=D.lr_schedule)] = None,
     ema_decay: Annotated[float | None, _opt("--ema-decay", help="EMA decay of the exported weights.", default=D.ema_decay)] = None,
-    mixed_precision: Annotated[str | None, _opt("--mixed-precision", help=f"Autocast: {', '.join(MIXED_PRECISION)}.", default=D.mixed_precision)] = None,
+    mixed_precision: Annotated[str | None, _opt("--mixed-precision", autocompletion=complete(MIXED_PRECISION), help=f"Autocast: {', '.join(MIXED_PRECISION)}.", default=D.mixed_precision)] = None,
     grad_clip: Annotated[float | None, _opt("--grad-clip", help="Clip the gradient norm (0: off).", default=D.grad_clip)] = None,
     seed: Annotated[int | None, _opt("--seed", help="Seed of weights, data order and noise.", default=D.seed, min=0)] = None,
     checkpoint_every: Annotated[int | None, _opt("--checkpoint-every", help="Steps between checkpoints.", default=D.checkpoint_every, min=1)] = None,
@@ -60,16 +61,25 @@ def train(
     num_workers: Annotated[int | None, _opt("--num-workers", help="Image decoding processes for folders [default: min(4, cores - 1)].", min=0)] = None,
     resume: Annotated[str | None, _opt("--resume", help="Continue a run: latest, or a checkpoint folder.")] = None,
     device: DeviceOpt = "auto",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Start over in a run folder that holds a run (its files are removed).")] = False,
+    skip_existing: Annotated[bool, typer.Option("--skip-existing", help="If the run folder holds a finished run, print it and do nothing.")] = False,
     output_format: FormatOpt = "text",
     quiet: QuietOpt = False,
 ) -> None:
     """Train a DDPM; the run folder loads in diffusers (DDPMPipeline) and in `ddpm sample`."""
+    options = {key: value for key, value in locals().items()
+               if key not in ("resume", "output_format", "quiet", "overwrite", "skip_existing")}
+    options["device"] = None if device == "auto" else device
+    options["data"] = None if data is None else str(data)
+    finished = _finished_run(options["output"] or D.output) if skip_existing else None
+    if finished is not None:
+        say(f"ddpm: {finished['pipeline']} holds a finished run ({finished['steps']} steps); skipped", quiet)
+        _print_summary(finished, output_format)
+        return
+
     from ddpm_cli.training.loop import Trainer, prepare
 
-    options = {key: value for key, value in locals().items()
-               if key not in ("resume", "output_format", "quiet", "Trainer", "prepare")}
-    options["device"] = None if device == "auto" else device
-    config, checkpoint = prepare(options, resume)
+    config, checkpoint = prepare(options, resume, overwrite)
     trainer = Trainer(config, checkpoint)
     bar = StepProgress("training", trainer.total, quiet)
 
@@ -88,6 +98,16 @@ def train(
     trainer.on_event = on_event
     with bar:
         summary = trainer.run()
+    _print_summary(summary, output_format)
+
+
+def _finished_run(run_dir: str) -> dict | None:
+    """The summary of a finished run in ``run_dir``, or None (read without importing torch)."""
+    path = Path(run_dir) / SUMMARY_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _print_summary(summary: dict, output_format: str) -> None:
     if output_format == "json":
         print(json.dumps(summary, indent=2))
     else:

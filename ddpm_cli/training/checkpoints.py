@@ -148,7 +148,11 @@ def export_pipeline(run_dir: Path, ema_model: torch.nn.Module, scheduler_config:
     if not all_finite(ema_model):
         raise NumericalError("the EMA weights are not finite; the pipeline was not exported")
     tmp = run_dir / f".pipeline.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    for stale in [*run_dir.glob(".pipeline.tmp-*"), *run_dir.glob(".*.old")]:  # left by a killed run
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink()
     try:
         DDPMPipeline(unet=ema_model, scheduler=DDPMScheduler.from_config(scheduler_config)).save_pretrained(tmp)
         for name in ("unet", "scheduler", "model_index.json"):

@@ -11,6 +11,7 @@ from ddpm_cli.engine.choices import BETA_SCHEDULES, LR_SCHEDULES, MIXED_PRECISIO
 from ddpm_cli.engine.errors import InputError
 from ddpm_cli.training.presets import PRESETS
 
+SUMMARY_FILE = "ddpm_train.json"  # written in the run folder when a run finishes
 # Options a resumed run may change; every other option comes from the run being resumed.
 RESUMABLE = {"max_steps", "epochs", "checkpoint_every", "keep_checkpoints", "sample_every", "device",
              "num_workers", "max_nonfinite"}

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -25,12 +26,11 @@ from ddpm_cli.engine.imageio import make_grid, save_png
 from ddpm_cli.engine.pipeline import from_unet
 from ddpm_cli.engine.schedule import NoiseSchedule
 from ddpm_cli.training import checkpoints
-from ddpm_cli.training.config import TrainConfig
+from ddpm_cli.training.config import SUMMARY_FILE, TrainConfig
 from ddpm_cli.training.data import BUILTIN_DATASETS, BatchLoader, EpochBatches, crop_and_flip, open_dataset
 from ddpm_cli.training.ema import EMA
 from ddpm_cli.training.presets import build_unet, unet_config
 
-SUMMARY_FILE = "ddpm_train.json"
 LOG_FILE = "log.jsonl"
 GRID_SEEDS = list(range(16))
 LOG_EVERY = 10
@@ -38,10 +38,14 @@ LOG_EVERY = 10
 Events = Callable[[dict], None]
 
 
-def _write_json(path: Path, data: dict) -> None:
+def _write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2))
+    tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def _write_json(path: Path, data: dict) -> None:
+    _write_text(path, json.dumps(data, indent=2))
 
 
 def make_schedule(config: TrainConfig) -> NoiseSchedule:
@@ -91,6 +95,7 @@ class Trainer:
             state = checkpoints.load_checkpoint(checkpoint, self.unet, self.ema.model, self.optimizer, self.generators)
             self.step, self.nonfinite, self.last_loss = state["step"], state["nonfinite"], state["loss"]
             self.elapsed, self.images_seen = state["elapsed"], state["images_seen"]
+            self._truncate_log()
         amp_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision)
         self.autocast = torch.autocast(self.device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
         self.scaler = torch.amp.GradScaler(self.device.type) if config.mixed_precision == "fp16" else None
@@ -173,6 +178,13 @@ class Trainer:
             started = time.perf_counter()
         return self._summary(parameters)
 
+    def _truncate_log(self) -> None:
+        """Drop log lines of steps after the resumed checkpoint (a killed run may have logged them)."""
+        path = self.run_dir / LOG_FILE
+        if path.exists():
+            kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= self.step]
+            _write_text(path, "".join(line + "\n" for line in kept))
+
     def _log(self, loss: float, lr: float) -> None:
         line = {"step": self.step, "loss": loss, "lr": lr, "images_per_s": self.images_seen / max(self.elapsed, 1e-9)}
         with open(self.run_dir / LOG_FILE, "a") as f:
@@ -208,19 +220,42 @@ class Trainer:
         return summary
 
 
-def prepare(options: dict, resume: str | None = None) -> tuple[TrainConfig, Path | None]:
+RUN_ENTRIES = ("checkpoints", "samples", "unet", "scheduler", "model_index.json", SUMMARY_FILE, LOG_FILE)
+
+
+def holds_run(run_dir: Path) -> bool:
+    return bool(checkpoints.list_checkpoints(run_dir)) or (Path(run_dir) / SUMMARY_FILE).exists()
+
+
+def clear_run(run_dir: Path) -> None:
+    """Remove what a training run wrote in ``run_dir`` (and nothing else)."""
+    for name in RUN_ENTRIES:
+        path = Path(run_dir) / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
+def prepare(options: dict, resume: str | None = None, overwrite: bool = False) -> tuple[TrainConfig, Path | None]:
     """Resolve the options a user gave (None = not given) and the checkpoint to resume, if any.
 
     A resumed run keeps the options saved with its checkpoint, except those in ``RESUMABLE``.
+    An existing run is refused unless ``overwrite`` (then its files are removed) or ``resume``.
     """
+    if resume and overwrite:
+        raise InputError("--resume and --overwrite cannot be given together")
     run_dir = Path(options.get("output") or TrainConfig.output)
     if resume:
         checkpoint = checkpoints.resolve_resume(run_dir, resume)
         return TrainConfig.from_options(options, checkpoints.read_state(checkpoint)["config"]), checkpoint
-    if checkpoints.list_checkpoints(run_dir) or (run_dir / SUMMARY_FILE).exists():
-        raise InputError(f"{run_dir} already holds a training run; pass --resume latest to continue it "
-                         "or choose another -o")
-    return TrainConfig.from_options(options), None
+    config = TrainConfig.from_options(options)
+    if holds_run(run_dir):
+        if not overwrite:
+            raise InputError(f"{run_dir} already holds a training run; pass --resume latest to continue it, "
+                             "--overwrite to start it over, or choose another -o")
+        clear_run(run_dir)
+    return config, None
 
 
 def train(options: dict, resume: str | None = None, on_event: Events | None = None) -> dict:

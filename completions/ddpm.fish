@@ -1,0 +1,1 @@
+complete --command ddpm --no-files --arguments "(env _DDPM_COMPLETE=complete_fish _TYPER_COMPLETE_FISH_ACTION=get-args _TYPER_COMPLETE_ARGS=(commandline -cp) ddpm)" --condition "env _DDPM_COMPLETE=complete_fish _TYPER_COMPLETE_FISH_ACTION=is-args _TYPER_COMPLETE_ARGS=(commandline -cp) ddpm"
