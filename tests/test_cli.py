@@ -104,7 +104,7 @@ def test_pickle_checkpoint_is_refused_through_the_cli(tiny_pipeline_dir, tmp_pat
     weights.write_bytes(pickle.dumps(Payload()))
     result = ddpm("sample", model, "-n", 1, "--steps", 2, "-o", tmp_path / "out")
     assert result.returncode == 3 and "pickle" in result.stderr
-    assert not marker.exists() and not (tmp_path / "out").exists()
+    assert not marker.exists() and not list((tmp_path / "out").glob("*"))
 
 
 def test_train_then_sample_through_the_cli(tmp_path):

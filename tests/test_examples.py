@@ -1,5 +1,6 @@
 """The examples run as documented."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -22,3 +23,32 @@ def test_ci_runs_the_readme_test_command():
     readme = (ROOT / "README.md").read_text()
     command = readme.split("<!-- test-command -->")[1].split("```bash")[1].split("```")[0].strip()
     assert command in (ROOT / ".ci" / "run").read_text()
+
+
+def ddpm_command() -> str:
+    return f"{sys.executable} -m ddpm_cli"
+
+
+def test_makefile_one_target_per_seed_parallel_and_idempotent(tmp_path):
+    seeds = tmp_path / "seeds.txt"
+    seeds.write_text("# comment\n3\n8\n10\n")
+    args = ["make", "-f", str(ROOT / "examples" / "Makefile"), "-j2", f"SEEDS_FILE={seeds}", f"OUT={tmp_path / 'out'}",
+            "STEPS=3", f"DDPM={ddpm_command()}"]
+    first = subprocess.run(args, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert first.returncode == 0, first.stderr
+    made = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert made == ["000003.png", "000008.png", "000010.png"]
+    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "out").iterdir()}
+    again = subprocess.run(args, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert again.returncode == 0 and "Nothing to be done" in again.stdout
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "out").iterdir()} == stamps
+
+
+def test_batch_script_runs_every_sampler_and_reports_failures(tmp_path):
+    env = {**os.environ, "OUT": str(tmp_path / "batch"), "N": "2", "STEPS": "3", "DDPM": ddpm_command()}
+    result = subprocess.run(["bash", str(ROOT / "examples" / "batch.sh")], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == [str(tmp_path / "batch" / s / f"{i:06d}.png") for s in ("ddpm", "ddim", "dpmpp-2m") for i in (0, 1)]
+    failing = subprocess.run(["bash", str(ROOT / "examples" / "batch.sh")], capture_output=True, text=True,
+                             env={**env, "MODEL": str(tmp_path / "missing")}, timeout=300)
+    assert failing.returncode == 3 and "batch: ddpm failed with exit code 3" in failing.stderr

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import sys
 
-import click
 import typer
 
 from ddpm_cli import __version__
@@ -42,7 +41,7 @@ def root(
         os.environ["DDPM_DEBUG"] = "1"
 
 
-def _usage_line(exc: click.ClickException) -> str:
+def _usage_line(exc: typer.TyperException) -> str:
     """Click's usage error as one line, with the command to ask for help."""
     message = " ".join(exc.format_message().split())
     ctx = getattr(exc, "ctx", None)
@@ -54,13 +53,14 @@ def main() -> None:
     """Entry point: usage errors become one line and exit 2; everything else exits with its code."""
     try:
         code = app(prog_name="ddpm", standalone_mode=False)
-    except click.exceptions.NoArgsIsHelpError as exc:
-        print(exc.ctx.get_help() if exc.ctx else str(exc))
-        code = 0
-    except click.ClickException as exc:
-        print(_usage_line(exc), file=sys.stderr)
+    except typer.TyperException as exc:  # the base of Typer's usage errors
+        ctx = getattr(exc, "ctx", None)
+        if type(exc).__name__ == "NoArgsIsHelpError" and ctx is not None:
+            print(ctx.get_help())
+        else:
+            print(_usage_line(exc), file=sys.stderr)
         code = EXIT_USAGE
-    except click.exceptions.Abort:
+    except typer.Abort:
         print("ddpm: error: interrupted", file=sys.stderr)
         code = EXIT_INTERRUPTED
     sys.exit(code if isinstance(code, int) else 0)

@@ -1,7 +1,7 @@
 """The one error path: engine errors and faults become one line on stderr and a documented exit code.
 
 Exit codes: 0 ok, 2 bad usage or input, 3 model missing/corrupt/refused, 4 out of memory or disk,
-5 numerical failure, 130 interrupted. ``--debug`` or ``DDPM_DEBUG=1`` shows the traceback instead.
+5 numerical failure, 130 interrupted. ``--debug`` or ``DDPM_DEBUG=1`` prints the traceback too.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import errno
 import functools
 import os
 import sys
+import traceback
 from collections.abc import Callable
 
 import typer
@@ -27,6 +28,16 @@ def fail(message: str, code: int) -> typer.Exit:
     """Print ``ddpm: error: message`` on stderr and return the Exit to raise."""
     print(f"ddpm: error: {message}", file=sys.stderr, flush=True)
     return typer.Exit(code)
+
+
+def writable_folder(folder) -> None:
+    """Create an output folder now, so a bad -o fails before any work is done."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as exc:
+        raise fail(f"cannot create output folder {folder} ({exc.strerror or exc}); choose another -o", EXIT_USAGE) from None
+    if not os.access(folder, os.W_OK):
+        raise fail(f"output folder {folder} is not writable; choose another -o", EXIT_USAGE)
 
 
 def _classify(exc: BaseException) -> tuple[str, int] | None:
@@ -53,8 +64,10 @@ def handle_errors(command: Callable) -> Callable:
             raise
         except BaseException as exc:  # noqa: BLE001 - the one place failures are mapped
             known = _classify(exc)
-            if known is None or debug_enabled():
+            if known is None:
                 raise
+            if debug_enabled():
+                traceback.print_exc()
             raise fail(*known) from None
 
     return wrapper

@@ -34,7 +34,8 @@ class StepProgress:
         if self.interactive:
             self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                                      TextColumn("{task.fields[status]}"), TimeElapsedColumn(), TextColumn("eta"),
-                                     TimeRemainingColumn(), console=stderr, transient=False)
+                                     TimeRemainingColumn(), console=stderr, transient=False,
+                                     redirect_stdout=False, redirect_stderr=False)  # stdout carries results only
             self.progress.start()
             self.task = self.progress.add_task(self.description, total=self.total, status="")
         return self

@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from ddpm_cli.cli.errors import fail, handle_errors
+from ddpm_cli.cli.errors import fail, handle_errors, writable_folder
 from ddpm_cli.cli.options import (AllowPickleOpt, DeviceOpt, DtypeOpt, FormatOpt, OverwriteOpt, QuietOpt, RevisionOpt,
                                   SeedOpt, SkipExistingOpt, complete)
 from ddpm_cli.cli.progress import StepProgress, say
@@ -68,6 +68,7 @@ def sample(
         raise fail(f"{image_path(outdir, existing[0])} exists ({len(existing)} of {len(seeds)} outputs exist); "
                    "pass --overwrite to replace or --skip-existing to keep them", 2)
     todo = [s for s in seeds if s not in existing] if skip_existing else seeds
+    writable_folder(outdir)
 
     from ddpm_cli import __version__
     from ddpm_cli.engine.device import describe

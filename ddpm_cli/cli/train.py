@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from ddpm_cli.cli.errors import handle_errors
+from ddpm_cli.cli.errors import handle_errors, writable_folder
 from ddpm_cli.cli.options import DeviceOpt, FormatOpt, QuietOpt, complete
 from ddpm_cli.cli.progress import StepProgress, say
 from ddpm_cli.engine.choices import BETA_SCHEDULES, LR_SCHEDULES, MIXED_PRECISION, PREDICTION_TYPES
@@ -77,6 +77,7 @@ def train(
         _print_summary(finished, output_format)
         return
 
+    writable_folder(options["output"] or D.output)
     from ddpm_cli.training.loop import Trainer, prepare
 
     config, checkpoint = prepare(options, resume, overwrite)

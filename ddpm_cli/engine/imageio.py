@@ -8,6 +8,7 @@ the Automatic1111-style "parameters" text and as a "ddpm" JSON chunk.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import math
@@ -33,6 +34,56 @@ _DISK_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
 # --------------------------------------------------------------------------- loading
 
 
+@contextlib.contextmanager
+def _read_errors(path: Path):
+    """Map whatever reading an image file raises to one InputError naming the file."""
+    try:
+        yield
+    except InputError:
+        raise
+    except Image.DecompressionBombError as e:
+        raise InputError(
+            f"{path}: image too large, refused as a possible decompression bomb ({e}); "
+            "downscale it first"
+        ) from e
+    except FileNotFoundError as e:
+        raise InputError(f"{path}: image file not found; check the path") from e
+    except IsADirectoryError as e:
+        raise InputError(f"{path}: is a folder, not an image file; pass an image file") from e
+    except PermissionError as e:
+        raise InputError(f"{path}: permission denied reading the image; check its permissions") from e
+    except (OSError, ValueError, SyntaxError, EOFError, IndexError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise InputError(
+            f"{path}: cannot read image ({reason}); the file is corrupt, truncated or not an "
+            "image - re-export or remove it"
+        ) from e
+
+
+@contextlib.contextmanager
+def _open_checked(path: Path, max_pixels: int):
+    """Open lazily (header only) and refuse images above ``max_pixels`` before any decoding."""
+    with warnings.catch_warnings():
+        # Our own header check is the authority; Pillow's warning would only leak to stderr.
+        # Pillow's DecompressionBombError (twice its limit) is still mapped by _read_errors.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with Image.open(path) as img:
+            width, height = img.size
+            if width * height > max_pixels:
+                raise InputError(
+                    f"{path}: image is {width}x{height} = {width * height} pixels, above the "
+                    f"limit of {max_pixels} (possible decompression bomb); downscale it first"
+                )
+            yield img
+
+
+def probe_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int]:
+    """(width, height) from the header alone, with load_image's checks and errors; decodes nothing."""
+    path = Path(path)
+    with _read_errors(path), _open_checked(path, max_pixels) as img:
+        return img.size
+
+
 def load_image(
     path: str | os.PathLike,
     mode: str = "RGB",
@@ -56,40 +107,10 @@ def load_image(
     if mode not in ("RGB", "L"):
         raise InputError(f"unsupported image mode {mode!r}; use 'RGB' or 'L'")
     path = Path(path)
-    try:
-        with warnings.catch_warnings():
-            # Our own header check below is the authority; Pillow's warning would only
-            # leak to stderr. Pillow's DecompressionBombError is still caught below.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
-                width, height = img.size
-                if width * height > max_pixels:
-                    raise InputError(
-                        f"{path}: image is {width}x{height} = {width * height} pixels, above the "
-                        f"limit of {max_pixels} (possible decompression bomb); downscale it first"
-                    )
-                img.load()
-                img = ImageOps.exif_transpose(img)
-                img.load()
-    except InputError:
-        raise
-    except Image.DecompressionBombError as e:
-        raise InputError(
-            f"{path}: image too large, refused as a possible decompression bomb ({e}); "
-            "downscale it first"
-        ) from e
-    except FileNotFoundError as e:
-        raise InputError(f"{path}: image file not found; check the path") from e
-    except IsADirectoryError as e:
-        raise InputError(f"{path}: is a folder, not an image file; pass an image file") from e
-    except PermissionError as e:
-        raise InputError(f"{path}: permission denied reading the image; check its permissions") from e
-    except (OSError, ValueError, SyntaxError, EOFError, IndexError) as e:
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise InputError(
-            f"{path}: cannot read image ({reason}); the file is corrupt, truncated or not an "
-            "image - re-export or remove it"
-        ) from e
+    with _read_errors(path), _open_checked(path, max_pixels) as img:
+        img.load()
+        img = ImageOps.exif_transpose(img)
+        img.load()
     try:
         return _to_mode(img, mode, background)
     except (ValueError, OSError) as e:

@@ -19,7 +19,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from ddpm_cli.engine.errors import InputError
+from ddpm_cli.engine.errors import DdpmError, InputError
 
 FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                          "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
@@ -101,7 +101,7 @@ class FolderImageSet(ImageSet):
     """
 
     def __init__(self, folder: str | os.PathLike, resolution: int, channels: int = 3, name: str | None = None):
-        from ddpm_cli.engine.imageio import list_images
+        from ddpm_cli.engine.imageio import list_images, probe_image
 
         root = Path(folder).expanduser()
         if not root.exists():
@@ -114,6 +114,8 @@ class FolderImageSet(ImageSet):
         if not self.paths:
             raise InputError(f"no images (.png .jpg .jpeg .webp .bmp) found under {root}; "
                              "add images or pick another folder")
+        for path in self.paths:  # headers only: bad files fail now, not hours into training
+            probe_image(path)
         self.resolution, self.channels, self.source = int(resolution), channels, str(root)
         self.name = name or root.resolve().name or str(root)
         parts = [p.relative_to(root).parts for p in self.paths]
@@ -265,6 +267,33 @@ class _StepSampler:
             yield self.batches.indices(step)
 
 
+class _Loads(torch.utils.data.Dataset):
+    """A data set whose items are images or the one-line error that loading one raised.
+
+    Errors travel back from worker processes as values, so the main process re-raises the
+    original one-line message instead of DataLoader's wrapped traceback.
+    """
+
+    def __init__(self, dataset: ImageSet):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> torch.Tensor | DdpmError:
+        try:
+            return self.dataset.load(i)
+        except DdpmError as exc:
+            return exc
+
+
+def _raise_errors(items: list) -> list[torch.Tensor]:
+    for item in items:
+        if isinstance(item, DdpmError):
+            raise item
+    return items
+
+
 class BatchLoader:
     """Fetches micro-batches in :class:`EpochBatches` order: in-memory sets directly, others
     (folders) through a prefetching ``torch.utils.data.DataLoader`` with ``num_workers`` workers."""
@@ -292,7 +321,7 @@ class BatchLoader:
                 yield step, self.batch(step), self.labels(self.batches.indices(step))
             return
         loader = torch.utils.data.DataLoader(
-            self.dataset, batch_sampler=_StepSampler(self.batches, start_step), num_workers=self.num_workers,
+            _Loads(self.dataset), batch_sampler=_StepSampler(self.batches, start_step), num_workers=self.num_workers,
             collate_fn=list, prefetch_factor=2 if self.num_workers > 0 else None)
         for step, images in zip(itertools.count(start_step), loader):
-            yield step, images, self.labels(self.batches.indices(step))
+            yield step, _raise_errors(images), self.labels(self.batches.indices(step))
