@@ -22,6 +22,8 @@ Examples:
 
   ddpm sample google/ddpm-cifar10-32 --sampler ddim --steps 50 --seed 100 -o out/
 
+  ddpm sample runs/fashion-classes --class sneaker --cfg 3 -n 8
+
   ddpm sample runs/fashion -n 4 --format json | jq -r '.images[].path'
 """
 
@@ -40,6 +42,8 @@ def sample(
     eta: Annotated[float, typer.Option("--eta", min=0.0, help="DDIM noise: 0 deterministic, 1 like DDPM.")] = 0.0,
     spacing: Annotated[str | None, typer.Option("--spacing", autocompletion=complete(SPACINGS), help=f"Timestep spacing: {', '.join(SPACINGS)} [default: the sampler's usual].")] = None,
     variance: Annotated[str | None, typer.Option("--variance", autocompletion=complete(VARIANCES), help=f"DDPM variance: {', '.join(VARIANCES)} [default: the model's].")] = None,
+    class_spec: Annotated[str | None, typer.Option("--class", help="Class of a class-conditional model: index or name [default: none, unconditional].")] = None,
+    cfg: Annotated[float, typer.Option("--cfg", min=0.0, help="Guidance scale w with --class: 0 unconditional, 1 conditional, >1 stronger.")] = 2.0,
     seed: SeedOpt = 0,
     outdir: Annotated[Path, typer.Option("--outdir", "-o", help="Folder for the images.")] = Path("samples"),
     grid: Annotated[bool, typer.Option("--grid", help="Also write grid.png with every image.")] = False,
@@ -78,9 +82,11 @@ def sample(
 
     pipeline = load_pipeline(model, revision, device, dtype, allow_pickle)
     settings = SamplerSettings(sampler, steps, eta, spacing, variance).resolved(pipeline)
+    class_label = None if class_spec is None else pipeline.class_index(class_spec)
     say(f"ddpm: {model}: {describe(pipeline.device, pipeline.dtype)}; {settings.sampler}, {settings.steps} steps", quiet)
     channels, height, width = pipeline.sample_shape
-    params = {"model": model, **settings.describe(), "size": f"{width}x{height}",
+    guidance = {} if class_label is None else {"class": class_label, "class_name": pipeline.class_name(class_label), "cfg": cfg}
+    params = {"model": model, **settings.describe(), **guidance, "size": f"{width}x{height}",
               "dtype": str(pipeline.dtype).removeprefix("torch."), "version": __version__}
     written, started = [], time.perf_counter()
     n_batches = -(-len(todo) // batch_size)
@@ -90,7 +96,7 @@ def sample(
         def on_step(info: dict) -> None:
             bar.update(done_steps + info["i"] + 1)
 
-        for batch_seeds, images in generate(pipeline, todo, batch_size, settings, on_step):
+        for batch_seeds, images in generate(pipeline, todo, batch_size, settings, on_step, class_label, cfg):
             for s, image in zip(batch_seeds, images):
                 path = save_png(tensor_to_pil(image), image_path(outdir, s), {**params, "seed": s}, overwrite=True)
                 written.append({"path": str(path), "seed": s})
@@ -105,7 +111,7 @@ def sample(
         if output_format == "text":
             print(grid_path, flush=True)
     if output_format == "json":
-        print(json.dumps({"model": model, **settings.describe(), "images": written,
+        print(json.dumps({"model": model, **settings.describe(), **guidance, "images": written,
                           "skipped": [str(image_path(outdir, s)) for s in seeds if s not in todo],
                           "grid": str(grid_path) if grid_path else None,
                           "seconds": round(time.perf_counter() - started, 3)}, indent=2))

@@ -11,7 +11,7 @@ import typer
 from ddpm_cli.cli.errors import handle_errors, writable_folder
 from ddpm_cli.cli.options import DeviceOpt, FormatOpt, QuietOpt, complete
 from ddpm_cli.cli.progress import StepProgress, say
-from ddpm_cli.engine.choices import BETA_SCHEDULES, LR_SCHEDULES, MIXED_PRECISION, PREDICTION_TYPES
+from ddpm_cli.engine.choices import BETA_SCHEDULES, CONDITIONINGS, LR_SCHEDULES, MIXED_PRECISION, PREDICTION_TYPES
 from ddpm_cli.training.config import SUMMARY_FILE, TrainConfig
 from ddpm_cli.training.presets import PRESETS
 
@@ -23,6 +23,8 @@ Examples:
   ddpm train --max-steps 600 -o runs/fashion          # the built-in Fashion-MNIST
 
   ddpm train ./photos --resolution 64 --random-flip --model-size small -o runs/photos
+
+  ddpm train fashion-mnist --conditioning class -o runs/fashion-classes   # then: ddpm sample ... --class sneaker
 
   ddpm train -o runs/photos --resume latest --max-steps 20000
 """
@@ -44,6 +46,8 @@ def train(
     model_size: Annotated[str | None, _opt("--model-size", autocompletion=complete(tuple(PRESETS)), help=f"U-Net preset: {', '.join(PRESETS)}.", default=D.model_size)] = None,
     schedule: Annotated[str | None, _opt("--schedule", autocompletion=complete(BETA_SCHEDULES), help=f"Noise schedule: {', '.join(BETA_SCHEDULES)}.", default=D.schedule)] = None,
     prediction_type: Annotated[str | None, _opt("--prediction-type", autocompletion=complete(PREDICTION_TYPES), help=f"Network target: {', '.join(PREDICTION_TYPES)}.", default=D.prediction_type)] = None,
+    conditioning: Annotated[str | None, _opt("--conditioning", autocompletion=complete(CONDITIONINGS), help="none, or class (labels from sub-folders or the built-in data set).", default=D.conditioning)] = None,
+    cond_drop: Annotated[float | None, _opt("--cond-drop", help="Share of labels replaced by the null class, so one model learns both guidance branches.", default=D.cond_drop)] = None,
     max_steps: Annotated[int | None, _opt("--max-steps", help="Optimiser steps to train for.", default=10_000, min=1)] = None,
     epochs: Annotated[int | None, _opt("--epochs", help="Train for this many passes over the data instead of --max-steps.", min=1)] = None,
     batch_size: Annotated[int | None, _opt("--batch-size", "-b", help="Images per micro-batch.", default=D.batch_size, min=1)] = None,

@@ -1,24 +1,46 @@
 """One call shape over the networks: ``denoiser(x, t) -> network output`` at integer timestep t.
 
 Samplers see only this call. The sampler state stays in float32; the network may run in fp16 or
-bf16, and its output is cast back. Conditioning and guidance wrap the same call.
+bf16, and its output is cast back. Conditioning (class labels now; text embeddings later) rides
+along as keyword tensors for the U-Net, and classifier-free guidance (Ho & Salimans 2022) is
+applied here, so every sampler gets it for free:
+
+    eps = eps_uncond + w (eps_cond - eps_uncond)
+
+with both branches evaluated in one batched forward pass. w = 1 is the plain conditional model,
+w = 0 the unconditional one.
 """
 
 from __future__ import annotations
 
 import torch
 
+Conditioning = dict[str, torch.Tensor]
+
 
 class UNetDenoiser:
-    """Adapter for diffusers' UNet2DModel: builds the timestep tensor on the device (no host copy)."""
+    """Adapter for diffusers U-Nets: builds the timestep tensor on the device (no host copy)."""
 
-    def __init__(self, unet: torch.nn.Module, dtype: torch.dtype | None = None):
+    def __init__(self, unet: torch.nn.Module, dtype: torch.dtype | None = None, cond: Conditioning | None = None,
+                 uncond: Conditioning | None = None, scale: float = 1.0):
         self.unet = unet
         self.dtype = dtype or next(unet.parameters()).dtype
+        self.cond, self.uncond, self.scale = cond or {}, uncond, scale
         self.evaluations = 0
 
-    def __call__(self, x: torch.Tensor, t: int) -> torch.Tensor:
+    def _forward(self, x: torch.Tensor, t: int, kwargs: Conditioning) -> torch.Tensor:
         timestep = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
         self.evaluations += x.shape[0]
-        output = self.unet(x.to(self.dtype), timestep).sample
-        return output.to(x.dtype)
+        return self.unet(x.to(self.dtype), timestep, **kwargs).sample.to(x.dtype)
+
+    def __call__(self, x: torch.Tensor, t: int) -> torch.Tensor:
+        if self.uncond is None or self.scale == 1.0:
+            return self._forward(x, t, self.cond)
+        if self.scale == 0.0:
+            return self._forward(x, t, self.uncond)
+        both = {key: torch.cat([self.uncond[key], self.cond[key]]) for key in self.cond}
+        out_uncond, out_cond = self._forward(torch.cat([x, x]), t, both).chunk(2)
+        channels = x.shape[1]
+        guided = out_uncond[:, :channels] + self.scale * (out_cond[:, :channels] - out_uncond[:, :channels])
+        # A learned variance (extra channels) is taken from the conditional branch, unguided.
+        return torch.cat([guided, out_cond[:, channels:]], dim=1) if out_cond.shape[1] > channels else guided

@@ -40,20 +40,26 @@ class SamplerSettings:
         variance = (self.variance or pipeline.variance) if self.sampler == "ddpm" else None
         spacing = self.spacing or DEFAULT_SPACING[self.sampler]
         make_timesteps(pipeline.schedule.num_train_timesteps, steps, spacing)  # validates steps and spacing
-        return SamplerSettings(self.sampler, steps, self.eta, spacing, variance)
+        eta = self.eta if self.sampler == "ddim" else None
+        return SamplerSettings(self.sampler, steps, eta, spacing, variance)
 
     def describe(self) -> dict:
         return {key: value for key, value in asdict(self).items() if value is not None}
 
 
 def sample_batch(pipeline: Pipeline, seeds: list[int], settings: SamplerSettings,
-                 callback: Callable[[dict], None] | None = None) -> torch.Tensor:
-    """Sample one batch of images in [-1, 1], one per seed, shape (len(seeds), C, H, W), float32."""
+                 callback: Callable[[dict], None] | None = None, class_label: int | list[int] | None = None,
+                 cfg: float = 1.0) -> torch.Tensor:
+    """Sample one batch of images in [-1, 1], one per seed, shape (len(seeds), C, H, W), float32.
+
+    For a class-conditional model, ``class_label`` picks the class, or one class per seed (None: the
+    null class, i.e. unconditional samples), and ``cfg`` is the guidance scale w.
+    """
     settings = settings.resolved(pipeline)
     timesteps = make_timesteps(pipeline.schedule.num_train_timesteps, settings.steps, settings.spacing)
     noise = SeededNoise(seeds, pipeline.sample_shape, pipeline.device)
     x = noise()
-    model, schedule = pipeline.denoiser(), pipeline.schedule
+    model, schedule = pipeline.denoiser(len(seeds), class_label, cfg), pipeline.schedule
     if settings.sampler == "ddpm":
         x = sample_ddpm(model, x, schedule, timesteps, noise, variance=settings.variance, callback=callback)
     elif settings.sampler == "ddim":
@@ -68,10 +74,11 @@ def sample_batch(pipeline: Pipeline, seeds: list[int], settings: SamplerSettings
 
 
 def generate(pipeline: Pipeline, seeds: list[int], batch_size: int, settings: SamplerSettings,
-             callback: Callable[[dict], None] | None = None) -> Iterator[tuple[list[int], torch.Tensor]]:
+             callback: Callable[[dict], None] | None = None, class_label: int | None = None,
+             cfg: float = 1.0) -> Iterator[tuple[list[int], torch.Tensor]]:
     """Yield (seeds, images) batch by batch."""
     if batch_size < 1:
         raise InputError(f"--batch-size must be at least 1, got {batch_size}")
     for start in range(0, len(seeds), batch_size):
         batch = seeds[start:start + batch_size]
-        yield batch, sample_batch(pipeline, batch, settings, callback)
+        yield batch, sample_batch(pipeline, batch, settings, callback, class_label, cfg)

@@ -7,20 +7,28 @@ built-in name, or a Hub id with a revision.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from ddpm_cli.engine.checkpoint import load_scheduler_config, load_unet, resolve_model
+from ddpm_cli.engine.checkpoint import load_scheduler_config, load_unet, read_json, resolve_model
 from ddpm_cli.engine.denoiser import UNetDenoiser
 from ddpm_cli.engine.device import resolve_device, resolve_dtype
-from ddpm_cli.engine.errors import ModelError
+from ddpm_cli.engine.errors import InputError, ModelError
 from ddpm_cli.engine.schedule import NoiseSchedule
+
+# What diffusers' configs cannot say (class names) is kept beside them in this file.
+MODEL_INFO_FILE = "ddpm_model.json"
 
 # The scheduler's variance_type names the DDPM variance the model was meant to be sampled with.
 _VARIANCE_FROM_CONFIG = {"fixed_small": "fixed_small", "fixed_small_log": "fixed_small",
                          "fixed_large": "fixed_large", "fixed_large_log": "fixed_large"}
+
+
+def _canonical(name: str) -> str:
+    """Class names compare without case, spaces or punctuation: "T-shirt/top" ~ "tshirt"."""
+    return "".join(ch for ch in name.lower() if ch.isalnum())
 
 
 @dataclass
@@ -34,6 +42,42 @@ class Pipeline:
     variance: str
     device: torch.device
     dtype: torch.dtype
+    class_names: list[str] | None = field(default=None)
+
+    @property
+    def num_classes(self) -> int:
+        """Classes of a class-conditional model (its embedding has one more row: the null class)."""
+        embeds = getattr(self.unet.config, "num_class_embeds", None)
+        return embeds - 1 if embeds else 0
+
+    def class_index(self, spec: str | int) -> int:
+        """A class given by index ("7") or by name ("sneaker", "Ankle boot", "ankle-boot")."""
+        if not self.num_classes:
+            raise InputError(f"{self.name} is not class-conditional; drop --class")
+        names = self.class_names or [str(k) for k in range(self.num_classes)]
+        text = str(spec).strip()
+        if text.isdigit() and int(text) < self.num_classes:
+            return int(text)
+        matches = [k for k, name in enumerate(names)
+                   if _canonical(text) in (_canonical(name), _canonical(name.split("/")[0]))]
+        if len(matches) != 1:
+            raise InputError(f"unknown --class {text!r} for {self.name}; choose an index 0-{self.num_classes - 1} "
+                             f"or one of: {', '.join(names)}")
+        return matches[0]
+
+    def class_name(self, index: int) -> str:
+        return self.class_names[index] if self.class_names else str(index)
+
+    def conditioning(self, batch: int, class_label: int | list[int] | None) -> tuple[dict, dict | None]:
+        """(cond, uncond) keyword tensors for the U-Net: one class for the batch, one per image, or
+        None (the null class); uncond is None for an unconditional model."""
+        if not self.num_classes:
+            return {}, None
+        null = torch.full((batch,), self.num_classes, device=self.device, dtype=torch.long)
+        if class_label is None:
+            return {"class_labels": null}, {"class_labels": null}
+        labels = class_label if isinstance(class_label, list) else [class_label] * batch
+        return {"class_labels": torch.tensor(labels, device=self.device, dtype=torch.long)}, {"class_labels": null}
 
     @property
     def sample_shape(self) -> tuple[int, int, int]:
@@ -41,15 +85,16 @@ class Pipeline:
         height, width = (size, size) if isinstance(size, int) else tuple(size)
         return (self.unet.config.in_channels, height, width)
 
-    def denoiser(self) -> UNetDenoiser:
-        return UNetDenoiser(self.unet, self.dtype)
+    def denoiser(self, batch: int = 1, class_label: int | list[int] | None = None, scale: float = 1.0) -> UNetDenoiser:
+        cond, uncond = self.conditioning(batch, class_label)
+        return UNetDenoiser(self.unet, self.dtype, cond, uncond if class_label is not None else None, scale)
 
 
 def from_unet(unet: torch.nn.Module, schedule: NoiseSchedule, name: str = "in-memory",
-              variance: str = "fixed_small") -> Pipeline:
+              variance: str = "fixed_small", class_names: list[str] | None = None) -> Pipeline:
     """Wrap a network already in memory (the training loop's EMA model, a test's model)."""
     parameter = next(unet.parameters())
-    return Pipeline(name, Path("."), unet, schedule, variance, parameter.device, parameter.dtype)
+    return Pipeline(name, Path("."), unet, schedule, variance, parameter.device, parameter.dtype, class_names)
 
 
 def load_pipeline(model: str, revision: str | None = None, device: str = "auto", dtype: str = "auto",
@@ -68,4 +113,6 @@ def load_pipeline(model: str, revision: str | None = None, device: str = "auto",
     variance = _VARIANCE_FROM_CONFIG.get(config.get("variance_type", "fixed_small"))
     if variance is None:
         raise ModelError(f"{model}: scheduler variance_type {config.get('variance_type')!r} is not supported yet")
-    return Pipeline(model, folder, unet, NoiseSchedule.from_config(config), variance, torch_device, torch_dtype)
+    info = read_json(folder / MODEL_INFO_FILE) if (folder / MODEL_INFO_FILE).is_file() else {}
+    return Pipeline(model, folder, unet, NoiseSchedule.from_config(config), variance, torch_device, torch_dtype,
+                    info.get("class_names"))

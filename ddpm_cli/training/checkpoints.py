@@ -137,11 +137,14 @@ def load_checkpoint(checkpoint: Path, model: torch.nn.Module, ema_model: torch.n
     return read_state(checkpoint)
 
 
-def export_pipeline(run_dir: Path, ema_model: torch.nn.Module, scheduler_config: dict) -> None:
+def export_pipeline(run_dir: Path, ema_model: torch.nn.Module, scheduler_config: dict, info: dict | None = None) -> None:
     """Write the run folder's diffusers pipeline (EMA weights) so DDPMPipeline.from_pretrained loads it.
 
     Written beside the old one and swapped in, so a reader sees the old or the new, never half.
+    ``info`` (conditioning, class names) goes to ddpm_model.json, which diffusers ignores.
     """
+    from ddpm_cli.engine.pipeline import MODEL_INFO_FILE
+
     from diffusers import DDPMPipeline, DDPMScheduler
 
     run_dir = Path(run_dir)
@@ -155,7 +158,8 @@ def export_pipeline(run_dir: Path, ema_model: torch.nn.Module, scheduler_config:
             stale.unlink()
     try:
         DDPMPipeline(unet=ema_model, scheduler=DDPMScheduler.from_config(scheduler_config)).save_pretrained(tmp)
-        for name in ("unet", "scheduler", "model_index.json"):
+        (tmp / MODEL_INFO_FILE).write_text(json.dumps(info or {}, indent=2))
+        for name in ("unet", "scheduler", "model_index.json", MODEL_INFO_FILE):
             target, old = run_dir / name, run_dir / f".{name}.old"
             if target.exists():
                 os.rename(target, old)

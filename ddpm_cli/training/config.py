@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
-from ddpm_cli.engine.choices import BETA_SCHEDULES, LR_SCHEDULES, MIXED_PRECISION, PREDICTION_TYPES
+from ddpm_cli.engine.choices import BETA_SCHEDULES, CONDITIONINGS, LR_SCHEDULES, MIXED_PRECISION, PREDICTION_TYPES
 from ddpm_cli.engine.errors import InputError
 from ddpm_cli.training.presets import PRESETS
 
@@ -47,6 +47,8 @@ class TrainConfig:
     device: str = "auto"
     num_workers: int | None = None
     max_nonfinite: int = 5
+    conditioning: str = "none"
+    cond_drop: float = 0.1
 
     @classmethod
     def from_options(cls, options: dict, saved: dict | None = None) -> TrainConfig:
@@ -93,6 +95,9 @@ class TrainConfig:
         check(self.keep_checkpoints >= 1, "--keep-checkpoints must be at least 1")
         check(self.channels in (None, 1, 3), "--channels must be 1 or 3")
         check(self.lr_warmup is None or self.lr_warmup >= 0, "--lr-warmup must be >= 0")
+        check(self.conditioning in CONDITIONINGS,
+              f"unknown --conditioning {self.conditioning!r}; choose one of {', '.join(CONDITIONINGS)}")
+        check(0.0 <= self.cond_drop < 1.0, "--cond-drop must be in [0, 1)")
 
     def total_steps(self, steps_per_epoch: int) -> int:
         """Optimiser steps in the run; ``steps_per_epoch`` counts micro-batches."""

@@ -23,7 +23,7 @@ from ddpm_cli.engine.device import describe, resolve_device
 from ddpm_cli.engine.errors import InputError, NumericalError
 from ddpm_cli.engine.generate import SamplerSettings, sample_batch
 from ddpm_cli.engine.imageio import make_grid, save_png
-from ddpm_cli.engine.pipeline import from_unet
+from ddpm_cli.engine.pipeline import MODEL_INFO_FILE, from_unet
 from ddpm_cli.engine.schedule import NoiseSchedule
 from ddpm_cli.training import checkpoints
 from ddpm_cli.training.config import SUMMARY_FILE, TrainConfig
@@ -34,6 +34,7 @@ from ddpm_cli.training.presets import build_unet, unet_config
 LOG_FILE = "log.jsonl"
 GRID_SEEDS = list(range(16))
 LOG_EVERY = 10
+GRID_CFG = 2.0
 
 Events = Callable[[dict], None]
 
@@ -77,10 +78,17 @@ class Trainer:
             config.resolution = 32 if config.data in BUILTIN_DATASETS else 64
         self.dataset = open_dataset(config.data, config.resolution, config.channels)
         config.channels = self.dataset.channels
+        self.class_names = None
+        if config.conditioning == "class":
+            if self.dataset.labels is None:
+                raise InputError(f"--conditioning class needs labels: {config.data} has none (put each class's images "
+                                 "in a sub-folder named after it, or use a labelled built-in data set)")
+            self.class_names = list(self.dataset.class_names)
         self.config = config
         self.schedule = make_schedule(config)
         torch.manual_seed(config.seed)
-        self.unet = build_unet(unet_config(config.model_size, config.resolution, config.channels)).to(self.device)
+        num_classes = len(self.class_names) if self.class_names else None
+        self.unet = build_unet(unet_config(config.model_size, config.resolution, config.channels, num_classes)).to(self.device)
         self.ema = EMA(self.unet, config.ema_decay)
         self.optimizer = torch.optim.AdamW(self.unet.parameters(), lr=config.lr, weight_decay=config.weight_decay,
                                            fused=self.device.type == "cuda")
@@ -107,13 +115,22 @@ class Trainer:
             batch = batch.pin_memory()
         return batch.to(self.device, non_blocking=True).float() / 127.5 - 1.0
 
-    def _loss(self, x0: torch.Tensor) -> torch.Tensor:
+    def _conditioning(self, labels: torch.Tensor | None) -> dict:
+        """Class labels, each replaced by the null class with probability --cond-drop (one model, both branches)."""
+        if self.class_names is None or labels is None:
+            return {}
+        labels = labels.to(self.device, non_blocking=True)
+        drop = torch.rand(labels.shape, generator=self.generators["noise"], device=self.device) < self.config.cond_drop
+        return {"class_labels": torch.where(drop, torch.full_like(labels, len(self.class_names)), labels)}
+
+    def _loss(self, x0: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """L_simple: || target - network(x_t, t) ||^2 with t uniform and x_t ~ q(x_t | x_0)."""
         noise_gen = self.generators["noise"]
         t = torch.randint(0, self.schedule.num_train_timesteps, (x0.shape[0],), generator=noise_gen, device=self.device)
         noise = torch.randn(x0.shape, generator=noise_gen, device=self.device)
+        conditioning = self._conditioning(labels)
         with self.autocast:
-            output = self.unet(self.schedule.q_sample(x0, t, noise), t).sample
+            output = self.unet(self.schedule.q_sample(x0, t, noise), t, **conditioning).sample
         return F.mse_loss(output.float(), self.schedule.training_target(x0, noise, t))
 
     def _optimizer_step(self) -> None:
@@ -143,8 +160,8 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             loss_sum = 0.0
             for _ in range(c.grad_accum):
-                _, images, _ = next(loader)
-                loss = self._loss(self._micro_batch(images)) / c.grad_accum
+                _, images, labels = next(loader)
+                loss = self._loss(self._micro_batch(images), labels) / c.grad_accum
                 (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
                 loss_sum += loss.detach()
             loss_value = float(loss_sum)
@@ -195,12 +212,16 @@ class Trainer:
                  "images_seen": self.images_seen, "loss": self.last_loss, "version": __version__}
         path = checkpoints.save_checkpoint(self.run_dir, self.step, self.unet, self.ema.model, self.optimizer,
                                            self.generators, state, self.config.keep_checkpoints)
-        checkpoints.export_pipeline(self.run_dir, self.ema.model, self.schedule.to_config())
+        info = {"conditioning": self.config.conditioning, "class_names": self.class_names}
+        checkpoints.export_pipeline(self.run_dir, self.ema.model, self.schedule.to_config(), info)
         self.on_event({"kind": "checkpoint", "step": self.step, "path": str(path)})
 
     def _sample_grid(self) -> None:
-        pipeline = from_unet(self.ema.model, self.schedule)
-        images = sample_batch(pipeline, GRID_SEEDS, SamplerSettings("dpmpp-2m", 20))
+        pipeline = from_unet(self.ema.model, self.schedule, class_names=self.class_names)
+        # A class-conditional grid cycles through the classes, guided with w = GRID_CFG.
+        labels = [seed % len(self.class_names) for seed in GRID_SEEDS] if self.class_names else None
+        images = sample_batch(pipeline, GRID_SEEDS, SamplerSettings("dpmpp-2m", 20), class_label=labels,
+                              cfg=GRID_CFG if labels else 1.0)
         path = self.run_dir / "samples" / f"step-{self.step:07d}.png"
         save_png(make_grid(images), path, {"model": str(self.run_dir), "step": self.step, "sampler": "dpmpp-2m",
                                            "steps": 20, "seeds": f"{GRID_SEEDS[0]}-{GRID_SEEDS[-1]}"}, overwrite=True)
@@ -220,7 +241,7 @@ class Trainer:
         return summary
 
 
-RUN_ENTRIES = ("checkpoints", "samples", "unet", "scheduler", "model_index.json", SUMMARY_FILE, LOG_FILE)
+RUN_ENTRIES = ("checkpoints", "samples", "unet", "scheduler", "model_index.json", MODEL_INFO_FILE, SUMMARY_FILE, LOG_FILE)
 
 
 def holds_run(run_dir: Path) -> bool:

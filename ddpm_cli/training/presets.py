@@ -27,8 +27,12 @@ PRESETS: dict[str, dict] = {
 }
 
 
-def unet_config(preset: str, resolution: int, channels: int) -> dict:
-    """The UNet2DModel config for a preset at a resolution; the resolution must survive the downsamplings."""
+def unet_config(preset: str, resolution: int, channels: int, num_classes: int | None = None) -> dict:
+    """The UNet2DModel config for a preset at a resolution; the resolution must survive the downsamplings.
+
+    With ``num_classes``, a class embedding of num_classes + 1 rows is added to the time embedding;
+    the last row is the null class of the unconditional branch (classifier-free guidance).
+    """
     if preset not in PRESETS:
         raise InputError(f"unknown --model-size {preset!r}; choose one of {', '.join(PRESETS)}")
     config = dict(_DDPM_STYLE, **PRESETS[preset])
@@ -36,6 +40,8 @@ def unet_config(preset: str, resolution: int, channels: int) -> dict:
     if resolution % factor:
         raise InputError(f"--resolution {resolution} is not a multiple of {factor}, which --model-size {preset} needs")
     config.update(sample_size=resolution, in_channels=channels, out_channels=channels)
+    if num_classes:
+        config["num_class_embeds"] = num_classes + 1
     return config
 
 
