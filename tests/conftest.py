@@ -35,3 +35,23 @@ def tiny_pipeline_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny-ddpm")
     DDPMPipeline(unet=tiny_unet(channels=3, size=16), scheduler=DDPMScheduler(variance_type="fixed_large")).save_pretrained(folder)
     return folder
+
+
+TINY_WORDS = ["a", "cat", "dog", "on", "the", "mat", "red", "blue", "green", "yellow", "square", "circle", "photo",
+              "of", "sitting"]
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory):
+    """A flat transformers folder: a tiny random BertModel + BertTokenizerFast (stands in for MiniLM)."""
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *TINY_WORDS, "##s"]
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    tokenizer = BertTokenizerFast(vocab=str(folder / "vocab.txt"))
+    torch.manual_seed(0)
+    BertModel(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
+                         vocab_size=len(vocab), max_position_embeddings=64)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

@@ -7,7 +7,7 @@ import torch
 
 from ddpm_cli.engine.generate import SamplerSettings, sample_batch
 from ddpm_cli.engine.imageio import read_png_metadata
-from ddpm_cli.engine.pipeline import load_pipeline
+from ddpm_cli.engine.pipeline import Condition, load_pipeline
 from ddpm_cli.training.data import open_dataset
 from ddpm_cli.training.loop import train
 from tests.test_cli import ddpm
@@ -49,7 +49,8 @@ def test_class_conditional_samples_show_their_class_more_with_guidance(tmp_path)
     labels = [i % 10 for i in range(100)]
     accuracy = {}
     for scale in (0.0, 1.0, 3.0):
-        images = sample_batch(pipeline, list(range(100)), SamplerSettings("dpmpp-2m", 20), class_label=labels, cfg=scale)
+        images = sample_batch(pipeline, list(range(100)), SamplerSettings("dpmpp-2m", 20), condition=Condition(labels),
+                              cfg=scale)
         with torch.no_grad():
             accuracy[scale] = (classifier(images).argmax(1) == torch.tensor(labels)).float().mean().item()
     print(f"class accuracy of samples by guidance scale: {accuracy}")

@@ -6,7 +6,7 @@ from diffusers import UNet2DModel
 
 from ddpm_cli.engine.denoiser import UNetDenoiser
 from ddpm_cli.engine.errors import InputError
-from ddpm_cli.engine.pipeline import from_unet
+from ddpm_cli.engine.pipeline import Condition, from_unet
 from ddpm_cli.engine.schedule import NoiseSchedule
 from tests.conftest import tiny_unet
 
@@ -35,9 +35,9 @@ def test_guidance_scales_0_and_1_and_the_batched_pass(pipeline):
     cond = predict(pipeline, [1, 1], x)
     assert (cond - uncond).abs().max() > 1e-3
     with torch.no_grad():
-        torch.testing.assert_close(pipeline.denoiser(2, 1, 0.0)(x, 500), uncond)
-        torch.testing.assert_close(pipeline.denoiser(2, 1, 1.0)(x, 500), cond)
-        guided = pipeline.denoiser(2, 1, 3.0)
+        torch.testing.assert_close(pipeline.denoiser(2, Condition(1), 0.0)(x, 500), uncond)
+        torch.testing.assert_close(pipeline.denoiser(2, Condition(1), 1.0)(x, 500), cond)
+        guided = pipeline.denoiser(2, Condition(1), 3.0)
         out = guided(x, 500)
     # One batched forward pass of both branches equals the two separate passes.
     torch.testing.assert_close(out, uncond + 3.0 * (cond - uncond), atol=1e-5, rtol=1e-5)
@@ -47,8 +47,8 @@ def test_guidance_scales_0_and_1_and_the_batched_pass(pipeline):
 def test_per_image_classes_and_null_class(pipeline):
     x = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
-        mixed = pipeline.denoiser(3, [0, 1, 2], 1.0)(x, 100)
-        unconditional = pipeline.denoiser(3, None, 7.0)(x, 100)
+        mixed = pipeline.denoiser(3, Condition([0, 1, 2]), 1.0)(x, 100)
+        unconditional = pipeline.denoiser(3, Condition(None), 7.0)(x, 100)
     torch.testing.assert_close(mixed, predict(pipeline, [0, 1, 2], x, 100))
     torch.testing.assert_close(unconditional, predict(pipeline, [3, 3, 3], x, 100))
 

@@ -85,9 +85,9 @@ def test_nonfinite_losses_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
     real_loss = Trainer._loss
     calls = {"n": 0}
 
-    def sometimes_nan(self, x0, labels=None):
+    def sometimes_nan(self, x0, conditioning=None):
         calls["n"] += 1
-        loss = real_loss(self, x0, labels)
+        loss = real_loss(self, x0, conditioning)
         return loss * float("nan") if calls["n"] in (3, 4) else loss
 
     monkeypatch.setattr(Trainer, "_loss", sometimes_nan)
@@ -95,7 +95,7 @@ def test_nonfinite_losses_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
     assert summary["nonfinite_steps"] == 2
     assert checkpoints.all_finite(torch.nn.Module()) is True
 
-    monkeypatch.setattr(Trainer, "_loss", lambda self, x0, labels=None: real_loss(self, x0, labels) * float("nan"))
+    monkeypatch.setattr(Trainer, "_loss", lambda self, x0, conditioning=None: real_loss(self, x0, conditioning) * float("nan"))
     with pytest.raises(NumericalError, match="not finite for 5 steps in a row"):
         train(options(tmp_path / "b", max_steps=20, checkpoint_every=2))
     assert checkpoints.list_checkpoints(tmp_path / "b" / "run") == []

@@ -8,7 +8,7 @@ import sys
 import typer
 
 from ddpm_cli import __version__
-from ddpm_cli.cli import sample, train
+from ddpm_cli.cli import sample, train, txt2img
 from ddpm_cli.cli.errors import EXIT_INTERRUPTED, EXIT_USAGE
 
 HELP = """Train denoising diffusion models and sample them.
@@ -23,6 +23,7 @@ app = typer.Typer(help=HELP, no_args_is_help=True, add_completion=True, pretty_e
                   context_settings={"help_option_names": ["-h", "--help"]})
 app.command("train", epilog=train.EXAMPLES)(train.train)
 app.command("sample", epilog=sample.EXAMPLES)(sample.sample)
+app.command("txt2img", epilog=txt2img.EXAMPLES)(txt2img.txt2img)
 
 
 def _version(value: bool) -> None:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from ddpm_cli.engine.choices import DTYPES
+from ddpm_cli.cli.errors import EXIT_USAGE, fail
+from ddpm_cli.engine.choices import DTYPES, SAMPLERS, SPACINGS, VARIANCES
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 
@@ -33,3 +35,19 @@ RevisionOpt = Annotated[str | None, typer.Option("--revision", help="Hub revisio
 AllowPickleOpt = Annotated[bool, typer.Option("--allow-pickle", help="Load pickle (.bin/.ckpt) weights. They can run code: only for sources you trust.")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace output files that exist.")]
 SkipExistingOpt = Annotated[bool, typer.Option("--skip-existing", help="Keep output files that exist and do not redo them.")]
+NumImagesOpt = Annotated[int, typer.Option("--num-images", "-n", min=1, help="How many images (per prompt).")]
+BatchSizeOpt = Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Images sampled together.")]
+SamplerOpt = Annotated[str, typer.Option("--sampler", autocompletion=complete(SAMPLERS), help=f"One of {', '.join(SAMPLERS)}.")]
+StepsOpt = Annotated[int | None, typer.Option("--steps", min=1, help="Denoising steps [default: ddpm every training step, ddim 50, dpmpp-2m 20].")]
+EtaOpt = Annotated[float, typer.Option("--eta", min=0.0, help="DDIM noise: 0 deterministic, 1 like DDPM.")]
+SpacingOpt = Annotated[str | None, typer.Option("--spacing", autocompletion=complete(SPACINGS), help=f"Timestep spacing: {', '.join(SPACINGS)} [default: the sampler's usual].")]
+VarianceOpt = Annotated[str | None, typer.Option("--variance", autocompletion=complete(VARIANCES), help=f"DDPM variance: {', '.join(VARIANCES)} [default: the model's].")]
+OutdirOpt = Annotated[Path, typer.Option("--outdir", "-o", help="Folder for the images.")]
+
+
+def check_choices(sampler: str, output_format: str) -> None:
+    """Refuse unknown choices before any model is loaded."""
+    if sampler not in SAMPLERS:
+        raise fail(f"unknown --sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}", EXIT_USAGE)
+    if output_format not in ("text", "json"):
+        raise fail(f"unknown --format {output_format!r}; choose text or json", EXIT_USAGE)

@@ -14,7 +14,7 @@ import torch
 
 from ddpm_cli.engine.errors import InputError, NumericalError
 from ddpm_cli.engine.noise import SeededNoise
-from ddpm_cli.engine.pipeline import Pipeline
+from ddpm_cli.engine.pipeline import Condition, Pipeline
 from ddpm_cli.engine.samplers import (DEFAULT_SPACING, SAMPLERS, make_timesteps, sample_ddim, sample_ddpm,
                                       sample_dpmpp_2m)
 
@@ -48,18 +48,19 @@ class SamplerSettings:
 
 
 def sample_batch(pipeline: Pipeline, seeds: list[int], settings: SamplerSettings,
-                 callback: Callable[[dict], None] | None = None, class_label: int | list[int] | None = None,
-                 cfg: float = 1.0) -> torch.Tensor:
+                 callback: Callable[[dict], None] | None = None, condition: Condition | None = None,
+                 cfg: float = 1.0, size: tuple[int, int] | None = None) -> torch.Tensor:
     """Sample one batch of images in [-1, 1], one per seed, shape (len(seeds), C, H, W), float32.
 
-    For a class-conditional model, ``class_label`` picks the class, or one class per seed (None: the
-    null class, i.e. unconditional samples), and ``cfg`` is the guidance scale w.
+    ``condition`` picks a class (or one per seed) or a prompt for conditional models; ``cfg`` is the
+    guidance scale w. ``size`` (height, width) overrides the model's sample size.
     """
     settings = settings.resolved(pipeline)
     timesteps = make_timesteps(pipeline.schedule.num_train_timesteps, settings.steps, settings.spacing)
-    noise = SeededNoise(seeds, pipeline.sample_shape, pipeline.device)
+    channels, height, width = pipeline.sample_shape
+    noise = SeededNoise(seeds, (channels, *(size or (height, width))), pipeline.device)
     x = noise()
-    model, schedule = pipeline.denoiser(len(seeds), class_label, cfg), pipeline.schedule
+    model, schedule = pipeline.denoiser(len(seeds), condition, cfg), pipeline.schedule
     if settings.sampler == "ddpm":
         x = sample_ddpm(model, x, schedule, timesteps, noise, variance=settings.variance, callback=callback)
     elif settings.sampler == "ddim":
@@ -74,11 +75,11 @@ def sample_batch(pipeline: Pipeline, seeds: list[int], settings: SamplerSettings
 
 
 def generate(pipeline: Pipeline, seeds: list[int], batch_size: int, settings: SamplerSettings,
-             callback: Callable[[dict], None] | None = None, class_label: int | None = None,
-             cfg: float = 1.0) -> Iterator[tuple[list[int], torch.Tensor]]:
+             callback: Callable[[dict], None] | None = None, condition: Condition | None = None,
+             cfg: float = 1.0, size: tuple[int, int] | None = None) -> Iterator[tuple[list[int], torch.Tensor]]:
     """Yield (seeds, images) batch by batch."""
     if batch_size < 1:
         raise InputError(f"--batch-size must be at least 1, got {batch_size}")
     for start in range(0, len(seeds), batch_size):
         batch = seeds[start:start + batch_size]
-        yield batch, sample_batch(pipeline, batch, settings, callback, class_label, cfg)
+        yield batch, sample_batch(pipeline, batch, settings, callback, condition, cfg, size)

@@ -26,6 +26,21 @@ _VARIANCE_FROM_CONFIG = {"fixed_small": "fixed_small", "fixed_small_log": "fixed
                          "fixed_large": "fixed_large", "fixed_large_log": "fixed_large"}
 
 
+@dataclass(frozen=True)
+class Condition:
+    """What to generate: a class (index, or one per image) or a prompt with its negative prompt."""
+
+    class_label: int | list[int] | None = None
+    prompt: str | list[str] | None = None  # one prompt for the batch, or one per image
+    negative_prompt: str = ""
+
+
+def text_kwargs(hidden: torch.Tensor, mask: torch.Tensor, batch: int, dtype: torch.dtype) -> dict:
+    """U-Net keyword tensors for text embeddings (1 or batch rows), broadcast to the batch."""
+    return {"encoder_hidden_states": hidden.to(dtype).expand(batch, -1, -1),
+            "encoder_attention_mask": mask.expand(batch, -1)}
+
+
 def _canonical(name: str) -> str:
     """Class names compare without case, spaces or punctuation: "T-shirt/top" ~ "tshirt"."""
     return "".join(ch for ch in name.lower() if ch.isalnum())
@@ -43,6 +58,7 @@ class Pipeline:
     device: torch.device
     dtype: torch.dtype
     class_names: list[str] | None = field(default=None)
+    text_encoder: object | None = field(default=None)  # engine.text.TextEncoder for text models
 
     @property
     def num_classes(self) -> int:
@@ -68,15 +84,31 @@ class Pipeline:
     def class_name(self, index: int) -> str:
         return self.class_names[index] if self.class_names else str(index)
 
-    def conditioning(self, batch: int, class_label: int | list[int] | None) -> tuple[dict, dict | None]:
-        """(cond, uncond) keyword tensors for the U-Net: one class for the batch, one per image, or
-        None (the null class); uncond is None for an unconditional model."""
+    def conditioning(self, batch: int, condition: Condition | None) -> tuple[dict, dict | None]:
+        """(cond, uncond) keyword tensors for the U-Net; uncond is None where nothing conditions.
+
+        Class models: one class for the batch, one per image, or the null class. Text models: the
+        prompt's embedding, and the negative prompt's (default "") for the unconditional branch.
+        """
+        condition = condition or Condition()
+        if self.text_encoder is not None:
+            if condition.prompt is None:
+                raise InputError(f"{self.name} is text-conditional; use `ddpm txt2img PROMPT -m {self.name}`")
+            prompts = [condition.prompt] if isinstance(condition.prompt, str) else list(condition.prompt)
+            hidden, mask = self.text_encoder.encode([*prompts, condition.negative_prompt])
+            return (text_kwargs(hidden[:-1], mask[:-1], batch, self.dtype),
+                    text_kwargs(hidden[-1:], mask[-1:], batch, self.dtype))
+        if condition.prompt is not None:
+            raise InputError(f"{self.name} is not text-conditional; a prompt needs a text-conditional model")
         if not self.num_classes:
+            if condition.class_label is not None:
+                raise InputError(f"{self.name} is not class-conditional; drop --class")
             return {}, None
         null = torch.full((batch,), self.num_classes, device=self.device, dtype=torch.long)
-        if class_label is None:
-            return {"class_labels": null}, {"class_labels": null}
-        labels = class_label if isinstance(class_label, list) else [class_label] * batch
+        label = condition.class_label
+        if label is None:
+            return {"class_labels": null}, None
+        labels = label if isinstance(label, list) else [label] * batch
         return {"class_labels": torch.tensor(labels, device=self.device, dtype=torch.long)}, {"class_labels": null}
 
     @property
@@ -85,16 +117,17 @@ class Pipeline:
         height, width = (size, size) if isinstance(size, int) else tuple(size)
         return (self.unet.config.in_channels, height, width)
 
-    def denoiser(self, batch: int = 1, class_label: int | list[int] | None = None, scale: float = 1.0) -> UNetDenoiser:
-        cond, uncond = self.conditioning(batch, class_label)
-        return UNetDenoiser(self.unet, self.dtype, cond, uncond if class_label is not None else None, scale)
+    def denoiser(self, batch: int = 1, condition: Condition | None = None, scale: float = 1.0) -> UNetDenoiser:
+        cond, uncond = self.conditioning(batch, condition)
+        return UNetDenoiser(self.unet, self.dtype, cond, uncond, scale)
 
 
-def from_unet(unet: torch.nn.Module, schedule: NoiseSchedule, name: str = "in-memory",
-              variance: str = "fixed_small", class_names: list[str] | None = None) -> Pipeline:
+def from_unet(unet: torch.nn.Module, schedule: NoiseSchedule, name: str = "in-memory", variance: str = "fixed_small",
+              class_names: list[str] | None = None, text_encoder: object | None = None) -> Pipeline:
     """Wrap a network already in memory (the training loop's EMA model, a test's model)."""
     parameter = next(unet.parameters())
-    return Pipeline(name, Path("."), unet, schedule, variance, parameter.device, parameter.dtype, class_names)
+    return Pipeline(name, Path("."), unet, schedule, variance, parameter.device, parameter.dtype, class_names,
+                    text_encoder)
 
 
 def load_pipeline(model: str, revision: str | None = None, device: str = "auto", dtype: str = "auto",
@@ -103,9 +136,9 @@ def load_pipeline(model: str, revision: str | None = None, device: str = "auto",
     folder = resolve_model(model, revision)
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
+    if (folder / "vae").is_dir():
+        raise ModelError(f"{model} is a latent (Stable Diffusion format) pipeline, which ddpm cannot sample yet")
     unet = load_unet(folder, torch_device, torch_dtype, allow_pickle=allow_pickle)
-    if type(unet).__name__ != "UNet2DModel":
-        raise ModelError(f"{model} holds a {type(unet).__name__}; `ddpm sample` runs unconditional UNet2DModel checkpoints")
     if unet.config.out_channels != unet.config.in_channels:
         raise ModelError(f"{model}: a U-Net with {unet.config.out_channels} output channels for "
                          f"{unet.config.in_channels} input channels (learned variance) is not supported yet")
@@ -114,5 +147,11 @@ def load_pipeline(model: str, revision: str | None = None, device: str = "auto",
     if variance is None:
         raise ModelError(f"{model}: scheduler variance_type {config.get('variance_type')!r} is not supported yet")
     info = read_json(folder / MODEL_INFO_FILE) if (folder / MODEL_INFO_FILE).is_file() else {}
+    text_encoder = None
+    if type(unet).__name__ == "UNet2DConditionModel":
+        from ddpm_cli.engine.text import TextEncoder
+
+        spec = info.get("text_encoder") or str(folder)  # a project run names its encoder; else text_encoder/ inside
+        text_encoder = TextEncoder.load(spec, torch_device, max_length=info.get("max_length"))
     return Pipeline(model, folder, unet, NoiseSchedule.from_config(config), variance, torch_device, torch_dtype,
-                    info.get("class_names"))
+                    info.get("class_names"), text_encoder)

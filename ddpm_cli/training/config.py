@@ -49,6 +49,8 @@ class TrainConfig:
     max_nonfinite: int = 5
     conditioning: str = "none"
     cond_drop: float = 0.1
+    text_encoder: str = "minilm"
+    text_max_length: int | None = None
 
     @classmethod
     def from_options(cls, options: dict, saved: dict | None = None) -> TrainConfig:

@@ -1,9 +1,10 @@
-"""Training data: the built-in Fashion-MNIST, folders of images, and deterministic batching.
+"""Training data: the built-in Fashion-MNIST and emoji sets, folders of images, and deterministic batching.
 
 Every data set implements :class:`ImageSet`; ``load(i)`` gives a uint8 tensor C×H×W whose
 shorter side equals the training resolution. :func:`crop_and_flip` makes the square batch;
 :class:`EpochBatches` fixes the batch order as a pure function of (seed, step) so a resumed run
 sees exactly the same batches; :class:`BatchLoader` fetches them, with workers for folders.
+Captions (``ImageSet.captions``) come from :mod:`ddpm_cli.training.captions`.
 """
 
 from __future__ import annotations
@@ -20,10 +21,11 @@ import numpy as np
 import torch
 
 from ddpm_cli.engine.errors import DdpmError, InputError
+from ddpm_cli.training.captions import EMOJI_FONT, folder_captions, load_emoji
 
 FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                          "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
-BUILTIN_DATASETS = ("fashion-mnist", "fashion-mnist-subset")
+BUILTIN_DATASETS = ("fashion-mnist", "fashion-mnist-subset", "emoji")
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 SUBSET_DIR = Path(__file__).resolve().parent.parent / "data" / "fashion-mnist-subset"
 _IDX_TYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
@@ -56,7 +58,8 @@ class ImageSet:
     """Common interface of training data sets.
 
     Attributes: ``name``, ``source`` (path the data came from), ``channels`` (1 or 3),
-    ``labels`` (class index per item, or None) and ``class_names`` (or None).
+    ``labels`` (class index per item, or None), ``class_names`` (or None) and ``captions``
+    (one text per item, or None).
     """
 
     name: str = ""
@@ -64,6 +67,7 @@ class ImageSet:
     channels: int = 3
     labels: list[int] | None = None
     class_names: list[str] | None = None
+    captions: list[str] | None = None
 
     def __len__(self) -> int:
         raise NotImplementedError
@@ -80,10 +84,12 @@ class ArrayImageSet(ImageSet):
     """Images held in memory as one uint8 tensor N×C×H×W, already at the training resolution."""
 
     def __init__(self, images: torch.Tensor, labels: list[int] | None = None,
-                 class_names: list[str] | None = None, name: str = "array", source: str = ""):
-        if images.dtype != torch.uint8 or images.dim() != 4 or (labels is not None and len(labels) != len(images)):
-            raise ValueError("ArrayImageSet needs a uint8 tensor N×C×H×W and one label per image")
-        self.images, self.labels, self.class_names = images, labels, class_names
+                 class_names: list[str] | None = None, name: str = "array", source: str = "",
+                 captions: list[str] | None = None):
+        if images.dtype != torch.uint8 or images.dim() != 4 or (labels is not None and len(labels) != len(images)) \
+                or (captions is not None and len(captions) != len(images)):
+            raise ValueError("ArrayImageSet needs a uint8 tensor N×C×H×W and one label and caption per image")
+        self.images, self.labels, self.class_names, self.captions = images, labels, class_names, captions
         self.channels, self.name, self.source = images.shape[1], name, source
 
     def __len__(self) -> int:
@@ -97,7 +103,9 @@ class FolderImageSet(ImageSet):
     """A folder of images, searched recursively; labels from first-level sub-folder names.
 
     Labels follow the ImageFolder convention when every image sits in a sub-folder (class
-    names sorted); otherwise ``labels`` and ``class_names`` are None.
+    names sorted); otherwise ``labels`` and ``class_names`` are None. Captions come from a
+    ``metadata.jsonl`` in the folder or ``<stem>.txt`` beside each image (see
+    :func:`ddpm_cli.training.captions.folder_captions`); None when no image has one.
     """
 
     def __init__(self, folder: str | os.PathLike, resolution: int, channels: int = 3, name: str | None = None):
@@ -123,6 +131,7 @@ class FolderImageSet(ImageSet):
             self.class_names = sorted({x[0] for x in parts})
             index = {c: k for k, c in enumerate(self.class_names)}
             self.labels = [index[x[0]] for x in parts]  # else the class defaults: None
+        self.captions = folder_captions(root, self.paths)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -176,8 +185,10 @@ def open_dataset(spec: str, resolution: int, channels: int | None = None, split:
 
     ``fashion-mnist`` uses the full Debian files when installed, else the shipped subset (see
     ``.source`` and ``.name``); it is 1 channel (``channels=3`` replicates it), zero-padded evenly
-    when the resolution is 28 + 2k, else bicubic-resized. A folder defaults to 3 channels (RGB);
-    1 means greyscale. ``split`` ("train" or "test") applies to the built-ins.
+    when the resolution is 28 + 2k, else bicubic-resized. ``emoji`` is ~1,280 captioned RGB
+    emoji on white (resolution 16 or more; ``channels=1`` makes them greyscale); it has no
+    held-out images, so its "test" split is the same as "train". A folder defaults to 3
+    channels (RGB); 1 means greyscale. ``split`` ("train" or "test") applies to the built-ins.
     """
     if not isinstance(resolution, int) or resolution < 1:
         raise InputError(f"--resolution must be a positive integer, got {resolution}")
@@ -186,6 +197,9 @@ def open_dataset(spec: str, resolution: int, channels: int | None = None, split:
     if channels is not None and channels not in (1, 3):
         raise InputError(f"--channels must be 1 or 3, got {channels}")
     name = spec.strip()
+    if name == "emoji":
+        images, captions = load_emoji(resolution, channels or 3)
+        return ArrayImageSet(images, name="emoji", source=str(EMOJI_FONT), captions=captions)
     if name in BUILTIN_DATASETS:
         prefix = "train" if split == "train" else "t10k"
         full = [FASHION_MNIST_DIR / f"{prefix}-{kind}-ubyte.gz" for kind in ("images-idx3", "labels-idx1")]
@@ -306,6 +320,11 @@ class BatchLoader:
         """Labels of the items as an int64 tensor, or None when the data set has none."""
         lab = self.dataset.labels
         return None if lab is None else torch.tensor([lab[i] for i in indices], dtype=torch.long)
+
+    def captions(self, indices: list[int]) -> list[str] | None:
+        """Captions of the items, or None when the data set has none."""
+        texts = self.dataset.captions
+        return None if texts is None else [texts[i] for i in indices]
 
     def batch(self, step: int) -> list[torch.Tensor]:
         """The images of micro-batch ``step``, loaded in this process."""

@@ -23,13 +23,13 @@ from ddpm_cli.engine.device import describe, resolve_device
 from ddpm_cli.engine.errors import InputError, NumericalError
 from ddpm_cli.engine.generate import SamplerSettings, sample_batch
 from ddpm_cli.engine.imageio import make_grid, save_png
-from ddpm_cli.engine.pipeline import MODEL_INFO_FILE, from_unet
+from ddpm_cli.engine.pipeline import MODEL_INFO_FILE, Condition, from_unet
 from ddpm_cli.engine.schedule import NoiseSchedule
 from ddpm_cli.training import checkpoints
 from ddpm_cli.training.config import SUMMARY_FILE, TrainConfig
 from ddpm_cli.training.data import BUILTIN_DATASETS, BatchLoader, EpochBatches, crop_and_flip, open_dataset
 from ddpm_cli.training.ema import EMA
-from ddpm_cli.training.presets import build_unet, unet_config
+from ddpm_cli.training.presets import build_unet, text_unet_config, unet_config
 
 LOG_FILE = "log.jsonl"
 GRID_SEEDS = list(range(16))
@@ -78,7 +78,16 @@ class Trainer:
             config.resolution = 32 if config.data in BUILTIN_DATASETS else 64
         self.dataset = open_dataset(config.data, config.resolution, config.channels)
         config.channels = self.dataset.channels
-        self.class_names = None
+        self.class_names, self.encoder, self.captions = None, None, None
+        if config.conditioning == "text":
+            if self.dataset.captions is None:
+                raise InputError(f"--conditioning text needs captions: give {config.data} a metadata.jsonl "
+                                 "(file_name, text) or a .txt file beside each image, or use the built-in emoji set")
+            from ddpm_cli.engine.text import EmbeddingCache, TextEncoder
+
+            self.encoder = TextEncoder.load(config.text_encoder, self.device, max_length=config.text_max_length)
+            config.text_max_length = self.encoder.max_length
+            self.captions = EmbeddingCache(self.encoder, self.dataset.captions)  # each caption encoded once
         if config.conditioning == "class":
             if self.dataset.labels is None:
                 raise InputError(f"--conditioning class needs labels: {config.data} has none (put each class's images "
@@ -88,7 +97,11 @@ class Trainer:
         self.schedule = make_schedule(config)
         torch.manual_seed(config.seed)
         num_classes = len(self.class_names) if self.class_names else None
-        self.unet = build_unet(unet_config(config.model_size, config.resolution, config.channels, num_classes)).to(self.device)
+        if self.encoder is not None:
+            unet_cfg = text_unet_config(config.model_size, config.resolution, config.channels, self.encoder.hidden_size)
+        else:
+            unet_cfg = unet_config(config.model_size, config.resolution, config.channels, num_classes)
+        self.unet = build_unet(unet_cfg).to(self.device)
         self.ema = EMA(self.unet, config.ema_decay)
         self.optimizer = torch.optim.AdamW(self.unet.parameters(), lr=config.lr, weight_decay=config.weight_decay,
                                            fused=self.device.type == "cuda")
@@ -115,22 +128,30 @@ class Trainer:
             batch = batch.pin_memory()
         return batch.to(self.device, non_blocking=True).float() / 127.5 - 1.0
 
-    def _conditioning(self, labels: torch.Tensor | None) -> dict:
-        """Class labels, each replaced by the null class with probability --cond-drop (one model, both branches)."""
-        if self.class_names is None or labels is None:
+    def _conditioning(self, micro_step: int, labels: torch.Tensor | None) -> dict:
+        """The batch's class labels or caption embeddings; each is replaced by the null class or the
+        empty caption with probability --cond-drop, so one model learns both guidance branches."""
+        if self.class_names is None and self.captions is None:
             return {}
-        labels = labels.to(self.device, non_blocking=True)
-        drop = torch.rand(labels.shape, generator=self.generators["noise"], device=self.device) < self.config.cond_drop
-        return {"class_labels": torch.where(drop, torch.full_like(labels, len(self.class_names)), labels)}
+        if self.captions is not None:
+            rows = torch.tensor([self.captions.index[i] for i in self.batches.indices(micro_step)], device=self.device)
+            null = self.captions.null_row
+        else:
+            rows, null = labels.to(self.device, non_blocking=True), len(self.class_names)
+        drop = torch.rand(rows.shape, generator=self.generators["noise"], device=self.device) < self.config.cond_drop
+        rows = torch.where(drop, torch.full_like(rows, null), rows)
+        if self.captions is None:
+            return {"class_labels": rows}
+        hidden, mask = self.captions.rows(rows)
+        return {"encoder_hidden_states": hidden, "encoder_attention_mask": mask}
 
-    def _loss(self, x0: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    def _loss(self, x0: torch.Tensor, conditioning: dict | None = None) -> torch.Tensor:
         """L_simple: || target - network(x_t, t) ||^2 with t uniform and x_t ~ q(x_t | x_0)."""
         noise_gen = self.generators["noise"]
         t = torch.randint(0, self.schedule.num_train_timesteps, (x0.shape[0],), generator=noise_gen, device=self.device)
         noise = torch.randn(x0.shape, generator=noise_gen, device=self.device)
-        conditioning = self._conditioning(labels)
         with self.autocast:
-            output = self.unet(self.schedule.q_sample(x0, t, noise), t, **conditioning).sample
+            output = self.unet(self.schedule.q_sample(x0, t, noise), t, **(conditioning or {})).sample
         return F.mse_loss(output.float(), self.schedule.training_target(x0, noise, t))
 
     def _optimizer_step(self) -> None:
@@ -160,8 +181,8 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             loss_sum = 0.0
             for _ in range(c.grad_accum):
-                _, images, labels = next(loader)
-                loss = self._loss(self._micro_batch(images), labels) / c.grad_accum
+                micro_step, images, labels = next(loader)
+                loss = self._loss(self._micro_batch(images), self._conditioning(micro_step, labels)) / c.grad_accum
                 (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
                 loss_sum += loss.detach()
             loss_value = float(loss_sum)
@@ -213,15 +234,23 @@ class Trainer:
         path = checkpoints.save_checkpoint(self.run_dir, self.step, self.unet, self.ema.model, self.optimizer,
                                            self.generators, state, self.config.keep_checkpoints)
         info = {"conditioning": self.config.conditioning, "class_names": self.class_names}
+        if self.encoder is not None:
+            info.update(text_encoder=self.config.text_encoder, max_length=self.encoder.max_length)
         checkpoints.export_pipeline(self.run_dir, self.ema.model, self.schedule.to_config(), info)
         self.on_event({"kind": "checkpoint", "step": self.step, "path": str(path)})
 
     def _sample_grid(self) -> None:
-        pipeline = from_unet(self.ema.model, self.schedule, class_names=self.class_names)
-        # A class-conditional grid cycles through the classes, guided with w = GRID_CFG.
-        labels = [seed % len(self.class_names) for seed in GRID_SEEDS] if self.class_names else None
-        images = sample_batch(pipeline, GRID_SEEDS, SamplerSettings("dpmpp-2m", 20), class_label=labels,
-                              cfg=GRID_CFG if labels else 1.0)
+        pipeline = from_unet(self.ema.model, self.schedule, class_names=self.class_names, text_encoder=self.encoder)
+        # A conditional grid cycles through the classes or the first captions, guided with w = GRID_CFG.
+        if self.class_names:
+            condition = Condition([seed % len(self.class_names) for seed in GRID_SEEDS])
+        elif self.captions is not None:
+            prompts = self.captions.captions[1:] or [""]
+            condition = Condition(prompt=[prompts[seed % len(prompts)] for seed in GRID_SEEDS])
+        else:
+            condition = None
+        images = sample_batch(pipeline, GRID_SEEDS, SamplerSettings("dpmpp-2m", 20), condition=condition,
+                              cfg=GRID_CFG if condition else 1.0)
         path = self.run_dir / "samples" / f"step-{self.step:07d}.png"
         save_png(make_grid(images), path, {"model": str(self.run_dir), "step": self.step, "sampler": "dpmpp-2m",
                                            "steps": 20, "seeds": f"{GRID_SEEDS[0]}-{GRID_SEEDS[-1]}"}, overwrite=True)

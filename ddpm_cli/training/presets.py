@@ -45,7 +45,23 @@ def unet_config(preset: str, resolution: int, channels: int, num_classes: int | 
     return config
 
 
-def build_unet(config: dict):
-    from diffusers import UNet2DModel
+def text_unet_config(preset: str, resolution: int, channels: int, cross_attention_dim: int) -> dict:
+    """A UNet2DConditionModel config with the preset's widths and cross-attention to text embeddings
+    at every level where the preset has self-attention and at all lower resolutions."""
+    base = unet_config(preset, resolution, channels)
+    levels = len(base["block_out_channels"])
+    first = min(i for i, kind in enumerate(base["down_block_types"]) if kind.startswith("Attn"))
+    down = tuple("CrossAttnDownBlock2D" if i >= first else "DownBlock2D" for i in range(levels))
+    up = tuple("CrossAttnUpBlock2D" if levels - 1 - i >= first else "UpBlock2D" for i in range(levels))
+    return dict(sample_size=resolution, in_channels=channels, out_channels=channels,
+                block_out_channels=base["block_out_channels"], layers_per_block=base["layers_per_block"],
+                norm_num_groups=base["norm_num_groups"], down_block_types=down, up_block_types=up,
+                mid_block_type="UNetMidBlock2DCrossAttn", cross_attention_dim=cross_attention_dim,
+                attention_head_dim=8, act_fn="silu", norm_eps=1e-6)
 
-    return UNet2DModel(**config)
+
+def build_unet(config: dict):
+    """UNet2DConditionModel for configs with cross-attention, else UNet2DModel."""
+    from diffusers import UNet2DConditionModel, UNet2DModel
+
+    return UNet2DConditionModel(**config) if "cross_attention_dim" in config else UNet2DModel(**config)

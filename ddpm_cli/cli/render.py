@@ -1,0 +1,84 @@
+"""Shared by the generating commands (sample, txt2img): plan the output files, run the engine batch by
+batch, write each PNG as it is finished, and print the results.
+
+One job is one image: a seed, its file, and what conditions it. Jobs that share a condition are
+batched together. Existing files are refused, replaced or skipped before any work starts.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ddpm_cli.cli.errors import EXIT_USAGE, fail, writable_folder
+from ddpm_cli.cli.progress import StepProgress
+
+
+@dataclass
+class Job:
+    seed: int
+    path: Path
+    condition: object = None  # engine.pipeline.Condition; None for unconditional models
+    params: dict = field(default_factory=dict)  # per-image metadata (prompt, class)
+
+
+def plan(jobs: list[Job], outdir: Path, overwrite: bool, skip_existing: bool, grid: bool) -> tuple[list[Job], list[Job]]:
+    """(to do, skipped): refuses existing outputs unless --overwrite or --skip-existing; creates outdir."""
+    if overwrite and skip_existing:
+        raise fail("--overwrite and --skip-existing cannot be given together", EXIT_USAGE)
+    if grid and (outdir / "grid.png").exists() and not overwrite:
+        raise fail(f"{outdir / 'grid.png'} exists; pass --overwrite to replace it", EXIT_USAGE)
+    existing = [job for job in jobs if job.path.exists()]
+    if existing and not (overwrite or skip_existing):
+        raise fail(f"{existing[0].path} exists ({len(existing)} of {len(jobs)} outputs exist); "
+                   "pass --overwrite to replace or --skip-existing to keep them", EXIT_USAGE)
+    writable_folder(outdir)
+    skipped = existing if skip_existing else []
+    return [job for job in jobs if job not in skipped], skipped
+
+
+def _batches(jobs: list[Job], batch_size: int) -> list[list[Job]]:
+    """Consecutive jobs with the same condition, at most batch_size each."""
+    batches: list[list[Job]] = []
+    for job in jobs:
+        if batches and len(batches[-1]) < batch_size and batches[-1][0].condition == job.condition:
+            batches[-1].append(job)
+        else:
+            batches.append([job])
+    return batches
+
+
+def render(pipeline, jobs: list[Job], skipped: list[Job], settings, cfg: float, batch_size: int, params: dict,
+           output_format: str, quiet: bool, size: tuple[int, int] | None = None, grid_path: Path | None = None) -> None:
+    """Generate every job, writing and printing each image as soon as its batch is done."""
+    from ddpm_cli.engine.generate import sample_batch
+    from ddpm_cli.engine.imageio import load_image, make_grid, save_png, tensor_to_pil
+
+    if batch_size < 1:
+        raise fail(f"--batch-size must be at least 1, got {batch_size}", EXIT_USAGE)
+    written, started = [], time.perf_counter()
+    batches = _batches(jobs, batch_size)
+    with StepProgress("sampling", len(batches) * settings.steps, quiet) as bar:
+        for number, batch in enumerate(batches):
+            def on_step(info: dict, done: int = number * settings.steps) -> None:
+                bar.update(done + info["i"] + 1)
+
+            images = sample_batch(pipeline, [job.seed for job in batch], settings, on_step, batch[0].condition, cfg, size)
+            for job, image in zip(batch, images):
+                meta = {**params, **job.params, "seed": job.seed}
+                path = save_png(tensor_to_pil(image), job.path, meta, overwrite=True)
+                written.append({"path": str(path), **job.params, "seed": job.seed})
+                if output_format == "text":
+                    print(path, flush=True)
+    if grid_path is not None:
+        everything = sorted(jobs + skipped, key=lambda job: str(job.path))
+        mode = "L" if pipeline.sample_shape[0] == 1 else "RGB"
+        save_png(make_grid([load_image(job.path, mode=mode) for job in everything]), grid_path, params, overwrite=True)
+        if output_format == "text":
+            print(grid_path, flush=True)
+    if output_format == "json":
+        print(json.dumps({**params, "images": written, "skipped": [str(job.path) for job in skipped],
+                          "grid": str(grid_path) if grid_path else None,
+                          "seconds": round(time.perf_counter() - started, 3)}, indent=2))

