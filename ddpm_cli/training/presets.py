@@ -46,13 +46,11 @@ def unet_config(preset: str, resolution: int, channels: int, num_classes: int | 
 
 
 def text_unet_config(preset: str, resolution: int, channels: int, cross_attention_dim: int) -> dict:
-    """A UNet2DConditionModel config with the preset's widths and cross-attention to text embeddings
-    at every level where the preset has self-attention and at all lower resolutions."""
+    """A UNet2DConditionModel config with the preset's widths, and cross-attention (with self-attention)
+    to the text embeddings where the preset has self-attention, and in the middle block."""
     base = unet_config(preset, resolution, channels)
-    levels = len(base["block_out_channels"])
-    first = min(i for i, kind in enumerate(base["down_block_types"]) if kind.startswith("Attn"))
-    down = tuple("CrossAttnDownBlock2D" if i >= first else "DownBlock2D" for i in range(levels))
-    up = tuple("CrossAttnUpBlock2D" if levels - 1 - i >= first else "UpBlock2D" for i in range(levels))
+    down = tuple("CrossAttnDownBlock2D" if kind.startswith("Attn") else "DownBlock2D" for kind in base["down_block_types"])
+    up = tuple("CrossAttnUpBlock2D" if kind.startswith("Attn") else "UpBlock2D" for kind in base["up_block_types"])
     return dict(sample_size=resolution, in_channels=channels, out_channels=channels,
                 block_out_channels=base["block_out_channels"], layers_per_block=base["layers_per_block"],
                 norm_num_groups=base["norm_num_groups"], down_block_types=down, up_block_types=up,
