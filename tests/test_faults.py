@@ -24,7 +24,7 @@ from tests.test_cli import ddpm
 PY = sys.executable
 
 
-def one_line_error(result, code, *phrases):
+def assert_one_line_error(result, code, *phrases):
     assert result.returncode == code, (result.returncode, result.stderr)
     lines = result.stderr.strip().splitlines()
     assert lines and lines[-1].startswith("ddpm: error: "), result.stderr
@@ -52,29 +52,29 @@ def test_damaged_safetensors_exit_3(model_copy, tmp_path, damage):
     data = weights.read_bytes()
     weights.write_bytes({"truncate": data[: len(data) // 2], "empty": b"",
                          "garbage-header": struct.pack("<Q", 64) + b"{not json" + b"\0" * 100}[damage])
-    one_line_error(ddpm("sample", model_copy, "-n", 1, "-o", tmp_path / "out"), 3, "truncated or corrupt", "diffusion_pytorch_model")
+    assert_one_line_error(ddpm("sample", model_copy, "-n", 1, "-o", tmp_path / "out"), 3, "truncated or corrupt", "diffusion_pytorch_model")
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
 def test_repository_with_its_own_code_is_refused(model_copy, tmp_path):
     (model_copy / "unet" / "modeling_custom.py").write_text("import os\nos.system('touch pwned')\n")
-    one_line_error(ddpm("sample", model_copy, "-n", 1, "-o", tmp_path / "out"), 3, "own code")
+    assert_one_line_error(ddpm("sample", model_copy, "-n", 1, "-o", tmp_path / "out"), 3, "own code")
 
 
 def test_hub_model_not_in_the_offline_cache(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
     result = subprocess.run([PY, "-m", "ddpm_cli", "sample", "someone/not-cached", "-o", str(tmp_path / "out")],
                             capture_output=True, text=True, env=env, timeout=300)
-    one_line_error(result, 3, "someone/not-cached@main is not in the local cache")
+    assert_one_line_error(result, 3, "someone/not-cached@main is not in the local cache")
 
 
 def test_usage_errors_are_one_line_exit_2(tmp_path):
-    one_line_error(ddpm("sample", "fashion-mnist", "--steps", "0"), 2, "--steps", "ddpm sample --help")
-    one_line_error(ddpm("sampel"), 2, "No such command")
-    one_line_error(ddpm("train", "fashion-mnist-subset", "--resolution", "30", "-o", tmp_path / "r"), 2, "not a multiple of 4")
-    one_line_error(ddpm("sample", "fashion-mnist", "-o", "/proc/ddpm-no-such-place"), 2, "cannot create output folder")
+    assert_one_line_error(ddpm("sample", "fashion-mnist", "--steps", "0"), 2, "--steps", "ddpm sample --help")
+    assert_one_line_error(ddpm("sampel"), 2, "No such command")
+    assert_one_line_error(ddpm("train", "fashion-mnist-subset", "--resolution", "30", "-o", tmp_path / "r"), 2, "not a multiple of 4")
+    assert_one_line_error(ddpm("sample", "fashion-mnist", "-o", "/proc/ddpm-no-such-place"), 2, "cannot create output folder")
     (tmp_path / "file").write_text("x")
-    one_line_error(ddpm("sample", "fashion-mnist", "-o", tmp_path / "file" / "sub"), 2, "cannot create output folder")
+    assert_one_line_error(ddpm("sample", "fashion-mnist", "-o", tmp_path / "file" / "sub"), 2, "cannot create output folder")
 
 
 def test_debug_shows_the_traceback_and_keeps_the_exit_code(tmp_path):
@@ -96,7 +96,7 @@ def test_training_folder_with_a_decompression_bomb_is_refused_before_training(tm
     Image.new("RGB", (16, 16), "red").save(data / "ok.png")
     (data / "bomb.png").write_bytes(png_header_only(60_000, 60_000))
     result = ddpm("train", data, "--max-steps", 1, "-o", tmp_path / "run")
-    one_line_error(result, 2, "bomb.png", "decompression bomb")
+    assert_one_line_error(result, 2, "bomb.png", "decompression bomb")
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
@@ -200,7 +200,7 @@ checkpoints.save_file = save_file
     run = tmp_path / "run"
     result = run_patched(patch, "train", "fashion-mnist-subset", "--max-steps", 8, "--checkpoint-every", 4,
                          "-b", 4, "--num-workers", 0, "-o", run, "-q")
-    one_line_error(result, 4, "disk full", "previous checkpoints are intact")
+    assert_one_line_error(result, 4, "disk full", "previous checkpoints are intact")
     names = [p.name for p in (run / "checkpoints").iterdir()]
     assert names == ["checkpoint-0000004"]
     assert load_file(run / "checkpoints" / "checkpoint-0000004" / "model.safetensors")
@@ -222,7 +222,7 @@ Image.Image.save = save
 """
     out = tmp_path / "out"
     result = run_patched(patch, "sample", tiny_pipeline_dir, "-n", 4, "-b", 1, "--steps", 2, "-o", out, "-q")
-    one_line_error(result, 4)
+    assert_one_line_error(result, 4)
     assert result.stdout.split() == [str(out / "000000.png"), str(out / "000001.png")]
     assert sorted(p.name for p in out.iterdir()) == ["000000.png", "000001.png"]
 
@@ -241,5 +241,5 @@ generate.sample_batch = sample_batch
 """
     out = tmp_path / "out"
     result = run_patched(patch, "sample", tiny_pipeline_dir, "-n", 4, "-b", 2, "--steps", 2, "-o", out, "-q")
-    one_line_error(result, 4, "out of memory", "--batch-size")
+    assert_one_line_error(result, 4, "out of memory", "--batch-size")
     assert sorted(p.name for p in out.iterdir()) == ["000000.png", "000001.png"]

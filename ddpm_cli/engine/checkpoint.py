@@ -86,7 +86,7 @@ def _checked_folder(folder: Path) -> Path:
     return folder
 
 
-def _is_hub_id(model: str) -> bool:
+def is_hub_id(model: str) -> bool:
     if model.count("/") != 1 or model.startswith(("/", ".", "~")) or "\\" in model:
         return False
     try:
@@ -127,7 +127,9 @@ def _is_connection_error(exc: BaseException) -> bool:
                          "ConnectTimeout", "ReadTimeout", "ProxyError", "SSLError", "OfflineModeIsEnabled"})
 
 
-def _download(repo: str, revision: str | None) -> Path:
+def hub_snapshot(repo: str, revision: str | None, allow_patterns: list[str],
+                 ignore_patterns: list[str] | None = None) -> Path:
+    """Download (or find in the cache) the matching files of a Hub repository; errors become one line."""
     import huggingface_hub
     from huggingface_hub import errors as hf_errors
 
@@ -137,13 +139,14 @@ def _download(repo: str, revision: str | None) -> Path:
         "download it on a connected machine or pass a local folder"
     )
     try:
-        path = huggingface_hub.snapshot_download(
+        return Path(huggingface_hub.snapshot_download(
             repo,
             revision=revision,
-            allow_patterns=HUB_PATTERNS,
+            allow_patterns=allow_patterns,
+            ignore_patterns=ignore_patterns,
             cache_dir=_hub_cache_dir(),
             local_files_only=_hub_offline(),
-        )
+        ))
     except hf_errors.RevisionNotFoundError:
         raise ModelError(f"{where}: revision {revision or 'main'!r} does not exist on the Hub; check --revision") from None
     except hf_errors.GatedRepoError:
@@ -161,7 +164,10 @@ def _download(repo: str, revision: str | None) -> Path:
         if _is_connection_error(exc):
             raise ModelError(unreachable) from None
         raise
-    return _checked_folder(Path(path))
+
+
+def _download(repo: str, revision: str | None) -> Path:
+    return _checked_folder(hub_snapshot(repo, revision, HUB_PATTERNS))
 
 
 def resolve_model(model: str, revision: str | None = None) -> Path:
@@ -177,7 +183,7 @@ def resolve_model(model: str, revision: str | None = None) -> Path:
     names = builtin_models()
     if text in names:
         return _checked_folder(Path(BUILTIN_DIR) / text)
-    if _is_hub_id(text):
+    if is_hub_id(text):
         return _download(text, revision)
     listed = ", ".join(names) if names else "none installed"
     raise ModelError(

@@ -15,8 +15,8 @@ import torch
 from ddpm_cli.engine.errors import InputError, NumericalError
 from ddpm_cli.engine.noise import SeededNoise
 from ddpm_cli.engine.pipeline import Condition, Pipeline
-from ddpm_cli.engine.samplers import (DEFAULT_SPACING, SAMPLERS, make_timesteps, sample_ddim, sample_ddpm,
-                                      sample_dpmpp_2m)
+from ddpm_cli.engine.choices import SAMPLERS
+from ddpm_cli.engine.samplers import DEFAULT_SPACING, make_timesteps, sample_ddim, sample_ddpm, sample_dpmpp_2m
 
 DEFAULT_STEPS = {"ddpm": None, "ddim": 50, "dpmpp-2m": 20}  # None: every training timestep
 

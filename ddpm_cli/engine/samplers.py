@@ -16,7 +16,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from ddpm_cli.engine.choices import SAMPLERS, SPACINGS, VARIANCES
+from ddpm_cli.engine.choices import SPACINGS, VARIANCES
 from ddpm_cli.engine.errors import InputError
 from ddpm_cli.engine.schedule import NoiseSchedule
 

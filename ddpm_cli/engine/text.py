@@ -54,32 +54,9 @@ def _builtin_path(name: str) -> Path:
 
 
 def _download(repo: str, revision: str | None, subfolders: tuple[str, str]) -> Path:
-    import huggingface_hub
-    from huggingface_hub import errors as hf_errors
-
-    where = f"{repo}@{revision or 'main'}"
-    unreachable = f"{where} is not in the local cache and the Hub cannot be reached; download it on a connected machine or pass a local folder"
+    """Only the text encoder's and tokenizer's files, not a whole pipeline's weights."""
     patterns = _ROOT_HUB_FILES + [f"{sub}/*.{ext}" for sub in subfolders for ext in ("json", "safetensors", "txt", "model")]
-    try:
-        return Path(huggingface_hub.snapshot_download(
-            repo, revision=revision, allow_patterns=patterns, ignore_patterns=["*.fp16.*", "*non_ema*"],
-            cache_dir=ckpt._hub_cache_dir(), local_files_only=ckpt._hub_offline(),
-        ))
-    except hf_errors.RevisionNotFoundError:
-        raise ModelError(f"{where}: revision {revision or 'main'!r} does not exist on the Hub; check the revision") from None
-    except hf_errors.GatedRepoError:
-        raise ModelError(f"{where} is gated on the Hub; accept its terms and log in (hf auth login), or pass a local folder") from None
-    except hf_errors.RepositoryNotFoundError:
-        raise ModelError(f"{where} does not exist on the Hub or is private; check the name or log in (hf auth login)") from None
-    except hf_errors.LocalEntryNotFoundError:
-        raise ModelError(unreachable) from None
-    except Exception as exc:  # noqa: BLE001 - network-shaped and HTTP errors become one line
-        if ckpt._is_connection_error(exc):
-            raise ModelError(unreachable) from None
-        if isinstance(exc, hf_errors.HfHubHTTPError):
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise ModelError(f"{where} could not be downloaded from the Hub ({first}); retry later or pass a local folder") from None
-        raise
+    return ckpt.hub_snapshot(repo, revision, patterns, ignore_patterns=["*.fp16.*", "*non_ema*"])
 
 
 def _locate(spec: str, subfolders: tuple[str, str], revision: str | None) -> tuple[Path, Path]:
@@ -94,7 +71,7 @@ def _locate(spec: str, subfolders: tuple[str, str], revision: str | None) -> tup
         root = local
     elif local.exists():
         raise ModelError(f"{local} is a file, not a text encoder folder; pass the folder that holds config.json")
-    elif ckpt._is_hub_id(text):
+    elif ckpt.is_hub_id(text):
         root = _download(text, revision, subfolders)
     else:
         raise ModelError(f"text encoder {text!r} is not an existing folder, a built-in encoder "
