@@ -78,21 +78,7 @@ class Trainer:
             config.resolution = 32 if config.data in BUILTIN_DATASETS else 64
         self.dataset = open_dataset(config.data, config.resolution, config.channels)
         config.channels = self.dataset.channels
-        self.class_names, self.encoder, self.captions = None, None, None
-        if config.conditioning == "text":
-            if self.dataset.captions is None:
-                raise InputError(f"--conditioning text needs captions: give {config.data} a metadata.jsonl "
-                                 "(file_name, text) or a .txt file beside each image, or use the built-in emoji set")
-            from ddpm_cli.engine.text import EmbeddingCache, TextEncoder
-
-            self.encoder = TextEncoder.load(config.text_encoder, self.device, max_length=config.text_max_length)
-            config.text_max_length = self.encoder.max_length
-            self.captions = EmbeddingCache(self.encoder, self.dataset.captions)  # each caption encoded once
-        if config.conditioning == "class":
-            if self.dataset.labels is None:
-                raise InputError(f"--conditioning class needs labels: {config.data} has none (put each class's images "
-                                 "in a sub-folder named after it, or use a labelled built-in data set)")
-            self.class_names = list(self.dataset.class_names)
+        self._setup_conditioning(config)
         self.config = config
         self.schedule = make_schedule(config)
         torch.manual_seed(config.seed)
@@ -120,6 +106,26 @@ class Trainer:
         amp_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision)
         self.autocast = torch.autocast(self.device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
         self.scaler = torch.amp.GradScaler(self.device.type) if config.mixed_precision == "fp16" else None
+        if self.scaler is not None and checkpoint is not None and state.get("grad_scaler"):
+            self.scaler.load_state_dict(state["grad_scaler"])
+
+    def _setup_conditioning(self, config: TrainConfig) -> None:
+        """Class names, or the frozen text encoder and the embeddings of every caption (encoded once)."""
+        self.class_names, self.encoder, self.captions = None, None, None
+        if config.conditioning == "text":
+            if self.dataset.captions is None:
+                raise InputError(f"--conditioning text needs captions: give {config.data} a metadata.jsonl "
+                                 "(file_name, text) or a .txt file beside each image, or use the built-in emoji set")
+            from ddpm_cli.engine.text import EmbeddingCache, TextEncoder
+
+            self.encoder = TextEncoder.load(config.text_encoder, self.device, max_length=config.text_max_length)
+            config.text_max_length = self.encoder.max_length
+            self.captions = EmbeddingCache(self.encoder, self.dataset.captions)
+        elif config.conditioning == "class":
+            if self.dataset.labels is None:
+                raise InputError(f"--conditioning class needs labels: {config.data} has none (put each class's images "
+                                 "in a sub-folder named after it, or use a labelled built-in data set)")
+            self.class_names = list(self.dataset.class_names)
 
     def _micro_batch(self, images: list[torch.Tensor]) -> torch.Tensor:
         c = self.config
@@ -230,7 +236,8 @@ class Trainer:
 
     def _checkpoint(self) -> None:
         state = {"config": self.config.to_dict(), "nonfinite": self.nonfinite, "elapsed": self.elapsed,
-                 "images_seen": self.images_seen, "loss": self.last_loss, "version": __version__}
+                 "images_seen": self.images_seen, "loss": self.last_loss, "version": __version__,
+                 "grad_scaler": self.scaler.state_dict() if self.scaler is not None else None}
         path = checkpoints.save_checkpoint(self.run_dir, self.step, self.unet, self.ema.model, self.optimizer,
                                            self.generators, state, self.config.keep_checkpoints)
         info = {"conditioning": self.config.conditioning, "class_names": self.class_names}
