@@ -74,7 +74,7 @@ def render(pipeline, jobs: list[Job], skipped: list[Job], settings, cfg: float, 
                     print(path, flush=True)
     if grid_path is not None:
         everything = sorted(jobs + skipped, key=lambda job: str(job.path))
-        mode = "L" if pipeline.sample_shape[0] == 1 else "RGB"
+        mode = "L" if pipeline.image_channels == 1 else "RGB"
         save_png(make_grid([load_image(job.path, mode=mode) for job in everything]), grid_path, params, overwrite=True)
         if output_format == "text":
             print(grid_path, flush=True)

@@ -75,7 +75,7 @@ def sample(
         guidance = {"class": label, "class_name": pipeline.class_name(label), "cfg": cfg}
         for job in todo:
             job.condition = Condition(label)
-    _, height, width = pipeline.sample_shape
+    height, width = pipeline.image_size
     params = {"model": model, **settings.describe(), **guidance, "size": f"{width}x{height}",
               "dtype": str(pipeline.dtype).removeprefix("torch."), "version": __version__}
     render(pipeline, todo, skipped, settings, cfg, batch_size, params, output_format, quiet,

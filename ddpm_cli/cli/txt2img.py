@@ -99,9 +99,9 @@ def txt2img(
         if dropped:
             say(f"ddpm: warning: prompt longer than the text encoder's {pipeline.text_encoder.max_length} tokens; "
                 f"dropped: {' '.join(dropped)}")
-    _, model_height, model_width = pipeline.sample_shape
+    model_height, model_width = pipeline.image_size
     size = (height or model_height, width or model_width)
-    factor = 2 ** (len(pipeline.unet.config.block_out_channels) - 1)
+    factor = 2 ** (len(pipeline.unet.config.block_out_channels) - 1) * pipeline.latent_factor
     if size[0] % factor or size[1] % factor:
         raise fail(f"--width and --height must be multiples of {factor} for {model}, got {size[1]}x{size[0]}", EXIT_USAGE)
     for job in todo:
@@ -109,4 +109,4 @@ def txt2img(
     params = {"model": model, **settings.describe(), "cfg": cfg, "negative_prompt": negative_prompt or None,
               "size": f"{size[1]}x{size[0]}", "dtype": str(pipeline.dtype).removeprefix("torch."), "version": __version__}
     render(pipeline, todo, skipped, settings, cfg, batch_size, {k: v for k, v in params.items() if v is not None},
-           output_format, quiet, size=size)
+           output_format, quiet, size=(size[0] // pipeline.latent_factor, size[1] // pipeline.latent_factor))

@@ -401,3 +401,24 @@ def load_scheduler_config(folder: Path) -> dict[str, Any]:
         if path.is_file():
             return read_json(path)
     return {}
+
+
+def load_vae(folder: Path, device: torch.device | str, dtype: torch.dtype):
+    """The AutoencoderKL in ``folder/vae`` (weights already checked by load_unet), in eval mode."""
+    import diffusers
+
+    folder = Path(folder)
+    class_name = read_json(folder / "vae" / "config.json").get("_class_name")
+    if class_name != "AutoencoderKL":
+        raise ModelError(f"{folder / 'vae'} holds a {class_name}; ddpm loads AutoencoderKL VAEs")
+    try:
+        with _quiet_diffusers():
+            vae = diffusers.AutoencoderKL.from_pretrained(folder, subfolder="vae", use_safetensors=True,
+                                                          local_files_only=True, low_cpu_mem_usage=False,
+                                                          torch_dtype=dtype)
+            return vae.to(device=torch.device(device), dtype=dtype).eval()
+    except torch.OutOfMemoryError:
+        raise ResourceError(f"out of memory while loading the VAE from {folder}") from None
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as exc:
+        reason = " ".join(str(exc).split())[:300] or type(exc).__name__
+        raise ModelError(f"{folder / 'vae'} could not be loaded ({reason}); re-download or re-export the model") from None

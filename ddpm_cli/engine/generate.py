@@ -53,7 +53,8 @@ def sample_batch(pipeline: Pipeline, seeds: list[int], settings: SamplerSettings
     """Sample one batch of images in [-1, 1], one per seed, shape (len(seeds), C, H, W), float32.
 
     ``condition`` picks a class (or one per seed) or a prompt for conditional models; ``cfg`` is the
-    guidance scale w. ``size`` (height, width) overrides the model's sample size.
+    guidance scale w. ``size`` (height, width, in the model's own units: latents for latent models)
+    overrides the model's sample size. Latent models are decoded by their VAE at the end.
     """
     settings = settings.resolved(pipeline)
     timesteps = make_timesteps(pipeline.schedule.num_train_timesteps, settings.steps, settings.spacing)
@@ -67,7 +68,7 @@ def sample_batch(pipeline: Pipeline, seeds: list[int], settings: SamplerSettings
         x = sample_ddim(model, x, schedule, timesteps, noise, eta=settings.eta, callback=callback)
     else:
         x = sample_dpmpp_2m(model, x, schedule, timesteps, callback=callback)
-    x = x.float().cpu()
+    x = pipeline.decode(x).float().cpu()
     if not torch.isfinite(x).all():
         raise NumericalError(f"sampling produced non-finite values (seeds {seeds[0]}-{seeds[-1]}, "
                              f"dtype {str(pipeline.dtype).removeprefix('torch.')}); try --dtype fp32")

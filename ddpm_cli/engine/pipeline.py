@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from ddpm_cli.engine.checkpoint import load_scheduler_config, load_unet, read_json, resolve_model
+from ddpm_cli.engine.checkpoint import load_scheduler_config, load_unet, load_vae, read_json, resolve_model
 from ddpm_cli.engine.denoiser import UNetDenoiser
 from ddpm_cli.engine.device import resolve_device, resolve_dtype
 from ddpm_cli.engine.errors import InputError, ModelError
@@ -35,10 +35,13 @@ class Condition:
     negative_prompt: str = ""
 
 
-def text_kwargs(hidden: torch.Tensor, mask: torch.Tensor, batch: int, dtype: torch.dtype) -> dict:
-    """U-Net keyword tensors for text embeddings (1 or batch rows), broadcast to the batch."""
-    return {"encoder_hidden_states": hidden.to(dtype).expand(batch, -1, -1),
-            "encoder_attention_mask": mask.expand(batch, -1)}
+def text_kwargs(hidden: torch.Tensor, mask: torch.Tensor | None, batch: int, dtype: torch.dtype) -> dict:
+    """U-Net keyword tensors for text embeddings (1 or batch rows), broadcast to the batch. CLIP
+    encoders pass no mask: Stable Diffusion's U-Nets were trained attending to the padding too."""
+    kwargs = {"encoder_hidden_states": hidden.to(dtype).expand(batch, -1, -1)}
+    if mask is not None:
+        kwargs["encoder_attention_mask"] = mask.expand(batch, -1)
+    return kwargs
 
 
 def _canonical(name: str) -> str:
@@ -59,6 +62,30 @@ class Pipeline:
     dtype: torch.dtype
     class_names: list[str] | None = field(default=None)
     text_encoder: object | None = field(default=None)  # engine.text.TextEncoder for text models
+    vae: torch.nn.Module | None = field(default=None)  # AutoencoderKL of a latent model
+
+    @property
+    def latent_factor(self) -> int:
+        """Pixels per latent along a side (1 for pixel-space models)."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1) if self.vae is not None else 1
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """(height, width) in pixels of the images the model makes by default."""
+        _, height, width = self.sample_shape
+        return height * self.latent_factor, width * self.latent_factor
+
+    @property
+    def image_channels(self) -> int:
+        return self.vae.config.out_channels if self.vae is not None else self.sample_shape[0]
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """Latents (scaled by the VAE's scaling factor) to images in [-1, 1]; pixels pass through."""
+        if self.vae is None:
+            return x
+        with torch.no_grad():
+            latents = (x / self.vae.config.scaling_factor).to(self.vae.dtype)
+            return self.vae.decode(latents).sample.float()
 
     @property
     def num_classes(self) -> int:
@@ -96,8 +123,10 @@ class Pipeline:
                 raise InputError(f"{self.name} is text-conditional; use `ddpm txt2img PROMPT -m {self.name}`")
             prompts = [condition.prompt] if isinstance(condition.prompt, str) else list(condition.prompt)
             hidden, mask = self.text_encoder.encode([*prompts, condition.negative_prompt])
-            return (text_kwargs(hidden[:-1], mask[:-1], batch, self.dtype),
-                    text_kwargs(hidden[-1:], mask[-1:], batch, self.dtype))
+            if self.text_encoder.kind == "clip":
+                mask = None
+            return (text_kwargs(hidden[:-1], None if mask is None else mask[:-1], batch, self.dtype),
+                    text_kwargs(hidden[-1:], None if mask is None else mask[-1:], batch, self.dtype))
         if condition.prompt is not None:
             raise InputError(f"{self.name} is not text-conditional; a prompt needs a text-conditional model")
         if not self.num_classes:
@@ -136,14 +165,13 @@ def load_pipeline(model: str, revision: str | None = None, device: str = "auto",
     folder = resolve_model(model, revision)
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
-    if (folder / "vae").is_dir():
-        raise ModelError(f"{model} is a latent (Stable Diffusion format) pipeline, which ddpm cannot sample yet")
     unet = load_unet(folder, torch_device, torch_dtype, allow_pickle=allow_pickle)
+    vae = load_vae(folder, torch_device, torch_dtype) if (folder / "vae").is_dir() else None
     if unet.config.out_channels != unet.config.in_channels:
         raise ModelError(f"{model}: a U-Net with {unet.config.out_channels} output channels for "
                          f"{unet.config.in_channels} input channels (learned variance) is not supported yet")
     config = load_scheduler_config(folder)
-    variance = _VARIANCE_FROM_CONFIG.get(config.get("variance_type", "fixed_small"))
+    variance = _VARIANCE_FROM_CONFIG.get(config.get("variance_type") or "fixed_small")
     if variance is None:
         raise ModelError(f"{model}: scheduler variance_type {config.get('variance_type')!r} is not supported yet")
     info = read_json(folder / MODEL_INFO_FILE) if (folder / MODEL_INFO_FILE).is_file() else {}
@@ -154,4 +182,4 @@ def load_pipeline(model: str, revision: str | None = None, device: str = "auto",
         spec = info.get("text_encoder") or str(folder)  # a project run names its encoder; else text_encoder/ inside
         text_encoder = TextEncoder.load(spec, torch_device, max_length=info.get("max_length"))
     return Pipeline(model, folder, unet, NoiseSchedule.from_config(config), variance, torch_device, torch_dtype,
-                    info.get("class_names"), text_encoder)
+                    info.get("class_names"), text_encoder, vae)
