@@ -7,6 +7,8 @@ from pathlib import Path
 
 from PIL import Image
 
+from tests.test_stable_diffusion import sd_dir  # noqa: F401 - a tiny text-to-image model
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -52,3 +54,18 @@ def test_batch_script_runs_every_sampler_and_reports_failures(tmp_path):
     failing = subprocess.run(["bash", str(ROOT / "examples" / "batch.sh")], capture_output=True, text=True,
                              env={**env, "MODEL": str(tmp_path / "missing")}, timeout=300)
     assert failing.returncode == 3 and "batch: ddpm failed with exit code 3" in failing.stderr
+
+
+def test_prompts_makefile_one_target_per_prompt(tmp_path, sd_dir):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("# comment\na red cat\n\na blue dog\n")
+    args = ["make", "-f", str(ROOT / "examples" / "prompts.mk"), "-j2", f"PROMPTS={prompts}", f"OUT={tmp_path / 'out'}",
+            f"MODEL={sd_dir}", "STEPS=2", f"DDPM={ddpm_command()}"]
+    first = subprocess.run(args, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert first.returncode == 0, first.stderr
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["line-2-000000.png", "line-4-000000.png"]
+    from ddpm_cli.engine.imageio import read_png_metadata
+
+    assert read_png_metadata(tmp_path / "out" / "line-4-000000.png")["prompt"] == "a blue dog"
+    again = subprocess.run(args, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert again.returncode == 0 and "Nothing to be done" in again.stdout

@@ -64,6 +64,7 @@ def txt2img(
     width: Annotated[int | None, typer.Option("--width", min=8, help="Width in pixels [default: the model's].")] = None,
     height: Annotated[int | None, typer.Option("--height", min=8, help="Height in pixels [default: the model's].")] = None,
     from_file: Annotated[str | None, typer.Option("--from-file", help="Prompts, one per line ('-': stdin).")] = None,
+    name: Annotated[str | None, typer.Option("--name", help="File name prefix instead of the prompt's slug: NAME-{seed:06d}.png (one prompt only).")] = None,
     outdir: OutdirOpt = Path("samples"),
     output_format: FormatOpt = "text",
     device: DeviceOpt = "auto",
@@ -79,7 +80,9 @@ def txt2img(
     prompts = read_prompts(prompt, from_file)
     if model is None:
         raise fail("pass a text-conditional model with -m (a run trained with `ddpm train --conditioning text`)", EXIT_USAGE)
-    jobs = [Job(s, outdir / f"{slug(p)}-{s:06d}.png", params={"prompt": p}) for p in prompts
+    if name is not None and (len(prompts) > 1 or slug(name) != name):
+        raise fail("--name takes one prompt and a plain name (letters, digits and -)", EXIT_USAGE)
+    jobs = [Job(s, outdir / f"{name or slug(p)}-{s:06d}.png", params={"prompt": p}) for p in prompts
             for s in range(seed, seed + num_images)]
     todo, skipped = plan(jobs, outdir, overwrite, skip_existing, grid=False)
 
