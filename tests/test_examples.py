@@ -7,8 +7,6 @@ from pathlib import Path
 
 from PIL import Image
 
-from tests.test_stable_diffusion import sd_dir  # noqa: F401 - a tiny text-to-image model
-
 ROOT = Path(__file__).resolve().parent.parent
 
 

@@ -3,38 +3,10 @@
 scheduler, seed and settings."""
 
 import numpy as np
-import pytest
 import torch
 from PIL import Image
 
 from tests.test_cli import ddpm
-from tests.test_text import _clip_tokenizer
-
-
-@pytest.fixture(scope="module")
-def sd_dir(tmp_path_factory):
-    from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    folder = tmp_path_factory.mktemp("tiny-sd")
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64),
-                                layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
-                                attention_head_dim=8, norm_num_groups=32)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(32, 64), latent_channels=4,
-                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                        norm_num_groups=32, sample_size=16)
-    text_encoder = CLIPTextModel(CLIPTextConfig(hidden_size=32, intermediate_size=37, num_attention_heads=4,
-                                                num_hidden_layers=2, vocab_size=1000, max_position_embeddings=77))
-    tokenizer = _clip_tokenizer(tmp_path_factory.mktemp("vocab") / "tok")
-    scheduler = DPMSolverMultistepScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                                            timestep_spacing="trailing")
-    pipeline = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                       scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                       requires_safety_checker=False)
-    pipeline.save_pretrained(folder)
-    return folder
 
 
 def test_txt2img_matches_stable_diffusion_pipeline(sd_dir, tmp_path):

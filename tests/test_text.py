@@ -13,29 +13,7 @@ import torch
 from ddpm_cli.engine.errors import InputError, ModelError
 from ddpm_cli.engine.text import EmbeddingCache, TextEncoder
 
-from tests.conftest import TINY_WORDS as WORDS
-
-
-def _clip_tokenizer(folder):
-    """A CLIP BPE tokenizer whose vocabulary holds WORDS whole and every letter."""
-    from transformers import CLIPTokenizer
-
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for c in sorted(set("".join(WORDS))):
-        vocab.setdefault(c, len(vocab))
-        vocab.setdefault(c + "</w>", len(vocab))
-    merges: list[tuple[str, str]] = []
-    for word in WORDS:
-        pieces = list(word[:-1]) + [word[-1] + "</w>"]
-        while len(pieces) > 1:
-            if (pieces[0], pieces[1]) not in merges:
-                merges.append((pieces[0], pieces[1]))
-            pieces = [pieces[0] + pieces[1]] + pieces[2:]
-            vocab.setdefault(pieces[0], len(vocab))
-    folder.mkdir(parents=True)
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
-    return CLIPTokenizer(vocab=str(folder / "vocab.json"), merges=str(folder / "merges.txt"), model_max_length=77)
+from tests.conftest import clip_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +22,7 @@ def clip_dir(tmp_path_factory):
     from transformers import CLIPTextConfig, CLIPTextModel
 
     root = tmp_path_factory.mktemp("tiny-sd")
-    tokenizer = _clip_tokenizer(tmp_path_factory.mktemp("clip-src") / "bpe")
+    tokenizer = clip_tokenizer(tmp_path_factory.mktemp("clip-src") / "bpe")
     torch.manual_seed(0)
     config = CLIPTextConfig(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
                             vocab_size=1000, max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1)

@@ -56,8 +56,6 @@ def render(pipeline, jobs: list[Job], skipped: list[Job], settings, cfg: float, 
     from ddpm_cli.engine.generate import sample_batch
     from ddpm_cli.engine.imageio import load_image, make_grid, save_png, tensor_to_pil
 
-    if batch_size < 1:
-        raise fail(f"--batch-size must be at least 1, got {batch_size}", EXIT_USAGE)
     written, started = [], time.perf_counter()
     batches = _batches(jobs, batch_size)
     with StepProgress("sampling", len(batches) * settings.steps, quiet) as bar:

@@ -1,13 +1,13 @@
-"""Generation driver: seeds in, images out, batch by batch, with any sampler.
+"""Generation driver: a batch of seeds in, images out, with any sampler.
 
 Image i of a run uses seed + i through its own CPU generator (``noise.SeededNoise``), so the
-same seed gives the same image whatever the batch size or device. The caller decides what to do
-with each finished batch (the CLI writes files as they come, so an interrupt keeps them).
+same seed gives the same image whatever the batch size or device. The caller batches and decides
+what to do with each finished batch (the CLI writes files as they come, so an interrupt keeps them).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -74,13 +74,3 @@ def sample_batch(pipeline: Pipeline, seeds: list[int], settings: SamplerSettings
                              f"dtype {str(pipeline.dtype).removeprefix('torch.')}); try --dtype fp32")
     return x.clamp(-1.0, 1.0)
 
-
-def generate(pipeline: Pipeline, seeds: list[int], batch_size: int, settings: SamplerSettings,
-             callback: Callable[[dict], None] | None = None, condition: Condition | None = None,
-             cfg: float = 1.0, size: tuple[int, int] | None = None) -> Iterator[tuple[list[int], torch.Tensor]]:
-    """Yield (seeds, images) batch by batch."""
-    if batch_size < 1:
-        raise InputError(f"--batch-size must be at least 1, got {batch_size}")
-    for start in range(0, len(seeds), batch_size):
-        batch = seeds[start:start + batch_size]
-        yield batch, sample_batch(pipeline, batch, settings, callback, condition, cfg, size)

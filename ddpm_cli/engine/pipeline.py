@@ -123,10 +123,9 @@ class Pipeline:
                 raise InputError(f"{self.name} is text-conditional; use `ddpm txt2img PROMPT -m {self.name}`")
             prompts = [condition.prompt] if isinstance(condition.prompt, str) else list(condition.prompt)
             hidden, mask = self.text_encoder.encode([*prompts, condition.negative_prompt])
-            if self.text_encoder.kind == "clip":
-                mask = None
-            return (text_kwargs(hidden[:-1], None if mask is None else mask[:-1], batch, self.dtype),
-                    text_kwargs(hidden[-1:], None if mask is None else mask[-1:], batch, self.dtype))
+            masks = (None, None) if self.text_encoder.kind == "clip" else (mask[:-1], mask[-1:])
+            return (text_kwargs(hidden[:-1], masks[0], batch, self.dtype),
+                    text_kwargs(hidden[-1:], masks[1], batch, self.dtype))
         if condition.prompt is not None:
             raise InputError(f"{self.name} is not text-conditional; a prompt needs a text-conditional model")
         if not self.num_classes:
