@@ -24,6 +24,18 @@ def tiny_unet(channels: int = 1, size: int = 8, seed: int = 0):
     return model
 
 
+@pytest.fixture(scope="session")
+def fashion_class_run(tmp_path_factory):
+    """A class-conditional 16x16 Fashion-MNIST model trained here for 400 steps (its null class makes
+    it an unconditional model as well); shared by the tests that need a model of real data."""
+    from ddpm_cli.training.loop import train
+
+    run = tmp_path_factory.mktemp("fashion-class") / "run"
+    train({"data": "fashion-mnist", "output": str(run), "resolution": 16, "conditioning": "class",
+           "max_steps": 400, "batch_size": 64, "lr": 2e-3, "checkpoint_every": 400, "num_workers": 0})
+    return run
+
+
 @pytest.fixture
 def unet():
     return tiny_unet()

@@ -9,7 +9,6 @@ from ddpm_cli.engine.generate import SamplerSettings, sample_batch
 from ddpm_cli.engine.imageio import read_png_metadata
 from ddpm_cli.engine.pipeline import Condition, load_pipeline
 from ddpm_cli.training.data import open_dataset
-from ddpm_cli.training.loop import train
 from tests.test_cli import ddpm
 
 
@@ -39,10 +38,8 @@ def train_classifier(resolution: int) -> torch.nn.Module:
     return classifier.eval()
 
 
-def test_class_conditional_samples_show_their_class_more_with_guidance(tmp_path):
-    run = tmp_path / "run"
-    train({"data": "fashion-mnist", "output": str(run), "resolution": 16, "conditioning": "class",
-           "max_steps": 400, "batch_size": 64, "lr": 2e-3, "checkpoint_every": 400, "num_workers": 0})
+def test_class_conditional_samples_show_their_class_more_with_guidance(fashion_class_run, tmp_path):
+    run = fashion_class_run
     assert json.loads((run / "ddpm_model.json").read_text())["class_names"][7] == "Sneaker"
     classifier = train_classifier(16)
     pipeline = load_pipeline(str(run), device="cpu")

@@ -67,3 +67,21 @@ def test_prompts_makefile_one_target_per_prompt(tmp_path, sd_dir):
     assert read_png_metadata(tmp_path / "out" / "line-4-000000.png")["prompt"] == "a blue dog"
     again = subprocess.run(args, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert again.returncode == 0 and "Nothing to be done" in again.stdout
+
+
+def test_export_fp16_halves_a_model_and_keeps_its_samples(tiny_pipeline_dir, tmp_path):
+    import torch
+
+    from ddpm_cli.engine.generate import SamplerSettings, sample_batch
+    from ddpm_cli.engine.pipeline import load_pipeline
+
+    out = tmp_path / "half"
+    result = subprocess.run([sys.executable, str(ROOT / "examples" / "export_fp16.py"), str(tiny_pipeline_dir), str(out)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    weights = lambda folder: (folder / "unet" / "diffusion_pytorch_model.safetensors").stat().st_size  # noqa: E731
+    assert weights(out) < 0.6 * weights(tiny_pipeline_dir)
+    settings = SamplerSettings("ddim", 5)
+    full = sample_batch(load_pipeline(str(tiny_pipeline_dir), device="cpu"), [0, 1], settings)
+    half = sample_batch(load_pipeline(str(out), device="cpu", dtype="fp32"), [0, 1], settings)
+    assert torch.allclose(full, half, atol=0.02)

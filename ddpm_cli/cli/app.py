@@ -8,7 +8,7 @@ import sys
 import typer
 
 from ddpm_cli import __version__
-from ddpm_cli.cli import sample, train, txt2img
+from ddpm_cli.cli import encode, inpaint, sample, train, txt2img, upscale
 from ddpm_cli.cli.errors import EXIT_INTERRUPTED, EXIT_USAGE
 
 HELP = """Train denoising diffusion models and sample them.
@@ -24,6 +24,9 @@ app = typer.Typer(help=HELP, no_args_is_help=True, add_completion=True, pretty_e
 app.command("train", epilog=train.EXAMPLES)(train.train)
 app.command("sample", epilog=sample.EXAMPLES)(sample.sample)
 app.command("txt2img", epilog=txt2img.EXAMPLES)(txt2img.txt2img)
+app.command("inpaint", epilog=inpaint.EXAMPLES)(inpaint.inpaint)
+app.command("upscale", epilog=upscale.EXAMPLES)(upscale.upscale)
+app.command("encode", epilog=encode.EXAMPLES)(encode.encode)
 
 
 def _version(value: bool) -> None:

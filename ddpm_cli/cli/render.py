@@ -1,4 +1,4 @@
-"""Shared by the generating commands (sample, txt2img): plan the output files, run the engine batch by
+"""Shared by the generating commands (sample, txt2img, inpaint): plan the output files, run the engine batch by
 batch, write each PNG as it is finished, and print the results.
 
 One job is one image: a seed, its file, and what conditions it. Jobs that share a condition are
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -51,19 +52,29 @@ def _batches(jobs: list[Job], batch_size: int) -> list[list[Job]]:
 
 
 def render(pipeline, jobs: list[Job], skipped: list[Job], settings, cfg: float, batch_size: int, params: dict,
-           output_format: str, quiet: bool, size: tuple[int, int] | None = None, grid_path: Path | None = None) -> None:
-    """Generate every job, writing and printing each image as soon as its batch is done."""
+           output_format: str, quiet: bool, size: tuple[int, int] | None = None, grid_path: Path | None = None,
+           generate: Callable | None = None, steps_per_batch: int | None = None) -> None:
+    """Generate every job, writing and printing each image as soon as its batch is done.
+
+    ``generate(seeds, on_step, condition) -> images`` makes one batch (default: sample_batch with
+    ``settings``, ``cfg`` and ``size``); ``steps_per_batch`` is its step count for the progress bar.
+    """
     from ddpm_cli.engine.generate import sample_batch
     from ddpm_cli.engine.imageio import load_image, make_grid, save_png, tensor_to_pil
 
+    if generate is None:
+        def generate(seeds, on_step, condition):
+            return sample_batch(pipeline, seeds, settings, on_step, condition, cfg, size)
+
+    steps = steps_per_batch or settings.steps
     written, started = [], time.perf_counter()
     batches = _batches(jobs, batch_size)
-    with StepProgress("sampling", len(batches) * settings.steps, quiet) as bar:
+    with StepProgress("sampling", len(batches) * steps, quiet) as bar:
         for number, batch in enumerate(batches):
-            def on_step(info: dict, done: int = number * settings.steps) -> None:
+            def on_step(info: dict, done: int = number * steps) -> None:
                 bar.update(done + info["i"] + 1)
 
-            images = sample_batch(pipeline, [job.seed for job in batch], settings, on_step, batch[0].condition, cfg, size)
+            images = generate([job.seed for job in batch], on_step, batch[0].condition)
             for job, image in zip(batch, images):
                 meta = {**params, **job.params, "seed": job.seed}
                 path = save_png(tensor_to_pil(image), job.path, meta, overwrite=True)

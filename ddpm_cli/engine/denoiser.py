@@ -28,18 +28,23 @@ class UNetDenoiser:
         self.cond, self.uncond, self.scale = cond or {}, uncond, scale
         self.evaluations = 0
 
-    def _forward(self, x: torch.Tensor, t: int, kwargs: Conditioning) -> torch.Tensor:
+    def _forward(self, x: torch.Tensor, t: int, kwargs: Conditioning, concat: torch.Tensor | None) -> torch.Tensor:
         timestep = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
         self.evaluations += x.shape[0]
-        return self.unet(x.to(self.dtype), timestep, **kwargs).sample.to(x.dtype)
+        if concat is not None:  # image conditioning (super-resolution) rides along as extra input channels
+            x_in = torch.cat([x, concat.to(x.dtype).repeat(x.shape[0] // concat.shape[0], 1, 1, 1)], dim=1)
+        else:
+            x_in = x
+        return self.unet(x_in.to(self.dtype), timestep, **kwargs).sample.to(x.dtype)
 
-    def __call__(self, x: torch.Tensor, t: int) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, t: int, concat: torch.Tensor | None = None) -> torch.Tensor:
+        """The (guided) network output at x, t; ``concat`` (B×C'×H×W) is appended to x's channels."""
         if self.uncond is None or self.scale == 1.0:
-            return self._forward(x, t, self.cond)
+            return self._forward(x, t, self.cond, concat)
         if self.scale == 0.0:
-            return self._forward(x, t, self.uncond)
+            return self._forward(x, t, self.uncond, concat)
         both = {key: torch.cat([self.uncond[key], self.cond[key]]) for key in self.cond}
-        out_uncond, out_cond = self._forward(torch.cat([x, x]), t, both).chunk(2)
+        out_uncond, out_cond = self._forward(torch.cat([x, x]), t, both, concat).chunk(2)
         channels = x.shape[1]
         guided = out_uncond[:, :channels] + self.scale * (out_cond[:, :channels] - out_uncond[:, :channels])
         # A learned variance (extra channels) is taken from the conditional branch, unguided.

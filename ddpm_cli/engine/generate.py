@@ -47,6 +47,17 @@ class SamplerSettings:
         return {key: value for key, value in asdict(self).items() if value is not None}
 
 
+def run_sampler(settings: SamplerSettings, model, x: torch.Tensor, schedule, timesteps: list[int], noise: SeededNoise,
+                callback: Callable[[dict], None] | None = None, project=None) -> torch.Tensor:
+    """Run the settings' sampler from x_T (resolved settings); ``project`` as in samplers.py."""
+    if settings.sampler == "ddpm":
+        return sample_ddpm(model, x, schedule, timesteps, noise, variance=settings.variance, callback=callback,
+                           project=project)
+    if settings.sampler == "ddim":
+        return sample_ddim(model, x, schedule, timesteps, noise, eta=settings.eta, callback=callback, project=project)
+    return sample_dpmpp_2m(model, x, schedule, timesteps, callback=callback, project=project)
+
+
 def sample_batch(pipeline: Pipeline, seeds: list[int], settings: SamplerSettings,
                  callback: Callable[[dict], None] | None = None, condition: Condition | None = None,
                  cfg: float = 1.0, size: tuple[int, int] | None = None) -> torch.Tensor:
@@ -56,18 +67,15 @@ def sample_batch(pipeline: Pipeline, seeds: list[int], settings: SamplerSettings
     guidance scale w. ``size`` (height, width, in the model's own units: latents for latent models)
     overrides the model's sample size. Latent models are decoded by their VAE at the end.
     """
+    if pipeline.upscale:
+        raise InputError(f"{pipeline.name} is a super-resolution model; use `ddpm upscale {pipeline.name} IMAGE`")
     settings = settings.resolved(pipeline)
     timesteps = make_timesteps(pipeline.schedule.num_train_timesteps, settings.steps, settings.spacing)
     channels, height, width = pipeline.sample_shape
     noise = SeededNoise(seeds, (channels, *(size or (height, width))), pipeline.device)
     x = noise()
-    model, schedule = pipeline.denoiser(len(seeds), condition, cfg), pipeline.schedule
-    if settings.sampler == "ddpm":
-        x = sample_ddpm(model, x, schedule, timesteps, noise, variance=settings.variance, callback=callback)
-    elif settings.sampler == "ddim":
-        x = sample_ddim(model, x, schedule, timesteps, noise, eta=settings.eta, callback=callback)
-    else:
-        x = sample_dpmpp_2m(model, x, schedule, timesteps, callback=callback)
+    x = run_sampler(settings, pipeline.denoiser(len(seeds), condition, cfg), x, pipeline.schedule, timesteps, noise,
+                    callback)
     x = pipeline.decode(x).float().cpu()
     if not torch.isfinite(x).all():
         raise NumericalError(f"sampling produced non-finite values (seeds {seeds[0]}-{seeds[-1]}, "

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from ddpm_cli.engine.autoencoder import decode_latents, latent_factor
 from ddpm_cli.engine.checkpoint import load_scheduler_config, load_unet, load_vae, read_json, resolve_model
 from ddpm_cli.engine.denoiser import UNetDenoiser
 from ddpm_cli.engine.device import resolve_device, resolve_dtype
@@ -63,11 +64,14 @@ class Pipeline:
     class_names: list[str] | None = field(default=None)
     text_encoder: object | None = field(default=None)  # engine.text.TextEncoder for text models
     vae: torch.nn.Module | None = field(default=None)  # AutoencoderKL of a latent model
+    upscale: int | None = field(default=None)  # a super-resolution model's factor (its input: x_t and the upsampled image)
+    low_res_schedule: NoiseSchedule | None = field(default=None)  # Stable Diffusion upscalers: noise added to the input
+    max_noise_level: int | None = field(default=None)
 
     @property
     def latent_factor(self) -> int:
         """Pixels per latent along a side (1 for pixel-space models)."""
-        return 2 ** (len(self.vae.config.block_out_channels) - 1) if self.vae is not None else 1
+        return latent_factor(self.vae) if self.vae is not None else 1
 
     @property
     def image_size(self) -> tuple[int, int]:
@@ -81,11 +85,7 @@ class Pipeline:
 
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         """Latents (scaled by the VAE's scaling factor) to images in [-1, 1]; pixels pass through."""
-        if self.vae is None:
-            return x
-        with torch.no_grad():
-            latents = (x / self.vae.config.scaling_factor).to(self.vae.dtype)
-            return self.vae.decode(latents).sample.float()
+        return x if self.vae is None else decode_latents(self.vae, x)
 
     @property
     def num_classes(self) -> int:
@@ -143,7 +143,8 @@ class Pipeline:
     def sample_shape(self) -> tuple[int, int, int]:
         size = self.unet.config.sample_size
         height, width = (size, size) if isinstance(size, int) else tuple(size)
-        return (self.unet.config.in_channels, height, width)
+        channels = self.unet.config.out_channels if self.upscale else self.unet.config.in_channels
+        return (channels, height, width)
 
     def denoiser(self, batch: int = 1, condition: Condition | None = None, scale: float = 1.0) -> UNetDenoiser:
         cond, uncond = self.conditioning(batch, condition)
@@ -151,11 +152,12 @@ class Pipeline:
 
 
 def from_unet(unet: torch.nn.Module, schedule: NoiseSchedule, name: str = "in-memory", variance: str = "fixed_small",
-              class_names: list[str] | None = None, text_encoder: object | None = None) -> Pipeline:
+              class_names: list[str] | None = None, text_encoder: object | None = None,
+              vae: torch.nn.Module | None = None, upscale: int | None = None) -> Pipeline:
     """Wrap a network already in memory (the training loop's EMA model, a test's model)."""
     parameter = next(unet.parameters())
     return Pipeline(name, Path("."), unet, schedule, variance, parameter.device, parameter.dtype, class_names,
-                    text_encoder)
+                    text_encoder, vae, upscale)
 
 
 def load_pipeline(model: str, revision: str | None = None, device: str = "auto", dtype: str = "auto",
@@ -166,14 +168,22 @@ def load_pipeline(model: str, revision: str | None = None, device: str = "auto",
     torch_dtype = resolve_dtype(dtype, torch_device)
     unet = load_unet(folder, torch_device, torch_dtype, allow_pickle=allow_pickle)
     vae = load_vae(folder, torch_device, torch_dtype) if (folder / "vae").is_dir() else None
-    if unet.config.out_channels != unet.config.in_channels:
+    info = read_json(folder / MODEL_INFO_FILE) if (folder / MODEL_INFO_FILE).is_file() else {}
+    index = read_json(folder / "model_index.json") if (folder / "model_index.json").is_file() else {}
+    upscale, low_res_schedule, expected_in = None, None, unet.config.out_channels
+    if info.get("task") == "superres":  # SR3: x_t and the upsampled image
+        upscale, expected_in = int(info["scale"]), 2 * unet.config.out_channels
+    elif index.get("_class_name") == "StableDiffusionUpscalePipeline" and vae is not None:
+        # latents and the noised low-resolution image, at the low resolution; the VAE decodes them larger
+        upscale, expected_in = latent_factor(vae), unet.config.out_channels + vae.config.in_channels
+        low_res_schedule = NoiseSchedule.from_config(read_json(folder / "low_res_scheduler" / "scheduler_config.json"))
+    if unet.config.in_channels != expected_in:
         raise ModelError(f"{model}: a U-Net with {unet.config.out_channels} output channels for "
                          f"{unet.config.in_channels} input channels (learned variance) is not supported yet")
     config = load_scheduler_config(folder)
     variance = _VARIANCE_FROM_CONFIG.get(config.get("variance_type") or "fixed_small")
     if variance is None:
         raise ModelError(f"{model}: scheduler variance_type {config.get('variance_type')!r} is not supported yet")
-    info = read_json(folder / MODEL_INFO_FILE) if (folder / MODEL_INFO_FILE).is_file() else {}
     text_encoder = None
     if type(unet).__name__ == "UNet2DConditionModel":
         from ddpm_cli.engine.text import TextEncoder
@@ -181,4 +191,5 @@ def load_pipeline(model: str, revision: str | None = None, device: str = "auto",
         spec = info.get("text_encoder") or str(folder)  # a project run names its encoder; else text_encoder/ inside
         text_encoder = TextEncoder.load(spec, torch_device, max_length=info.get("max_length"))
     return Pipeline(model, folder, unet, NoiseSchedule.from_config(config), variance, torch_device, torch_dtype,
-                    info.get("class_names"), text_encoder, vae)
+                    info.get("class_names"), text_encoder, vae, upscale, low_res_schedule,
+                    index.get("max_noise_level") if low_res_schedule is not None else None)

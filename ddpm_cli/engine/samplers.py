@@ -5,7 +5,9 @@ Every sampler has the shape ``sample_x(model, x, schedule, timesteps, ...) -> x_
 ``timesteps`` is the decreasing list from :func:`make_timesteps`, and the chain always ends at the
 clean image (alpha_bar = 1). Coefficients are Python floats computed in float64, so the loop
 issues no host-device synchronisation. ``noise()`` draws a fresh standard normal like ``x``.
-``callback`` receives ``{"i", "t", "x", "denoised"}`` after each step.
+``callback`` receives ``{"i", "t", "x", "denoised"}`` after each step. ``project(x, t_prev)``, when
+given, replaces x after each step (inpainting puts the known region back there, noised to t_prev;
+t_prev = -1 is the clean end).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ DEFAULT_SPACING = {"ddpm": "leading", "ddim": "leading", "dpmpp-2m": "trailing"}
 
 Model = Callable[[torch.Tensor, int], torch.Tensor]
 Callback = Callable[[dict], None] | None
+Project = Callable[[torch.Tensor, int], torch.Tensor] | None
 
 
 def make_timesteps(num_train_timesteps: int, steps: int, spacing: str = "leading", offset: int = 0) -> list[int]:
@@ -54,7 +57,8 @@ def _prev(timesteps: list[int], i: int) -> int:
 
 @torch.no_grad()
 def sample_ddpm(model: Model, x: torch.Tensor, schedule: NoiseSchedule, timesteps: list[int],
-                noise: Callable[[], torch.Tensor], variance: str = "fixed_small", callback: Callback = None) -> torch.Tensor:
+                noise: Callable[[], torch.Tensor], variance: str = "fixed_small", callback: Callback = None,
+                project: Project = None) -> torch.Tensor:
     """Ancestral sampling, Algorithm 2 of Ho et al. (2020), over any subsequence of timesteps.
 
     Respaced steps use beta_t = 1 - alpha_bar_t / alpha_bar_prev (Nichol & Dhariwal 2021, sec. 4).
@@ -76,6 +80,8 @@ def sample_ddpm(model: Model, x: torch.Tensor, schedule: NoiseSchedule, timestep
             x = mean + var**0.5 * noise()
         else:
             x = mean
+        if project is not None:
+            x = project(x, _prev(timesteps, i))
         if callback is not None:
             callback({"i": i, "t": t, "x": x, "denoised": x0})
     return x
@@ -83,7 +89,8 @@ def sample_ddpm(model: Model, x: torch.Tensor, schedule: NoiseSchedule, timestep
 
 @torch.no_grad()
 def sample_ddim(model: Model, x: torch.Tensor, schedule: NoiseSchedule, timesteps: list[int],
-                noise: Callable[[], torch.Tensor] | None = None, eta: float = 0.0, callback: Callback = None) -> torch.Tensor:
+                noise: Callable[[], torch.Tensor] | None = None, eta: float = 0.0, callback: Callback = None,
+                project: Project = None) -> torch.Tensor:
     """DDIM, eq. (12) of Song et al. (2021); eta = 0 is deterministic, eta = 1 matches DDPM's variance."""
     if eta < 0:
         raise InputError(f"--eta must be >= 0, got {eta}")
@@ -99,6 +106,8 @@ def sample_ddim(model: Model, x: torch.Tensor, schedule: NoiseSchedule, timestep
         x = alpha_bar_prev**0.5 * x0 + direction
         if sigma > 0:
             x = x + sigma * noise()
+        if project is not None:
+            x = project(x, _prev(timesteps, i))
         if callback is not None:
             callback({"i": i, "t": t, "x": x, "denoised": x0})
     return x
@@ -111,7 +120,7 @@ def _lambda(alpha_bar: float) -> float:
 
 @torch.no_grad()
 def sample_dpmpp_2m(model: Model, x: torch.Tensor, schedule: NoiseSchedule, timesteps: list[int],
-                    callback: Callback = None) -> torch.Tensor:
+                    callback: Callback = None, project: Project = None) -> torch.Tensor:
     """DPM-Solver++(2M), Algorithm 2 of Lu et al. (2022b), data prediction, multistep.
 
     The first step and the last (to sigma = 0) are first order, as in diffusers' defaults.
@@ -134,6 +143,8 @@ def sample_dpmpp_2m(model: Model, x: torch.Tensor, schedule: NoiseSchedule, time
             denoised = (1.0 + 0.5 / r) * x0 - (0.5 / r) * x0_prev
         x = (sigma_t / sigma_s) * x + (alpha_t * phi) * denoised
         x0_prev, h_prev = x0, h
+        if project is not None:
+            x = project(x, _prev(timesteps, i))
         if callback is not None:
             callback({"i": i, "t": t, "x": x, "denoised": x0})
     return x

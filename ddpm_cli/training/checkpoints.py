@@ -137,19 +137,13 @@ def load_checkpoint(checkpoint: Path, model: torch.nn.Module, ema_model: torch.n
     return read_state(checkpoint)
 
 
-def export_pipeline(run_dir: Path, ema_model: torch.nn.Module, scheduler_config: dict, info: dict | None = None) -> None:
-    """Write the run folder's diffusers pipeline (EMA weights) so DDPMPipeline.from_pretrained loads it.
+def export_files(run_dir: Path, writers: dict) -> None:
+    """Write entries of the run folder atomically: ``writers`` maps a name to ``write(path)``.
 
-    Written beside the old one and swapped in, so a reader sees the old or the new, never half.
-    ``info`` (conditioning, class names) goes to ddpm_model.json, which diffusers ignores.
+    Each entry is written in a temporary folder and swapped in, so a reader sees the old or the
+    new version, never half of one.
     """
-    from ddpm_cli.engine.pipeline import MODEL_INFO_FILE
-
-    from diffusers import DDPMPipeline, DDPMScheduler
-
     run_dir = Path(run_dir)
-    if not all_finite(ema_model):
-        raise NumericalError("the EMA weights are not finite; the pipeline was not exported")
     tmp = run_dir / f".pipeline.tmp-{os.getpid()}"
     for stale in [*run_dir.glob(".pipeline.tmp-*"), *run_dir.glob(".*.old")]:  # left by a killed run
         if stale.is_dir():
@@ -157,9 +151,10 @@ def export_pipeline(run_dir: Path, ema_model: torch.nn.Module, scheduler_config:
         else:
             stale.unlink()
     try:
-        DDPMPipeline(unet=ema_model, scheduler=DDPMScheduler.from_config(scheduler_config)).save_pretrained(tmp)
-        (tmp / MODEL_INFO_FILE).write_text(json.dumps(info or {}, indent=2))
-        for name in ("unet", "scheduler", "model_index.json", MODEL_INFO_FILE):
+        tmp.mkdir(parents=True)
+        for name, write in writers.items():
+            write(tmp / name)
+        for name in writers:
             target, old = run_dir / name, run_dir / f".{name}.old"
             if target.exists():
                 os.rename(target, old)
@@ -170,7 +165,39 @@ def export_pipeline(run_dir: Path, ema_model: torch.nn.Module, scheduler_config:
                 old.unlink()
     except OSError as exc:
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise ResourceError(f"disk full while exporting the pipeline to {run_dir}") from exc
+            raise ResourceError(f"disk full while exporting the model to {run_dir}") from exc
         raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def export_pipeline(run_dir: Path, ema_model: torch.nn.Module, scheduler_config: dict, info: dict | None = None,
+                    vae: torch.nn.Module | None = None) -> None:
+    """Write the run folder's diffusers pipeline (EMA weights) so DDPMPipeline.from_pretrained loads it.
+
+    ``info`` (conditioning, class names) goes to ddpm_model.json, which diffusers ignores. A latent
+    model's ``vae`` is saved in vae/ (diffusers' DDPMPipeline ignores it and yields latents).
+    """
+    from diffusers import DDPMScheduler
+
+    from ddpm_cli.engine.pipeline import MODEL_INFO_FILE
+
+    if not all_finite(ema_model):
+        raise NumericalError("the EMA weights are not finite; the pipeline was not exported")
+    index = {"_class_name": "DDPMPipeline", "_diffusers_version": _diffusers_version(),
+             "scheduler": ["diffusers", "DDPMScheduler"], "unet": ["diffusers", type(ema_model).__name__]}
+    writers = {
+        "unet": ema_model.save_pretrained,
+        "scheduler": DDPMScheduler.from_config(scheduler_config).save_pretrained,
+        "model_index.json": lambda path: path.write_text(json.dumps(index, indent=2)),
+        MODEL_INFO_FILE: lambda path: path.write_text(json.dumps(info or {}, indent=2)),
+    }
+    if vae is not None:
+        writers["vae"] = vae.save_pretrained
+    export_files(run_dir, writers)
+
+
+def _diffusers_version() -> str:
+    import diffusers
+
+    return diffusers.__version__

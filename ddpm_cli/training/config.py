@@ -7,9 +7,10 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
-from ddpm_cli.engine.choices import BETA_SCHEDULES, CONDITIONINGS, LR_SCHEDULES, MIXED_PRECISION, PREDICTION_TYPES
+from ddpm_cli.engine.choices import (BETA_SCHEDULES, CONDITIONINGS, LR_SCHEDULES, MIXED_PRECISION, PREDICTION_TYPES,
+                                     TASKS)
 from ddpm_cli.engine.errors import InputError
-from ddpm_cli.training.presets import PRESETS
+from ddpm_cli.training.presets import AUTOENCODER_PRESETS, PRESETS
 
 SUMMARY_FILE = "ddpm_train.json"  # written in the run folder when a run finishes
 # Options a resumed run may change; every other option comes from the run being resumed.
@@ -51,6 +52,10 @@ class TrainConfig:
     cond_drop: float = 0.1
     text_encoder: str = "minilm"
     text_max_length: int | None = None
+    task: str = "ddpm"
+    latent: str | None = None
+    kl_weight: float = 1e-6
+    scale: int | None = None
 
     @classmethod
     def from_options(cls, options: dict, saved: dict | None = None) -> TrainConfig:
@@ -100,6 +105,21 @@ class TrainConfig:
         check(self.conditioning in CONDITIONINGS,
               f"unknown --conditioning {self.conditioning!r}; choose one of {', '.join(CONDITIONINGS)}")
         check(0.0 <= self.cond_drop < 1.0, "--cond-drop must be in [0, 1)")
+        check(self.task in TASKS, f"unknown --task {self.task!r}; choose one of {', '.join(TASKS)}")
+        check(self.kl_weight >= 0, "--kl-weight must be >= 0")
+        if self.task == "autoencoder":
+            check(self.model_size in AUTOENCODER_PRESETS, f"--task autoencoder takes --model-size "
+                  f"{' or '.join(AUTOENCODER_PRESETS)}, not {self.model_size}")
+            check(self.conditioning == "none" and not self.latent, "--task autoencoder trains on images: "
+                  "drop --conditioning and --latent")
+        if self.task == "superres":
+            check(self.scale in (2, 3, 4, 8), "--task superres needs --scale 2, 3, 4 or 8")
+            check(self.conditioning == "none" and not self.latent, "--task superres trains on images: "
+                  "drop --conditioning and --latent")
+            check(self.resolution is None or self.resolution % self.scale == 0,
+                  f"--resolution {self.resolution} is not a multiple of --scale {self.scale}")
+        else:
+            check(self.scale is None, "--scale goes with --task superres")
 
     def total_steps(self, steps_per_epoch: int) -> int:
         """Optimiser steps in the run; ``steps_per_epoch`` counts micro-batches."""

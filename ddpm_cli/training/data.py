@@ -99,39 +99,21 @@ class ArrayImageSet(ImageSet):
         return self.images[i]
 
 
-class FolderImageSet(ImageSet):
-    """A folder of images, searched recursively; labels from first-level sub-folder names.
+class FileImageSet(ImageSet):
+    """Image files given one by one; with a ``resolution``, each is resized so its shorter side is
+    that many pixels (None keeps the files' own sizes). Headers are checked up front."""
 
-    Labels follow the ImageFolder convention when every image sits in a sub-folder (class
-    names sorted); otherwise ``labels`` and ``class_names`` are None. Captions come from a
-    ``metadata.jsonl`` in the folder or ``<stem>.txt`` beside each image (see
-    :func:`ddpm_cli.training.captions.folder_captions`); None when no image has one.
-    """
+    def __init__(self, paths: list[Path], resolution: int | None, channels: int = 3, name: str = "files",
+                 source: str = ""):
+        from ddpm_cli.engine.imageio import probe_image
 
-    def __init__(self, folder: str | os.PathLike, resolution: int, channels: int = 3, name: str | None = None):
-        from ddpm_cli.engine.imageio import list_images, probe_image
-
-        root = Path(folder).expanduser()
-        if not root.exists():
-            raise InputError(f"data folder not found: {root}; pass an existing folder of images or a built-in name")
-        if not root.is_dir():
-            raise InputError(f"data path is not a folder: {root}; pass a folder of images")
         if channels not in (1, 3):
             raise InputError(f"--channels must be 1 or 3, got {channels}")
-        self.paths = [Path(p) for p in list_images(root)]
-        if not self.paths:
-            raise InputError(f"no images (.png .jpg .jpeg .webp .bmp) found under {root}; "
-                             "add images or pick another folder")
+        self.paths = [Path(p) for p in paths]
         for path in self.paths:  # headers only: bad files fail now, not hours into training
             probe_image(path)
-        self.resolution, self.channels, self.source = int(resolution), channels, str(root)
-        self.name = name or root.resolve().name or str(root)
-        parts = [p.relative_to(root).parts for p in self.paths]
-        if all(len(x) >= 2 for x in parts):
-            self.class_names = sorted({x[0] for x in parts})
-            index = {c: k for k, c in enumerate(self.class_names)}
-            self.labels = [index[x[0]] for x in parts]  # else the class defaults: None
-        self.captions = folder_captions(root, self.paths)
+        self.resolution = None if resolution is None else int(resolution)
+        self.channels, self.name, self.source = channels, name, source
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -143,12 +125,43 @@ class FolderImageSet(ImageSet):
 
         image = load_image(self.paths[i], mode="L" if self.channels == 1 else "RGB")
         w, h, r = image.width, image.height, self.resolution
-        size = (r, max(r, round(h * r / w))) if w <= h else (max(r, round(w * r / h)), r)
-        if size != (w, h):
-            image = image.resize(size, Image.BICUBIC)  # Pillow's resize antialiases when shrinking
+        if r is not None:
+            size = (r, max(r, round(h * r / w))) if w <= h else (max(r, round(w * r / h)), r)
+            if size != (w, h):
+                image = image.resize(size, Image.BICUBIC)  # Pillow's resize antialiases when shrinking
         array = np.array(image, dtype=np.uint8, copy=True)
         tensor = torch.from_numpy(array)
         return tensor.unsqueeze(0) if tensor.dim() == 2 else tensor.permute(2, 0, 1).contiguous()
+
+
+class FolderImageSet(FileImageSet):
+    """A folder of images, searched recursively; labels from first-level sub-folder names.
+
+    Labels follow the ImageFolder convention when every image sits in a sub-folder (class
+    names sorted); otherwise ``labels`` and ``class_names`` are None. Captions come from a
+    ``metadata.jsonl`` in the folder or ``<stem>.txt`` beside each image (see
+    :func:`ddpm_cli.training.captions.folder_captions`); None when no image has one.
+    """
+
+    def __init__(self, folder: str | os.PathLike, resolution: int | None, channels: int = 3, name: str | None = None):
+        from ddpm_cli.engine.imageio import list_images
+
+        root = Path(folder).expanduser()
+        if not root.exists():
+            raise InputError(f"data folder not found: {root}; pass an existing folder of images or a built-in name")
+        if not root.is_dir():
+            raise InputError(f"data path is not a folder: {root}; pass a folder of images")
+        paths = [Path(p) for p in list_images(root)]
+        if not paths:
+            raise InputError(f"no images (.png .jpg .jpeg .webp .bmp) found under {root}; "
+                             "add images or pick another folder")
+        super().__init__(paths, resolution, channels, name or root.resolve().name or str(root), str(root))
+        parts = [p.relative_to(root).parts for p in self.paths]
+        if all(len(x) >= 2 for x in parts):
+            self.class_names = sorted({x[0] for x in parts})
+            index = {c: k for k, c in enumerate(self.class_names)}
+            self.labels = [index[x[0]] for x in parts]  # else the class defaults: None
+        self.captions = folder_captions(root, self.paths)
 
 
 def _fit_array(images: torch.Tensor, resolution: int, chunk: int = 4096) -> torch.Tensor:

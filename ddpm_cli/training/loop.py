@@ -29,6 +29,7 @@ from ddpm_cli.training import checkpoints
 from ddpm_cli.training.config import SUMMARY_FILE, TrainConfig
 from ddpm_cli.training.data import BUILTIN_DATASETS, BatchLoader, EpochBatches, crop_and_flip, open_dataset
 from ddpm_cli.training.ema import EMA
+from ddpm_cli.training.latents import flip_latents, is_latents_file, open_latent_data
 from ddpm_cli.training.presets import build_unet, text_unet_config, unet_config
 
 LOG_FILE = "log.jsonl"
@@ -76,20 +77,17 @@ class Trainer:
         self.device = resolve_device(config.device)
         if config.resolution is None:
             config.resolution = 32 if config.data in BUILTIN_DATASETS else 64
-        self.dataset = open_dataset(config.data, config.resolution, config.channels)
-        config.channels = self.dataset.channels
+        self.vae = None  # the AutoencoderKL of a latent run
+        self.dataset = self._open_data(config)
+        if not self.latent:  # a latent set has set the image channels and size from its VAE
+            config.channels = self.dataset.channels
         self._setup_conditioning(config)
         self.config = config
         self.schedule = make_schedule(config)
         torch.manual_seed(config.seed)
-        num_classes = len(self.class_names) if self.class_names else None
-        if self.encoder is not None:
-            unet_cfg = text_unet_config(config.model_size, config.resolution, config.channels, self.encoder.hidden_size)
-        else:
-            unet_cfg = unet_config(config.model_size, config.resolution, config.channels, num_classes)
-        self.unet = build_unet(unet_cfg).to(self.device)
-        self.ema = EMA(self.unet, config.ema_decay)
-        self.optimizer = torch.optim.AdamW(self.unet.parameters(), lr=config.lr, weight_decay=config.weight_decay,
+        self.model = self._build_model().to(self.device)
+        self.ema = EMA(self.model, config.ema_decay)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay,
                                            fused=self.device.type == "cuda")
         self.generators = {
             "augment": torch.Generator().manual_seed(config.seed + 1),
@@ -99,7 +97,7 @@ class Trainer:
         self.total = config.total_steps(self.batches.steps_per_epoch)
         self.step, self.nonfinite, self.elapsed, self.images_seen, self.last_loss = 0, 0, 0.0, 0, None
         if checkpoint is not None:
-            state = checkpoints.load_checkpoint(checkpoint, self.unet, self.ema.model, self.optimizer, self.generators)
+            state = checkpoints.load_checkpoint(checkpoint, self.model, self.ema.model, self.optimizer, self.generators)
             self.step, self.nonfinite, self.last_loss = state["step"], state["nonfinite"], state["loss"]
             self.elapsed, self.images_seen = state["elapsed"], state["images_seen"]
             self._truncate_log()
@@ -108,6 +106,27 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type) if config.mixed_precision == "fp16" else None
         if self.scaler is not None and checkpoint is not None and state.get("grad_scaler"):
             self.scaler.load_state_dict(state["grad_scaler"])
+
+    @property
+    def latent(self) -> bool:
+        return getattr(self.dataset, "latent", False)
+
+    def _open_data(self, config: TrainConfig):
+        """Images, or latents (a `ddpm encode` file, or images encoded once by --latent VAE)."""
+        if config.latent or is_latents_file(config.data):
+            dataset, self.vae = open_latent_data(config, self.device, self.on_event)
+            return dataset
+        return open_dataset(config.data, config.resolution, config.channels)
+
+    def _build_model(self) -> torch.nn.Module:
+        """The U-Net: class-embedded, cross-attending to text, or plain; on latents when latent."""
+        config = self.config
+        size = self.dataset.images.shape[-1] if self.latent else config.resolution
+        channels = self.dataset.channels
+        if self.encoder is not None:
+            return build_unet(text_unet_config(config.model_size, size, channels, self.encoder.hidden_size))
+        num_classes = len(self.class_names) if self.class_names else None
+        return build_unet(unet_config(config.model_size, size, channels, num_classes))
 
     def _setup_conditioning(self, config: TrainConfig) -> None:
         """Class names, or the frozen text encoder and the embeddings of every caption (encoded once)."""
@@ -129,6 +148,8 @@ class Trainer:
 
     def _micro_batch(self, images: list[torch.Tensor]) -> torch.Tensor:
         c = self.config
+        if self.latent:  # already float and scaled; flips are the only augmentation that suits latents
+            return flip_latents(images, c.random_flip, self.generators["augment"]).to(self.device)
         batch = crop_and_flip(images, c.resolution, c.center_crop, c.random_flip, self.generators["augment"])
         if self.device.type == "cuda":
             batch = batch.pin_memory()
@@ -157,14 +178,14 @@ class Trainer:
         t = torch.randint(0, self.schedule.num_train_timesteps, (x0.shape[0],), generator=noise_gen, device=self.device)
         noise = torch.randn(x0.shape, generator=noise_gen, device=self.device)
         with self.autocast:
-            output = self.unet(self.schedule.q_sample(x0, t, noise), t, **(conditioning or {})).sample
+            output = self.model(self.schedule.q_sample(x0, t, noise), t, **(conditioning or {})).sample
         return F.mse_loss(output.float(), self.schedule.training_target(x0, noise, t))
 
     def _optimizer_step(self) -> None:
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         if self.config.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.unet.parameters(), self.config.grad_clip)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -174,7 +195,7 @@ class Trainer:
     def run(self) -> dict:
         c = self.config
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        parameters = sum(p.numel() for p in self.unet.parameters())
+        parameters = sum(p.numel() for p in self.model.parameters())
         self.on_event({"kind": "start", "step": self.step, "total": self.total, "device": describe(self.device, torch.float32),
                        "parameters": parameters, "data": self.dataset.name, "images": len(self.dataset),
                        "mixed_precision": c.mixed_precision})
@@ -203,7 +224,7 @@ class Trainer:
                 continue
             consecutive = 0
             self._optimizer_step()
-            self.ema.update(self.unet, self.step)
+            self.ema.update(self.model, self.step)
             self.step += 1
             self.images_seen += c.batch_size * c.grad_accum
             recent.append(loss_value)
@@ -238,16 +259,23 @@ class Trainer:
         state = {"config": self.config.to_dict(), "nonfinite": self.nonfinite, "elapsed": self.elapsed,
                  "images_seen": self.images_seen, "loss": self.last_loss, "version": __version__,
                  "grad_scaler": self.scaler.state_dict() if self.scaler is not None else None}
-        path = checkpoints.save_checkpoint(self.run_dir, self.step, self.unet, self.ema.model, self.optimizer,
+        path = checkpoints.save_checkpoint(self.run_dir, self.step, self.model, self.ema.model, self.optimizer,
                                            self.generators, state, self.config.keep_checkpoints)
+        self._export()
+        self.on_event({"kind": "checkpoint", "step": self.step, "path": str(path)})
+
+    def _export(self) -> None:
+        """The run folder's diffusers pipeline (EMA weights), with the VAE of a latent run in vae/."""
         info = {"conditioning": self.config.conditioning, "class_names": self.class_names}
         if self.encoder is not None:
             info.update(text_encoder=self.config.text_encoder, max_length=self.encoder.max_length)
-        checkpoints.export_pipeline(self.run_dir, self.ema.model, self.schedule.to_config(), info)
-        self.on_event({"kind": "checkpoint", "step": self.step, "path": str(path)})
+        if self.vae is not None:
+            info.update(latent=self.dataset.vae_name, image_size=[self.config.resolution] * 2)
+        checkpoints.export_pipeline(self.run_dir, self.ema.model, self.schedule.to_config(), info, self.vae)
 
     def _sample_grid(self) -> None:
-        pipeline = from_unet(self.ema.model, self.schedule, class_names=self.class_names, text_encoder=self.encoder)
+        pipeline = from_unet(self.ema.model, self.schedule, class_names=self.class_names, text_encoder=self.encoder,
+                             vae=self.vae)
         # A conditional grid cycles through the classes or the first captions, guided with w = GRID_CFG.
         if self.class_names:
             condition = Condition([seed % len(self.class_names) for seed in GRID_SEEDS])
@@ -277,7 +305,7 @@ class Trainer:
         return summary
 
 
-RUN_ENTRIES = ("checkpoints", "samples", "unet", "scheduler", "model_index.json", MODEL_INFO_FILE, SUMMARY_FILE, LOG_FILE)
+RUN_ENTRIES = ("checkpoints", "samples", "unet", "vae", "scheduler", "model_index.json", MODEL_INFO_FILE, SUMMARY_FILE, LOG_FILE)
 
 
 def holds_run(run_dir: Path) -> bool:
@@ -315,7 +343,20 @@ def prepare(options: dict, resume: str | None = None, overwrite: bool = False) -
     return config, None
 
 
+def make_trainer(config: TrainConfig, checkpoint: Path | None = None, on_event: Events | None = None) -> Trainer:
+    """The trainer of the config's --task."""
+    if config.task == "autoencoder":
+        from ddpm_cli.training.autoencoder import AutoencoderTrainer
+
+        return AutoencoderTrainer(config, checkpoint, on_event)
+    if config.task == "superres":
+        from ddpm_cli.training.superres import SuperResTrainer
+
+        return SuperResTrainer(config, checkpoint, on_event)
+    return Trainer(config, checkpoint, on_event)
+
+
 def train(options: dict, resume: str | None = None, on_event: Events | None = None) -> dict:
     """Train (or resume) the run the options describe; return its summary."""
     config, checkpoint = prepare(options, resume)
-    return Trainer(config, checkpoint, on_event).run()
+    return make_trainer(config, checkpoint, on_event).run()

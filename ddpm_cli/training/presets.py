@@ -63,3 +63,32 @@ def build_unet(config: dict):
     from diffusers import UNet2DConditionModel, UNet2DModel
 
     return UNet2DConditionModel(**config) if "cross_attention_dim" in config else UNet2DModel(**config)
+
+
+# Autoencoders for latent diffusion (``ddpm train --task autoencoder``): diffusers AutoencoderKL
+# configs in Stable Diffusion's shape (residual encoder and decoder, attention in the middle, 4
+# latent channels), narrower. ``tiny`` downsamples 4x per side, ``small`` 8x as SD's VAE does.
+AUTOENCODER_PRESETS: dict[str, dict] = {
+    "tiny": dict(block_out_channels=(32, 64, 64), layers_per_block=1),
+    "small": dict(block_out_channels=(64, 128, 256, 256), layers_per_block=2),
+}
+
+
+def autoencoder_config(preset: str, resolution: int, channels: int, latent_channels: int = 4) -> dict:
+    """The AutoencoderKL config of a preset; ``scaling_factor`` is set after training (1 / latent std)."""
+    if preset not in AUTOENCODER_PRESETS:
+        raise InputError(f"--task autoencoder takes --model-size {' or '.join(AUTOENCODER_PRESETS)}, not {preset!r}")
+    widths = AUTOENCODER_PRESETS[preset]["block_out_channels"]
+    factor = 2 ** (len(widths) - 1)
+    if resolution % factor:
+        raise InputError(f"--resolution {resolution} is not a multiple of {factor}, which the {preset} autoencoder needs")
+    return dict(in_channels=channels, out_channels=channels, latent_channels=latent_channels,
+                down_block_types=("DownEncoderBlock2D",) * len(widths), up_block_types=("UpDecoderBlock2D",) * len(widths),
+                block_out_channels=widths, layers_per_block=AUTOENCODER_PRESETS[preset]["layers_per_block"],
+                norm_num_groups=32, act_fn="silu", sample_size=resolution, scaling_factor=1.0)
+
+
+def build_autoencoder(config: dict):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(**config)

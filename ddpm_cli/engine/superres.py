@@ -1,0 +1,143 @@
+"""Super-resolution by conditional diffusion: SR3 (Saharia et al. 2021) and the Stable Diffusion
+upscaler format (StableDiffusionUpscalePipeline).
+
+The U-Net sees the noisy x_t concatenated with the low-resolution image upsampled bicubically to
+the output size, and predicts the noise; x_0 is the residual (high-resolution image minus the
+upsampled one), so the output is the upsampled image plus the sampled residual. Sampling is any
+sampler's reverse process with that extra input; the result is finally projected onto the images
+whose block means equal the input (``back_project``), so downsampling the output gives the input. The low-resolution image of a training pair is the high-resolution
+one box-filtered down by the scale factor (``degrade``), the operator the consistency check inverts.
+
+Images larger than the model's size are upscaled in overlapping tiles: at every step the network
+runs on each tile and the outputs are blended with weights that ramp down towards tile edges, so
+every pixel gets one consistent prediction (no seams) and memory is bounded by the tile batch.
+
+A Stable Diffusion upscaler is a latent model whose U-Net sees the latents concatenated with the
+low-resolution image, noised to ``noise_level`` by its low_res_scheduler (the level is also its
+class label), and cross-attends to the prompt; its VAE decodes the latents at the larger size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ddpm_cli.engine.errors import InputError
+from ddpm_cli.engine.generate import SamplerSettings, run_sampler
+from ddpm_cli.engine.noise import SeededNoise
+from ddpm_cli.engine.denoiser import UNetDenoiser
+from ddpm_cli.engine.pipeline import Condition, Pipeline
+from ddpm_cli.engine.samplers import make_timesteps
+
+
+def degrade(images: torch.Tensor, scale: int) -> torch.Tensor:
+    """High- to low-resolution: the mean of each scale×scale block."""
+    return F.avg_pool2d(images, scale)
+
+
+def upsample(images: torch.Tensor, scale: int) -> torch.Tensor:
+    """Low-resolution images to the high-resolution grid, bicubic (the network's conditioning)."""
+    return F.interpolate(images, scale_factor=scale, mode="bicubic", align_corners=False).clamp(-1.0, 1.0)
+
+
+def _starts(length: int, tile: int, stride: int) -> list[int]:
+    if length <= tile:
+        return [0]
+    starts = list(range(0, length - tile, stride))
+    return starts + [length - tile]
+
+
+def _ramp(tile: int, overlap: int, device) -> torch.Tensor:
+    """1-D blending weight: rises linearly over ``overlap`` pixels at each end, 1 in between."""
+    position = torch.arange(tile, device=device, dtype=torch.float32)
+    edge = torch.minimum(position + 1, tile - position) / max(overlap, 1)
+    return edge.clamp(max=1.0)
+
+
+def tiled(model: Callable, tile: int, overlap: int) -> Callable:
+    """``model(x, t, concat)`` run on overlapping tile×tile windows and blended; the whole image
+    when it fits in one tile."""
+    def run(x: torch.Tensor, t: int, concat: torch.Tensor) -> torch.Tensor:
+        height, width = x.shape[-2:]
+        if height <= tile and width <= tile:
+            return model(x, t, concat)
+        out = torch.zeros_like(x)
+        total = torch.zeros((1, 1, height, width), device=x.device, dtype=x.dtype)
+        tile_h, tile_w = min(tile, height), min(tile, width)
+        weight = (_ramp(tile_h, overlap, x.device)[:, None] * _ramp(tile_w, overlap, x.device)[None, :]).to(x.dtype)
+        for top in _starts(height, tile_h, tile_h - overlap):
+            for left in _starts(width, tile_w, tile_w - overlap):
+                window = (..., slice(top, top + tile_h), slice(left, left + tile_w))
+                out[window] += weight * model(x[window], t, concat[window])
+                total[window] += weight
+        return out / total
+    return run
+
+
+@dataclass(frozen=True)
+class UpscaleSettings:
+    """Tiling (``tile`` and ``overlap`` in the network's own units: pixels for SR3, latents for SD
+    upscalers; default the model's sample size and a quarter of it) and, for Stable Diffusion
+    upscalers, the prompt, guidance scale and the noise level added to the input image."""
+
+    tile: int | None = None
+    overlap: int | None = None
+    prompt: str = ""
+    negative_prompt: str = ""
+    cfg: float = 9.0
+    noise_level: int = 20
+
+
+def upscale_batch(pipeline: Pipeline, seeds: list[int], settings: SamplerSettings, low: torch.Tensor,
+                  callback: Callable[[dict], None] | None = None, options: UpscaleSettings = UpscaleSettings()) -> torch.Tensor:
+    """Upscale one low-resolution image (C×h×w in [-1, 1]) once per seed: B×C×(h·s)×(w·s) in [-1, 1]."""
+    scale = pipeline.upscale
+    if not scale:
+        raise InputError(f"{pipeline.name} is not a super-resolution model (train one with `ddpm train --task superres`)")
+    if low.shape[0] != pipeline.image_channels:
+        raise InputError(f"the image has {low.shape[0]} channels but {pipeline.name} makes {pipeline.image_channels}")
+    settings = settings.resolved(pipeline)
+    sd = pipeline.low_res_schedule is not None
+    channels = pipeline.sample_shape[0]
+    # SR3 samples at the output size; an SD upscaler samples latents at the input size (its VAE enlarges).
+    height, width = (low.shape[-2], low.shape[-1]) if sd else (low.shape[-2] * scale, low.shape[-1] * scale)
+    tile = options.tile or pipeline.sample_shape[-1]
+    overlap = tile // 4 if options.overlap is None else options.overlap
+    if not 0 <= overlap < tile:
+        raise InputError(f"--overlap must be between 0 and the tile size {tile} - 1, got {overlap}")
+    factor = 2 ** (len(pipeline.unet.config.block_out_channels) - 1)
+    if tile % factor or (height < tile and height % factor) or (width < tile and width % factor):
+        raise InputError(f"the network's input {width}x{height} and the tile {tile} must be multiples of {factor} "
+                         f"where smaller than a tile; crop the image a little")
+    noise = SeededNoise(seeds, (channels, height, width), pipeline.device)
+    image = low[None].to(pipeline.device).float()
+    if sd:  # diffusers' order: each seed's generator draws the image's noise, then the initial latents
+        if not 0 <= options.noise_level <= (pipeline.max_noise_level or 1000):
+            raise InputError(f"--noise-level must be between 0 and {pipeline.max_noise_level}, got {options.noise_level}")
+        image_noise = torch.cat([torch.randn((1, *low.shape), generator=g) for g in noise.generators]).to(pipeline.device)
+        alpha_bar = pipeline.low_res_schedule.alpha_bar(options.noise_level)
+        condition = alpha_bar**0.5 * image + (1.0 - alpha_bar) ** 0.5 * image_noise
+        cond, uncond = pipeline.conditioning(len(seeds), Condition(prompt=options.prompt,
+                                                                   negative_prompt=options.negative_prompt))
+        level = torch.full((len(seeds),), options.noise_level, device=pipeline.device, dtype=torch.long)
+        denoiser = UNetDenoiser(pipeline.unet, pipeline.dtype, {**cond, "class_labels": level},
+                                None if uncond is None else {**uncond, "class_labels": level}, options.cfg)
+    else:
+        condition = upsample(image, scale).expand(len(seeds), -1, -1, -1)
+        denoiser = pipeline.denoiser(len(seeds))
+    model = tiled(denoiser, tile, overlap)
+    timesteps = make_timesteps(pipeline.schedule.num_train_timesteps, settings.steps, settings.spacing)
+    x = run_sampler(settings, lambda x, t: model(x, t, condition), noise(), pipeline.schedule, timesteps, noise, callback)
+    if not sd:
+        x = back_project(condition + x, image, scale)  # the upsampled image plus the residual, made consistent
+    return pipeline.decode(x).float().clamp(-1.0, 1.0).cpu()
+
+
+def back_project(high: torch.Tensor, low: torch.Tensor, scale: int) -> torch.Tensor:
+    """Correct ``high`` so that ``degrade(high, scale)`` equals ``low``: each scale×scale block is
+    shifted by its error (the block mean is the degradation, so this is an exact projection)."""
+    error = low - degrade(high, scale)
+    return high + F.interpolate(error, scale_factor=scale, mode="nearest")
