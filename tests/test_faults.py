@@ -120,7 +120,9 @@ def test_sigint_keeps_finished_images_and_leaves_no_partial_file(tiny_pipeline_d
     out = tmp_path / "out"
     proc = subprocess.Popen([PY, "-m", "ddpm_cli", "sample", str(tiny_pipeline_dir), "-n", "200", "-b", "1",
                              "--sampler", "ddpm", "--steps", "200", "-o", str(out), "-q"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            # a suite started in the background inherits an ignored SIGINT; a user's terminal does not
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     printed = [proc.stdout.readline().strip(), proc.stdout.readline().strip()]
     proc.send_signal(signal.SIGINT)
     rest, stderr = proc.communicate(timeout=120)

@@ -13,7 +13,7 @@ from ddpm_cli.training.data import open_dataset
 from ddpm_cli.training.presets import autoencoder_config, build_autoencoder
 from tests.test_cli import ddpm
 
-PSNR_BOUND = 20.0  # dB on held-out 32x32 Fashion-MNIST after the short training below
+PSNR_BOUND = 19.0  # dB on held-out 32x32 Fashion-MNIST after the short training below
 HELD_OUT = 64
 
 
@@ -26,8 +26,8 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 def trained_vae(tmp_path_factory):
     """A tiny AutoencoderKL (4x per side) trained briefly through the CLI on the Fashion-MNIST subset."""
     run = tmp_path_factory.mktemp("vae-run")
-    result = ddpm("train", "fashion-mnist-subset", "--task", "autoencoder", "-o", run, "--max-steps", 200, "-b", 32,
-                  "--lr", "2e-3", "--ema-decay", "0.99", "--checkpoint-every", 200, "--format", "json")
+    result = ddpm("train", "fashion-mnist-subset", "--task", "autoencoder", "-o", run, "--max-steps", 150, "-b", 32,
+                  "--lr", "2e-3", "--ema-decay", "0.99", "--checkpoint-every", 150, "--format", "json")
     assert result.returncode == 0, result.stderr
     return run
 
@@ -108,7 +108,7 @@ def test_latent_ddpm_trains_and_samples_images_of_the_model_size(trained_vae, tm
     data = read_latents(latents)
     assert data.labels is not None and len(data.labels) == len(data.sources) and data.class_names[7] == "Sneaker"
     run = tmp_path / "run"
-    result = ddpm("train", latents, "-o", run, "--max-steps", 120, "-b", 64, "--lr", "2e-3", "--checkpoint-every", 120,
+    result = ddpm("train", latents, "-o", run, "--max-steps", 60, "-b", 32, "--lr", "2e-3", "--checkpoint-every", 60,
                   "--format", "json")
     assert result.returncode == 0, result.stderr
     losses = [json.loads(line)["loss"] for line in (run / "log.jsonl").read_text().splitlines()]

@@ -105,7 +105,7 @@ def test_checkpoint_with_nonfinite_weights_is_refused(tmp_path):
     config, _ = prepare(options(tmp_path, max_steps=2))
     trainer = Trainer(config)
     with torch.no_grad():
-        next(trainer.unet.parameters()).fill_(float("inf"))
+        next(trainer.model.parameters()).fill_(float("inf"))
     with pytest.raises(NumericalError):
         trainer._checkpoint()
     assert checkpoints.list_checkpoints(tmp_path / "run") == []
