@@ -90,7 +90,7 @@ def inpaint(
 
     pipeline = load_pipeline(model, revision, device, dtype, allow_pickle)
     settings = SamplerSettings(sampler, steps, eta, spacing, variance).resolved(pipeline)
-    factor = 2 ** (len(pipeline.unet.config.block_out_channels) - 1) * pipeline.latent_factor
+    factor = pipeline.unet_factor * pipeline.latent_factor
     if known.width % factor or known.height % factor:
         raise fail(f"{image} is {known.width}x{known.height}; {model} needs sides that are multiples of {factor} "
                    "(crop or resize the image and its mask)", EXIT_USAGE)

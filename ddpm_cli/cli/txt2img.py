@@ -106,7 +106,7 @@ def txt2img(
                 f"dropped: {' '.join(dropped)}")
     model_height, model_width = pipeline.image_size
     size = (height or model_height, width or model_width)
-    factor = 2 ** (len(pipeline.unet.config.block_out_channels) - 1) * pipeline.latent_factor
+    factor = pipeline.unet_factor * pipeline.latent_factor
     if size[0] % factor or size[1] % factor:
         raise fail(f"--width and --height must be multiples of {factor} for {model}, got {size[1]}x{size[0]}", EXIT_USAGE)
     for job in todo:

@@ -30,7 +30,7 @@ from ddpm_cli.engine.errors import InputError
 from ddpm_cli.engine.generate import SamplerSettings, run_sampler
 from ddpm_cli.engine.noise import SeededNoise
 from ddpm_cli.engine.pipeline import Condition, Pipeline
-from ddpm_cli.engine.samplers import make_timesteps
+from ddpm_cli.engine.samplers import ddpm_step, make_timesteps
 
 MASK_THRESHOLD = 128  # mask pixels (0-255, after flattening to grey) at or above this are generated
 
@@ -98,24 +98,10 @@ def _repaint(model, x, schedule, timesteps: list[int], noise, project, variance:
             ratio = schedule.alpha_bar(s) / schedule.alpha_bar(t)
             x = ratio**0.5 * x + (1.0 - ratio) ** 0.5 * noise()
         else:
-            x = project(_one_ddpm_step(model, x, schedule, t, s, noise, variance), s)
+            x = project(ddpm_step(model, x, schedule, t, s, noise, variance)[0], s)
         if callback is not None:
             callback({"i": i, "t": t, "x": x})
     return x
-
-
-def _one_ddpm_step(model, x, schedule, t: int, s: int, noise, variance: str) -> torch.Tensor:
-    """x_s from x_t with one ancestral step (respaced beta from alpha_bar_t / alpha_bar_s); s = -1
-    is the clean end, where the step is the posterior mean (the predicted x_0), without noise."""
-    x0, _ = schedule.split_prediction(model(x, t), x, t)
-    if s < 0:
-        return x0
-    alpha_bar_t, alpha_bar_s = schedule.alpha_bar(t), schedule.alpha_bar(s)
-    alpha = alpha_bar_t / alpha_bar_s
-    beta = 1.0 - alpha
-    mean = (alpha_bar_s**0.5 * beta / (1.0 - alpha_bar_t)) * x0 + (alpha**0.5 * (1.0 - alpha_bar_s) / (1.0 - alpha_bar_t)) * x
-    var = beta if variance == "fixed_large" else (1.0 - alpha_bar_s) / (1.0 - alpha_bar_t) * beta
-    return mean + max(var, 1e-20) ** 0.5 * noise()
 
 
 def inpaint_batch(pipeline: Pipeline, seeds: list[int], settings: SamplerSettings, image: torch.Tensor,

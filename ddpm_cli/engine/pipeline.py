@@ -74,6 +74,11 @@ class Pipeline:
         return latent_factor(self.vae) if self.vae is not None else 1
 
     @property
+    def unet_factor(self) -> int:
+        """The U-Net's downsampling along a side: its input's sides must be multiples of this."""
+        return 2 ** (len(self.unet.config.block_out_channels) - 1)
+
+    @property
     def image_size(self) -> tuple[int, int]:
         """(height, width) in pixels of the images the model makes by default."""
         _, height, width = self.sample_shape

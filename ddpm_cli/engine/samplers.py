@@ -55,6 +55,22 @@ def _prev(timesteps: list[int], i: int) -> int:
     return timesteps[i + 1] if i + 1 < len(timesteps) else -1
 
 
+def ddpm_step(model: Model, x: torch.Tensor, schedule: NoiseSchedule, t: int, t_prev: int,
+              noise: Callable[[], torch.Tensor], variance: str = "fixed_small") -> tuple[torch.Tensor, torch.Tensor]:
+    """One ancestral step from t to t_prev (-1: the clean end, no noise added); returns (x_prev, x0)."""
+    alpha_bar_t, alpha_bar_prev = schedule.alpha_bar(t), schedule.alpha_bar(t_prev)
+    alpha_t = alpha_bar_t / alpha_bar_prev
+    beta_t = 1.0 - alpha_t
+    x0, _ = schedule.split_prediction(model(x, t), x, t)
+    # Posterior mean mu_tilde(x_t, x_0), eq. (7).
+    mean = (alpha_bar_prev**0.5 * beta_t / (1.0 - alpha_bar_t)) * x0 \
+        + (alpha_t**0.5 * (1.0 - alpha_bar_prev) / (1.0 - alpha_bar_t)) * x
+    if t_prev < 0:
+        return mean, x0
+    var = beta_t if variance == "fixed_large" else max((1.0 - alpha_bar_prev) / (1.0 - alpha_bar_t) * beta_t, 1e-20)
+    return mean + var**0.5 * noise(), x0
+
+
 @torch.no_grad()
 def sample_ddpm(model: Model, x: torch.Tensor, schedule: NoiseSchedule, timesteps: list[int],
                 noise: Callable[[], torch.Tensor], variance: str = "fixed_small", callback: Callback = None,
@@ -67,19 +83,7 @@ def sample_ddpm(model: Model, x: torch.Tensor, schedule: NoiseSchedule, timestep
     if variance not in VARIANCES:
         raise InputError(f"unknown variance {variance!r}; choose one of {', '.join(VARIANCES)}")
     for i, t in enumerate(timesteps):
-        alpha_bar_t, alpha_bar_prev = schedule.alpha_bar(t), schedule.alpha_bar(_prev(timesteps, i))
-        alpha_t = alpha_bar_t / alpha_bar_prev
-        beta_t = 1.0 - alpha_t
-        x0, _ = schedule.split_prediction(model(x, t), x, t)
-        # Posterior mean mu_tilde(x_t, x_0), eq. (7).
-        mean = (alpha_bar_prev**0.5 * beta_t / (1.0 - alpha_bar_t)) * x0 \
-            + (alpha_t**0.5 * (1.0 - alpha_bar_prev) / (1.0 - alpha_bar_t)) * x
-        # Add noise on every step but the last.
-        if i + 1 < len(timesteps):
-            var = beta_t if variance == "fixed_large" else max((1.0 - alpha_bar_prev) / (1.0 - alpha_bar_t) * beta_t, 1e-20)
-            x = mean + var**0.5 * noise()
-        else:
-            x = mean
+        x, x0 = ddpm_step(model, x, schedule, t, _prev(timesteps, i), noise, variance)
         if project is not None:
             x = project(x, _prev(timesteps, i))
         if callback is not None:

@@ -108,7 +108,7 @@ def upscale_batch(pipeline: Pipeline, seeds: list[int], settings: SamplerSetting
     overlap = tile // 4 if options.overlap is None else options.overlap
     if not 0 <= overlap < tile:
         raise InputError(f"--overlap must be between 0 and the tile size {tile} - 1, got {overlap}")
-    factor = 2 ** (len(pipeline.unet.config.block_out_channels) - 1)
+    factor = pipeline.unet_factor
     if tile % factor or (height < tile and height % factor) or (width < tile and width % factor):
         raise InputError(f"the network's input {width}x{height} and the tile {tile} must be multiples of {factor} "
                          f"where smaller than a tile; crop the image a little")
