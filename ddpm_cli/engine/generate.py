@@ -15,7 +15,7 @@ import torch
 from ddpm_cli.engine.errors import InputError, NumericalError
 from ddpm_cli.engine.noise import SeededNoise
 from ddpm_cli.engine.pipeline import Condition, Pipeline
-from ddpm_cli.engine.choices import SAMPLERS
+from ddpm_cli.engine.choices import LEARNED_VARIANCES, SAMPLERS
 from ddpm_cli.engine.samplers import DEFAULT_SPACING, make_timesteps, sample_ddim, sample_ddpm, sample_dpmpp_2m
 
 DEFAULT_STEPS = {"ddpm": None, "ddim": 50, "dpmpp-2m": 20}  # None: every training timestep
@@ -38,6 +38,9 @@ class SamplerSettings:
             raise InputError(f"--eta applies to the ddim sampler only, not {self.sampler}")
         steps = self.steps or DEFAULT_STEPS[self.sampler] or pipeline.schedule.num_train_timesteps
         variance = (self.variance or pipeline.variance) if self.sampler == "ddpm" else None
+        if variance in LEARNED_VARIANCES and variance != pipeline.variance:
+            raise InputError(f"--variance {variance} needs a model that outputs its variance ({pipeline.name}'s "
+                             f"variance is {pipeline.variance}); choose fixed_small or fixed_large")
         spacing = self.spacing or DEFAULT_SPACING[self.sampler]
         make_timesteps(pipeline.schedule.num_train_timesteps, steps, spacing)  # validates steps and spacing
         eta = self.eta if self.sampler == "ddim" else None

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from ddpm_cli.engine.autoencoder import decode_latents, latent_factor
+from ddpm_cli.engine.choices import LEARNED_VARIANCES
 from ddpm_cli.engine.checkpoint import load_scheduler_config, load_unet, load_vae, read_json, resolve_model
 from ddpm_cli.engine.denoiser import UNetDenoiser
 from ddpm_cli.engine.device import resolve_device, resolve_dtype
@@ -24,7 +25,8 @@ MODEL_INFO_FILE = "ddpm_model.json"
 
 # The scheduler's variance_type names the DDPM variance the model was meant to be sampled with.
 _VARIANCE_FROM_CONFIG = {"fixed_small": "fixed_small", "fixed_small_log": "fixed_small",
-                         "fixed_large": "fixed_large", "fixed_large_log": "fixed_large"}
+                         "fixed_large": "fixed_large", "fixed_large_log": "fixed_large",
+                         "learned_range": "learned_range", "learned": "learned"}
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,7 @@ class Pipeline:
     upscale: int | None = field(default=None)  # a super-resolution model's factor (its input: x_t and the upsampled image)
     low_res_schedule: NoiseSchedule | None = field(default=None)  # Stable Diffusion upscalers: noise added to the input
     max_noise_level: int | None = field(default=None)
+    info: dict = field(default_factory=dict)  # ddpm_model.json: what the project recorded with the model
 
     @property
     def latent_factor(self) -> int:
@@ -182,19 +185,23 @@ def load_pipeline(model: str, revision: str | None = None, device: str = "auto",
         # latents and the noised low-resolution image, at the low resolution; the VAE decodes them larger
         upscale, expected_in = latent_factor(vae), unet.config.out_channels + vae.config.in_channels
         low_res_schedule = NoiseSchedule.from_config(read_json(folder / "low_res_scheduler" / "scheduler_config.json"))
-    if unet.config.in_channels != expected_in:
-        raise ModelError(f"{model}: a U-Net with {unet.config.out_channels} output channels for "
-                         f"{unet.config.in_channels} input channels (learned variance) is not supported yet")
     config = load_scheduler_config(folder)
     variance = _VARIANCE_FROM_CONFIG.get(config.get("variance_type") or "fixed_small")
     if variance is None:
         raise ModelError(f"{model}: scheduler variance_type {config.get('variance_type')!r} is not supported yet")
+    if variance in LEARNED_VARIANCES and upscale is None:  # the U-Net outputs the mean's and the variance's channels
+        expected_in = unet.config.out_channels // 2
+    if unet.config.in_channels != expected_in:
+        raise ModelError(f"{model}: a U-Net with {unet.config.out_channels} output channels for "
+                         f"{unet.config.in_channels} input channels does not fit its scheduler "
+                         f"(variance_type {config.get('variance_type') or 'fixed_small'})")
     text_encoder = None
     if type(unet).__name__ == "UNet2DConditionModel":
         from ddpm_cli.engine.text import TextEncoder
 
         spec = info.get("text_encoder") or str(folder)  # a project run names its encoder; else text_encoder/ inside
-        text_encoder = TextEncoder.load(spec, torch_device, max_length=info.get("max_length"))
+        text_encoder = TextEncoder.load(spec, torch_device, max_length=info.get("max_length"),
+                                        embedding=info.get("text_embedding") or "tokens")
     return Pipeline(model, folder, unet, NoiseSchedule.from_config(config), variance, torch_device, torch_dtype,
                     info.get("class_names"), text_encoder, vae, upscale, low_res_schedule,
-                    index.get("max_noise_level") if low_res_schedule is not None else None)
+                    index.get("max_noise_level") if low_res_schedule is not None else None, info)

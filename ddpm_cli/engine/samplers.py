@@ -57,17 +57,33 @@ def _prev(timesteps: list[int], i: int) -> int:
 
 def ddpm_step(model: Model, x: torch.Tensor, schedule: NoiseSchedule, t: int, t_prev: int,
               noise: Callable[[], torch.Tensor], variance: str = "fixed_small") -> tuple[torch.Tensor, torch.Tensor]:
-    """One ancestral step from t to t_prev (-1: the clean end, no noise added); returns (x_prev, x0)."""
+    """One ancestral step from t to t_prev (-1: the clean end, no noise added); returns (x_prev, x0).
+
+    A learned variance (the network's extra channels) interpolates, for "learned_range", between
+    log beta_tilde and log beta of this (possibly respaced) step, as in Nichol & Dhariwal (2021).
+    """
     alpha_bar_t, alpha_bar_prev = schedule.alpha_bar(t), schedule.alpha_bar(t_prev)
     alpha_t = alpha_bar_t / alpha_bar_prev
     beta_t = 1.0 - alpha_t
-    x0, _ = schedule.split_prediction(model(x, t), x, t)
+    output = model(x, t)
+    x0, _ = schedule.split_prediction(output, x, t)
     # Posterior mean mu_tilde(x_t, x_0), eq. (7).
     mean = (alpha_bar_prev**0.5 * beta_t / (1.0 - alpha_bar_t)) * x0 \
         + (alpha_t**0.5 * (1.0 - alpha_bar_prev) / (1.0 - alpha_bar_t)) * x
     if t_prev < 0:
         return mean, x0
-    var = beta_t if variance == "fixed_large" else max((1.0 - alpha_bar_prev) / (1.0 - alpha_bar_t) * beta_t, 1e-20)
+    small = max((1.0 - alpha_bar_prev) / (1.0 - alpha_bar_t) * beta_t, 1e-20)
+    if variance in ("learned_range", "learned"):
+        extra = output[:, x.shape[1]:]
+        if extra.shape[1] != x.shape[1]:
+            raise InputError(f"variance {variance} needs a model that outputs a variance; this one does not")
+        if variance == "learned":
+            log_var = extra
+        else:
+            frac = (extra + 1.0) / 2.0
+            log_var = frac * math.log(beta_t) + (1.0 - frac) * math.log(small)
+        return mean + torch.exp(0.5 * log_var) * noise(), x0
+    var = beta_t if variance == "fixed_large" else small
     return mean + var**0.5 * noise(), x0
 
 
@@ -78,7 +94,8 @@ def sample_ddpm(model: Model, x: torch.Tensor, schedule: NoiseSchedule, timestep
     """Ancestral sampling, Algorithm 2 of Ho et al. (2020), over any subsequence of timesteps.
 
     Respaced steps use beta_t = 1 - alpha_bar_t / alpha_bar_prev (Nichol & Dhariwal 2021, sec. 4).
-    variance: "fixed_small" is the posterior variance beta_tilde_t, "fixed_large" is beta_t.
+    variance: "fixed_small" is the posterior variance beta_tilde_t, "fixed_large" is beta_t,
+    "learned_range" and "learned" read the model's own variance output (see ``ddpm_step``).
     """
     if variance not in VARIANCES:
         raise InputError(f"unknown variance {variance!r}; choose one of {', '.join(VARIANCES)}")

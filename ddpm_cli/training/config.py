@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 
 from ddpm_cli.engine.choices import (BETA_SCHEDULES, CONDITIONINGS, LR_SCHEDULES, MIXED_PRECISION, PREDICTION_TYPES,
-                                     TASKS)
+                                     LOSSES, TASKS, TEXT_EMBEDDINGS)
 from ddpm_cli.engine.errors import InputError
 from ddpm_cli.training.presets import AUTOENCODER_PRESETS, PRESETS
 
@@ -52,7 +52,11 @@ class TrainConfig:
     cond_drop: float = 0.1
     text_encoder: str = "minilm"
     text_max_length: int | None = None
+    text_embedding: str = "tokens"
     task: str = "ddpm"
+    loss: str = "simple"
+    learn_variance: bool = False
+    vlb_weight: float = 0.001
     latent: str | None = None
     kl_weight: float = 1e-6
     scale: int | None = None
@@ -105,8 +109,18 @@ class TrainConfig:
         check(self.conditioning in CONDITIONINGS,
               f"unknown --conditioning {self.conditioning!r}; choose one of {', '.join(CONDITIONINGS)}")
         check(0.0 <= self.cond_drop < 1.0, "--cond-drop must be in [0, 1)")
+        check(self.text_embedding in TEXT_EMBEDDINGS,
+              f"unknown --text-embedding {self.text_embedding!r}; choose one of {', '.join(TEXT_EMBEDDINGS)}")
         check(self.task in TASKS, f"unknown --task {self.task!r}; choose one of {', '.join(TASKS)}")
         check(self.kl_weight >= 0, "--kl-weight must be >= 0")
+        check(self.loss in LOSSES, f"unknown --loss {self.loss!r}; choose one of {', '.join(LOSSES)}")
+        check(self.vlb_weight >= 0, "--vlb-weight must be >= 0")
+        check(self.task == "ddpm" or (self.loss == "simple" and not self.learn_variance),
+              f"--task {self.task} has its own loss: drop --loss and --learn-variance")
+        check(not self.learn_variance or self.loss != "simple",
+              "--learn-variance needs --loss hybrid or vlb (L_simple gives the variance no gradient)")
+        check(self.loss != "hybrid" or self.learn_variance,
+              "--loss hybrid trains a learned variance: add --learn-variance (or use --loss vlb)")
         if self.task == "autoencoder":
             check(self.model_size in AUTOENCODER_PRESETS, f"--task autoencoder takes --model-size "
                   f"{' or '.join(AUTOENCODER_PRESETS)}, not {self.model_size}")

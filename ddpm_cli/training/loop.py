@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ddpm_cli import __version__
+from ddpm_cli.engine.bound import vlb_terms
 from ddpm_cli.engine.device import describe, resolve_device
 from ddpm_cli.engine.errors import InputError, NumericalError
 from ddpm_cli.engine.generate import SamplerSettings, sample_batch
@@ -124,9 +125,17 @@ class Trainer:
         size = self.dataset.images.shape[-1] if self.latent else config.resolution
         channels = self.dataset.channels
         if self.encoder is not None:
-            return build_unet(text_unet_config(config.model_size, size, channels, self.encoder.hidden_size))
-        num_classes = len(self.class_names) if self.class_names else None
-        return build_unet(unet_config(config.model_size, size, channels, num_classes))
+            unet = text_unet_config(config.model_size, size, channels, self.encoder.hidden_size)
+        else:
+            unet = unet_config(config.model_size, size, channels, len(self.class_names) if self.class_names else None)
+        if config.learn_variance:  # the mean's channels, then the variance's (diffusers' "learned_range")
+            unet["out_channels"] = 2 * channels
+        return build_unet(unet)
+
+    @property
+    def variance(self) -> str:
+        """How the model's reverse variance is set: learned, or the posterior's beta_tilde."""
+        return "learned_range" if self.config.learn_variance else "fixed_small"
 
     def _setup_conditioning(self, config: TrainConfig) -> None:
         """Class names, or the frozen text encoder and the embeddings of every caption (encoded once)."""
@@ -137,7 +146,8 @@ class Trainer:
                                  "(file_name, text) or a .txt file beside each image, or use the built-in emoji set")
             from ddpm_cli.engine.text import EmbeddingCache, TextEncoder
 
-            self.encoder = TextEncoder.load(config.text_encoder, self.device, max_length=config.text_max_length)
+            self.encoder = TextEncoder.load(config.text_encoder, self.device, max_length=config.text_max_length,
+                                            embedding=config.text_embedding)
             config.text_max_length = self.encoder.max_length
             self.captions = EmbeddingCache(self.encoder, self.dataset.captions)
         elif config.conditioning == "class":
@@ -173,13 +183,25 @@ class Trainer:
         return {"encoder_hidden_states": hidden, "encoder_attention_mask": mask}
 
     def _loss(self, x0: torch.Tensor, conditioning: dict | None = None) -> torch.Tensor:
-        """L_simple: || target - network(x_t, t) ||^2 with t uniform and x_t ~ q(x_t | x_0)."""
+        """With t uniform and x_t ~ q(x_t | x_0): L_simple = || target - network(x_t, t) ||^2;
+        L_vlb = T L_t, the bound's one-sample estimate in bits/dim (engine/bound.py); and
+        L_hybrid = L_simple + vlb_weight L_vlb with the mean stopped from L_vlb's gradient, so the
+        bound trains only the variance (Nichol & Dhariwal 2021, sec. 3.1)."""
         noise_gen = self.generators["noise"]
-        t = torch.randint(0, self.schedule.num_train_timesteps, (x0.shape[0],), generator=noise_gen, device=self.device)
+        T = self.schedule.num_train_timesteps
+        t = torch.randint(0, T, (x0.shape[0],), generator=noise_gen, device=self.device)
         noise = torch.randn(x0.shape, generator=noise_gen, device=self.device)
+        xt = self.schedule.q_sample(x0, t, noise)
         with self.autocast:
-            output = self.model(self.schedule.q_sample(x0, t, noise), t, **(conditioning or {})).sample
-        return F.mse_loss(output.float(), self.schedule.training_target(x0, noise, t))
+            output = self.model(xt, t, **(conditioning or {})).sample.float()
+        channels, loss = x0.shape[1], self.config.loss
+        mse = F.mse_loss(output[:, :channels], self.schedule.training_target(x0, noise, t))
+        if loss == "simple":
+            return mse
+        if loss == "hybrid":
+            output = torch.cat([output[:, :channels].detach(), output[:, channels:]], dim=1)
+        vlb = vlb_terms(self.schedule, x0, xt, t, output, self.variance).mean() * T
+        return mse + self.config.vlb_weight * vlb if loss == "hybrid" else vlb
 
     def _optimizer_step(self) -> None:
         if self.scaler is not None:
@@ -266,16 +288,23 @@ class Trainer:
 
     def _export(self) -> None:
         """The run folder's diffusers pipeline (EMA weights), with the VAE of a latent run in vae/."""
-        info = {"conditioning": self.config.conditioning, "class_names": self.class_names}
+        info = {"conditioning": self.config.conditioning, "class_names": self.class_names,
+                "data": self._data_spec(), "resolution": self.config.resolution}
         if self.encoder is not None:
-            info.update(text_encoder=self.config.text_encoder, max_length=self.encoder.max_length)
+            info.update(text_encoder=self.config.text_encoder, max_length=self.encoder.max_length,
+                        text_embedding=self.encoder.embedding)
         if self.vae is not None:
             info.update(latent=self.dataset.vae_name, image_size=[self.config.resolution] * 2)
-        checkpoints.export_pipeline(self.run_dir, self.ema.model, self.schedule.to_config(), info, self.vae)
+        checkpoints.export_pipeline(self.run_dir, self.ema.model, self.schedule.to_config(self.variance), info, self.vae)
+
+    def _data_spec(self) -> str:
+        """The training data as `ddpm eval nll` can reopen it: a built-in's name or a folder's absolute path."""
+        spec = str(self.config.data)
+        return spec if spec in BUILTIN_DATASETS else str(Path(spec).expanduser().resolve())
 
     def _sample_grid(self) -> None:
-        pipeline = from_unet(self.ema.model, self.schedule, class_names=self.class_names, text_encoder=self.encoder,
-                             vae=self.vae)
+        pipeline = from_unet(self.ema.model, self.schedule, variance=self.variance, class_names=self.class_names,
+                             text_encoder=self.encoder, vae=self.vae)
         # A conditional grid cycles through the classes or the first captions, guided with w = GRID_CFG.
         if self.class_names:
             condition = Condition([seed % len(self.class_names) for seed in GRID_SEEDS])

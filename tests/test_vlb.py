@@ -1,0 +1,90 @@
+"""Learned variances, the hybrid and VLB losses, and `ddpm eval nll|sweep` on Fashion-MNIST."""
+
+import json
+
+import pytest
+import torch
+
+from tests.test_cli import ddpm
+
+from ddpm_cli.engine.pipeline import load_pipeline
+from ddpm_cli.evaluation.nll import bound_of, held_out_images
+from ddpm_cli.training.loop import train
+
+RUN = {"data": "fashion-mnist", "resolution": 16, "max_steps": 300, "batch_size": 64, "lr": 2e-3,
+       "checkpoint_every": 300, "num_workers": 0}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """The same short run twice: L_simple with fixed variance, and hybrid with learned variance."""
+    root = tmp_path_factory.mktemp("vlb")
+    train({**RUN, "output": str(root / "fixed")})
+    train({**RUN, "output": str(root / "hybrid"), "loss": "hybrid", "learn_variance": True})
+    return root / "fixed", root / "hybrid"
+
+
+def test_hybrid_learns_variances_inside_the_range(runs):
+    pipeline = load_pipeline(str(runs[1]))
+    assert pipeline.variance == "learned_range" and pipeline.unet.config.out_channels == 2
+    images, _ = held_out_images(pipeline, None, 64)
+    x0 = images.float() / 127.5 - 1
+    inside, means = [], []
+    for t in (0, 10, 100, 500, 999):
+        timestep = torch.full((x0.shape[0],), t)
+        xt = pipeline.schedule.q_sample(x0, timestep, torch.randn_like(x0))
+        with torch.no_grad():
+            v = pipeline.unet(xt, timestep).sample[:, 1:]
+        inside.append(((v >= -1) & (v <= 1)).float().mean().item())
+        means.append(v.mean().item())
+    # v in [-1, 1] means Sigma between beta_tilde_t and beta_t (learned_range): on average at every t,
+    # and for the large majority of pixels (after 300 steps, some still stray a little).
+    assert all(-1 <= m <= 1 for m in means) and min(inside) > 0.8, (means, inside)
+
+
+def test_hybrid_gives_a_lower_bound_than_fixed_variance(runs):
+    bounds = []
+    for run in runs:
+        pipeline = load_pipeline(str(run))
+        images, _ = held_out_images(pipeline, None, 128)
+        bounds.append(bound_of(pipeline, images, 128, samples=50, seed=0))
+    fixed, hybrid = bounds
+    # The same images, timesteps and noise for both (one seed): compare image by image.
+    gain = fixed.total - hybrid.total
+    stderr = float(gain.std()) / len(gain) ** 0.5
+    assert float(gain.mean()) > 3 * stderr, (fixed.summary(), hybrid.summary(), float(gain.mean()), stderr)
+
+
+def test_vlb_loss_trains_and_records_its_data(tmp_path):
+    summary = train({**RUN, "max_steps": 30, "output": str(tmp_path / "vlb"), "loss": "vlb", "learn_variance": True})
+    log = [json.loads(line) for line in (tmp_path / "vlb" / "log.jsonl").read_text().splitlines()]
+    assert log[-1]["loss"] < log[0]["loss"], log  # the bound (bits/dim, times T) falls
+    info = json.loads((tmp_path / "vlb" / "ddpm_model.json").read_text())
+    assert info["data"] == "fashion-mnist" and summary["steps"] == 30
+
+
+def test_learned_variance_checkpoint_samples_in_diffusers(runs):
+    from diffusers import DDPMPipeline
+
+    pipe = DDPMPipeline.from_pretrained(runs[1])
+    assert pipe.scheduler.config.variance_type == "learned_range"
+    images = pipe(batch_size=2, num_inference_steps=10, generator=torch.Generator().manual_seed(0), output_type="np").images
+    assert images.shape == (2, 16, 16, 1) and float(images.std()) > 0.01
+
+
+def test_eval_nll_and_sweep_cli(runs, tmp_path):
+    result = ddpm(*["eval", "nll", str(runs[1]), "--images", "32", "--timesteps", "10", "--format", "json"])
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["data"] == "fashion-mnist (test split)" and data["images"] == 32 and 0 < data["bits_per_dim"] < 20
+    chart = tmp_path / "sweep.png"
+    result = ddpm(*["eval", "sweep", str(runs[1]), "--steps", "5,20", "--images", "16", "--chart", str(chart),
+                      "--format", "json"])
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(result.stdout)["rows"]
+    assert [row["steps"] for row in rows] == [5, 20] and chart.stat().st_size > 1000
+    assert rows[1]["value"] < rows[0]["value"]  # more steps, a tighter bound
+    again = ddpm(*["eval", "sweep", str(runs[1]), "--steps", "5", "--chart", str(chart)])
+    assert again.returncode == 2 and "exists" in again.stderr
+    bad = ddpm(*["eval", "sweep", str(runs[1]), "--samplers", "ddim", "--chart", str(tmp_path / "x.png")])
+    assert bad.returncode == 2 and "ddpm" in bad.stderr.splitlines()[-1]
