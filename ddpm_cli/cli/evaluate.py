@@ -113,7 +113,7 @@ def _reference_stats(ref: str, inception, weights: str, size: int, channels: int
     import os
 
     from ddpm_cli.evaluation.fid import Stats, image_stats
-    from ddpm_cli.evaluation.nll import read_images
+    from ddpm_cli.evaluation.images import read_images
 
     if ref.endswith(".npz"):
         stats = Stats.load(Path(ref).expanduser())
@@ -168,7 +168,7 @@ def fid(
 
     net, weights = _inception(inception, device)
     if _is_image_folder(source):
-        from ddpm_cli.evaluation.nll import read_images
+        from ddpm_cli.evaluation.images import read_images
         from ddpm_cli.engine.imageio import load_image
 
         first = next((p for p in sorted(Path(source).expanduser().rglob("*")) if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp")), None)

@@ -20,7 +20,7 @@ import torch
 
 from ddpm_cli.engine.choices import SPACINGS, VARIANCES
 from ddpm_cli.engine.errors import InputError
-from ddpm_cli.engine.schedule import NoiseSchedule
+from ddpm_cli.engine.schedule import NoiseSchedule, interpolate_log_variance
 
 # Each sampler's usual spacing: DDPM and DDIM as in their diffusers schedulers, DPM-Solver++ ending
 # at a timestep of T/n (diffusers' own default for it differs from "trailing" by one step at most).
@@ -77,11 +77,7 @@ def ddpm_step(model: Model, x: torch.Tensor, schedule: NoiseSchedule, t: int, t_
         extra = output[:, x.shape[1]:]
         if extra.shape[1] != x.shape[1]:
             raise InputError(f"variance {variance} needs a model that outputs a variance; this one does not")
-        if variance == "learned":
-            log_var = extra
-        else:
-            frac = (extra + 1.0) / 2.0
-            log_var = frac * math.log(beta_t) + (1.0 - frac) * math.log(small)
+        log_var = extra if variance == "learned" else interpolate_log_variance(extra, math.log(small), math.log(beta_t))
         return mean + torch.exp(0.5 * log_var) * noise(), x0
     var = beta_t if variance == "fixed_large" else small
     return mean + var**0.5 * noise(), x0

@@ -50,6 +50,13 @@ def make_betas(kind: str, num_train_timesteps: int, beta_start: float = 1e-4, be
     raise InputError(f"unknown noise schedule {kind!r}; choose one of {', '.join(BETA_SCHEDULES)}")
 
 
+def interpolate_log_variance(v, log_small, log_large):
+    """learned_range: v in [-1, 1] puts log Sigma between log beta_tilde and log beta (Nichol & Dhariwal
+    2021, eq. 15); tensors or floats, for training's per-sample tables and a sampler's respaced step."""
+    frac = (v + 1.0) / 2.0
+    return frac * log_large + (1.0 - frac) * log_small
+
+
 @dataclass
 class NoiseSchedule:
     """A fixed variance schedule with its prediction type and x_0 clipping rule."""
@@ -79,6 +86,7 @@ class NoiseSchedule:
         # Nichol & Dhariwal's code, so the decoder term L_0 always has a finite variance.
         self.log_variance_small = torch.log(torch.cat([self.posterior_variance[1:2], self.posterior_variance[1:]]))
         self.log_variance_large = torch.log(torch.cat([self.posterior_variance[1:2], self.betas[1:]]))
+        self.log_betas = torch.log(self.betas)
 
     def respaced(self, timesteps: list[int]) -> NoiseSchedule:
         """The K-step process on a subsequence of timesteps (Nichol & Dhariwal 2021, sec. 4): its
@@ -179,11 +187,9 @@ class NoiseSchedule:
         if variance == "learned":
             return output[:, channels:]
         small = self._gather("log_variance_small", t, output.ndim)
-        large = self._gather("log_variance_large", t, output.ndim) if variance != "learned_range" \
-            else self._gather("betas", t, output.ndim).log()
         if variance == "learned_range":
-            frac = (output[:, channels:] + 1.0) / 2.0
-            return frac * large + (1.0 - frac) * small
+            return interpolate_log_variance(output[:, channels:], small, self._gather("log_betas", t, output.ndim))
+        large = self._gather("log_variance_large", t, output.ndim)
         return (small if variance == "fixed_small" else large).expand(output.shape[0], channels, *output.shape[2:])
 
     def training_target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

@@ -16,18 +16,9 @@ from ddpm_cli.engine.bound import BoundEstimate, bound_bpd
 from ddpm_cli.engine.errors import InputError
 from ddpm_cli.engine.pipeline import Condition, Pipeline
 from ddpm_cli.engine.samplers import make_timesteps
+from ddpm_cli.evaluation.images import read_images
 
 HELD_OUT_SPLITS = {"fashion-mnist": "test", "fashion-mnist-subset": "test"}
-
-
-def read_images(spec: str, size: int, channels: int, split: str = "train", limit: int | None = None):
-    """(N×C×size×size uint8 images of a folder or built-in, centre-cropped; the set's name)."""
-    from ddpm_cli.training.data import crop_and_flip, open_dataset
-
-    dataset = open_dataset(spec, size, channels, split=split)
-    count = len(dataset) if not limit else min(limit, len(dataset))
-    images = crop_and_flip([dataset.load(i) for i in range(count)], size, True, False, torch.Generator())
-    return images, dataset.name
 
 
 def held_out_images(pipeline: Pipeline, data: str | None, limit: int | None) -> tuple[torch.Tensor, str]:
