@@ -8,7 +8,7 @@ import sys
 import typer
 
 from ddpm_cli import __version__
-from ddpm_cli.cli import encode, evaluate, inpaint, sample, train, txt2img, upscale
+from ddpm_cli.cli import bench, encode, evaluate, inpaint, sample, train, txt2img, upscale
 from ddpm_cli.cli.errors import EXIT_INTERRUPTED, EXIT_USAGE
 
 HELP = """Train denoising diffusion models and sample them.
@@ -19,7 +19,7 @@ Exit codes: 0 ok, 2 bad usage or input, 3 model missing/corrupt/refused, 4 out o
 5 numerical failure, 130 interrupted. --debug (or DDPM_DEBUG=1) shows tracebacks.
 """
 
-app = typer.Typer(help=HELP, no_args_is_help=True, add_completion=True, pretty_exceptions_enable=False,
+app = typer.Typer(help=HELP, no_args_is_help=True, add_completion=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   context_settings={"help_option_names": ["-h", "--help"]})
 app.command("train", epilog=train.EXAMPLES)(train.train)
 app.command("sample", epilog=sample.EXAMPLES)(sample.sample)
@@ -31,6 +31,7 @@ evaluate.eval_app.command("nll", epilog=evaluate.EXAMPLES)(evaluate.nll)
 evaluate.eval_app.command("fid", epilog=evaluate.EXAMPLES)(evaluate.fid)
 evaluate.eval_app.command("sweep", epilog=evaluate.EXAMPLES)(evaluate.sweep)
 app.add_typer(evaluate.eval_app, name="eval")
+app.command("bench", epilog=bench.EXAMPLES)(bench.bench)
 
 
 def _version(value: bool) -> None:

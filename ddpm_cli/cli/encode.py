@@ -19,12 +19,10 @@ from ddpm_cli.cli.progress import StepProgress, say
 EXAMPLES = """
 Examples:
 
+\b
   ddpm encode ./photos -m runs/vae --resolution 128 -o photos.safetensors
-
   ddpm encode fashion-mnist -m runs/vae -o fmnist.safetensors            # a built-in data set, labels kept
-
   ddpm encode a.png b.jpg -m stabilityai/sd-vae-ft-mse -o two.safetensors
-
   ddpm encode --decode photos.safetensors -o decoded/                   # VAE from the file's metadata
 """
 

@@ -17,12 +17,10 @@ from ddpm_cli.engine.choices import SAMPLERS
 EXAMPLES = """
 Examples:
 
+\b
   ddpm eval nll runs/fashion --images 1000
-
   ddpm eval nll runs/fashion --exact --images 256 --format json | jq .bits_per_dim
-
   ddpm eval fid runs/cifar --ref ./cifar-train -n 10000 --inception pt_inception-2015-12-05-6726825d.pth
-
   ddpm eval sweep runs/fashion --metric nll --samplers ddpm --steps 10,20,50,100,1000 --chart sweep.png
 """
 

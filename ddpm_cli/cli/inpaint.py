@@ -17,12 +17,10 @@ from ddpm_cli.cli.render import Job, plan, render
 EXAMPLES = """
 Examples:
 
+\b
   ddpm inpaint fashion-mnist --image shirt.png --mask hole.png -n 4
-
   ddpm inpaint runs/photos --image cat.jpg --mask mask.png --sampler ddpm --steps 250 --jump-n-sample 10
-
   ddpm inpaint runs/emoji --image face.png --mask mouth.png --prompt "grinning face" --cfg 5
-
   ddpm inpaint runs/latent --image x.png --mask m.png --preserve-known      # latent model: exact known pixels
 """
 

@@ -7,17 +7,21 @@ from __future__ import annotations
 
 import sys
 import time
+from functools import cache
 
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-stderr = Console(stderr=True, highlight=False)
+@cache
+def stderr_console():
+    """Rich's console on stderr, made on first use (importing Rich costs time `ddpm --help` does not need)."""
+    from rich.console import Console
+
+    return Console(stderr=True, highlight=False)
 
 
 def say(message: str, quiet: bool = False) -> None:
     """One informational line on stderr."""
     if not quiet:
-        stderr.print(message, markup=False, soft_wrap=True)
+        stderr_console().print(message, markup=False, soft_wrap=True)
 
 
 class StepProgress:
@@ -32,9 +36,12 @@ class StepProgress:
 
     def __enter__(self) -> StepProgress:
         if self.interactive:
+            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                                       TimeRemainingColumn)
+
             self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                                      TextColumn("{task.fields[status]}"), TimeElapsedColumn(), TextColumn("eta"),
-                                     TimeRemainingColumn(), console=stderr, transient=False,
+                                     TimeRemainingColumn(), console=stderr_console(), transient=False,
                                      redirect_stdout=False, redirect_stderr=False)  # stdout carries results only
             self.progress.start()
             self.task = self.progress.add_task(self.description, total=self.total, status="")

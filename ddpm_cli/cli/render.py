@@ -59,8 +59,13 @@ def render(pipeline, jobs: list[Job], skipped: list[Job], settings, cfg: float, 
     ``generate(seeds, on_step, condition) -> images`` makes one batch (default: sample_batch with
     ``settings``, ``cfg`` and ``size``); ``steps_per_batch`` is its step count for the progress bar.
     """
+    from ddpm_cli.engine import distributed
     from ddpm_cli.engine.generate import sample_batch
     from ddpm_cli.engine.imageio import load_image, make_grid, save_png, tensor_to_pil
+
+    world = distributed.init(pipeline.device)  # under torchrun: this process makes every world.size-th image
+    if world.distributed:
+        jobs, quiet = jobs[world.rank::world.size], quiet or not world.main
 
     if generate is None:
         def generate(seeds, on_step, condition):
@@ -81,13 +86,18 @@ def render(pipeline, jobs: list[Job], skipped: list[Job], settings, cfg: float, 
                 written.append({"path": str(path), **job.params, "seed": job.seed})
                 if output_format == "text":
                     print(path, flush=True)
+    written = [entry for part in distributed.gather(written) for entry in part]  # every process's, in rank order
+    if not world.main:
+        return
     if grid_path is not None:
-        everything = sorted(jobs + skipped, key=lambda job: str(job.path))
+        everything = sorted({str(entry["path"]) for entry in written} | {str(job.path) for job in skipped})
         mode = "L" if pipeline.image_channels == 1 else "RGB"
-        save_png(make_grid([load_image(job.path, mode=mode) for job in everything]), grid_path, params, overwrite=True)
+        save_png(make_grid([load_image(path, mode=mode) for path in everything]), grid_path, params, overwrite=True)
         if output_format == "text":
             print(grid_path, flush=True)
     if output_format == "json":
+        if world.distributed:
+            written.sort(key=lambda entry: entry["path"])
         print(json.dumps({**params, "images": written, "skipped": [str(job.path) for job in skipped],
                           "grid": str(grid_path) if grid_path else None,
                           "seconds": round(time.perf_counter() - started, 3)}, indent=2))

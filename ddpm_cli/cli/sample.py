@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -17,12 +18,10 @@ from ddpm_cli.cli.render import Job, plan, render
 EXAMPLES = """
 Examples:
 
+\b
   ddpm sample runs/fashion -n 16 --grid
-
   ddpm sample google/ddpm-cifar10-32 --sampler ddim --steps 50 --seed 100 -o out/
-
   ddpm sample runs/fashion-classes --class sneaker --cfg 3 -n 8
-
   ddpm sample runs/fashion -n 4 --format json | jq -r '.images[].path'
 """
 
@@ -46,6 +45,7 @@ def sample(
     seed: SeedOpt = 0,
     outdir: OutdirOpt = Path("samples"),
     grid: Annotated[bool, typer.Option("--grid", help="Also write grid.png with every image.")] = False,
+    compile: Annotated[bool, typer.Option("--compile", help="torch.compile the U-Net first (worth it for many images).")] = False,
     output_format: FormatOpt = "text",
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
@@ -55,8 +55,13 @@ def sample(
     skip_existing: SkipExistingOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Sample images from a model; write one PNG per seed and print their paths."""
+    """Sample images from a model; write one PNG per seed and print their paths.
+
+    Under torchrun (torchrun --nproc-per-node N -m ddpm_cli sample ...) the seeds are shared out among
+    the processes: the same files as one process, made N at a time.
+    """
     model = str(model)
+    quiet = quiet or os.environ.get("RANK", "0") != "0"  # under torchrun, rank 0 reports
     check_choices(sampler, output_format)
     jobs = [Job(s, image_path(outdir, s)) for s in range(seed, seed + num_images)]
     todo, skipped = plan(jobs, outdir, overwrite, skip_existing, grid)
@@ -66,7 +71,7 @@ def sample(
     from ddpm_cli.engine.generate import SamplerSettings
     from ddpm_cli.engine.pipeline import Condition, load_pipeline
 
-    pipeline = load_pipeline(model, revision, device, dtype, allow_pickle)
+    pipeline = load_pipeline(model, revision, device, dtype, allow_pickle, compile)
     settings = SamplerSettings(sampler, steps, eta, spacing, variance).resolved(pipeline)
     say(f"ddpm: {model}: {describe(pipeline.device, pipeline.dtype)}; {settings.sampler}, {settings.steps} steps", quiet)
     guidance = {}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -21,20 +22,14 @@ D = TrainConfig  # the defaults shown in --help are the ones the run uses
 EXAMPLES = """
 Examples:
 
+\b
   ddpm train --max-steps 600 -o runs/fashion          # the built-in Fashion-MNIST
-
   ddpm train ./photos --resolution 64 --random-flip --model-size small -o runs/photos
-
   ddpm train fashion-mnist --conditioning class -o runs/fashion-classes   # then: ddpm sample ... --class sneaker
-
   ddpm train -o runs/photos --resume latest --max-steps 20000
-
   ddpm train ./photos --task autoencoder --resolution 128 -o runs/vae       # a VAE for latent diffusion
-
   ddpm encode ./photos -m runs/vae --resolution 128 -o photos.safetensors   # encode once, then:
-
   ddpm train photos.safetensors -o runs/latent                              # DDPM on the latents
-
   ddpm train ./photos --task superres --scale 4 --resolution 64 -o runs/sr  # then: ddpm upscale runs/sr small.png
 """
 
@@ -81,6 +76,7 @@ def train(
     checkpoint_every: Annotated[int | None, _opt("--checkpoint-every", help="Steps between checkpoints.", default=D.checkpoint_every, min=1)] = None,
     keep_checkpoints: Annotated[int | None, _opt("--keep-checkpoints", help="Newest checkpoints kept.", default=D.keep_checkpoints, min=1)] = None,
     sample_every: Annotated[int | None, _opt("--sample-every", help="Steps between sample grids [default: --checkpoint-every].", min=1)] = None,
+    compile: Annotated[bool | None, _opt("--compile/--no-compile", help="torch.compile the U-Net (a minute or two of compiling first; faster steps after).", default="off")] = None,
     num_workers: Annotated[int | None, _opt("--num-workers", help="Image decoding processes for folders [default: min(4, cores - 1)].", min=0)] = None,
     resume: Annotated[str | None, _opt("--resume", help="Continue a run: latest, or a checkpoint folder.")] = None,
     device: DeviceOpt = "auto",
@@ -101,6 +97,8 @@ def train(
         return
 
     writable_folder(options["output"] or D.output)
+    rank = int(os.environ.get("RANK", "0"))  # under torchrun, rank 0 reports and writes
+    quiet = quiet or rank != 0
     from ddpm_cli.training.loop import make_trainer, prepare
 
     config, checkpoint = prepare(options, resume, overwrite)
@@ -115,7 +113,8 @@ def train(
             say(f"ddpm: training {event['parameters'] / 1e6:.2f}M parameters on {event['data']} ({event['images']} images), "
                 f"{event['device']}, mixed precision {event['mixed_precision']}, from step {event['step']}", quiet)
         elif kind == "step":
-            bar.update(event["step"], f"loss {event['loss']:.4f} {event['images_per_s']:.0f} img/s")
+            loss = "-" if event["loss"] is None else f"{event['loss']:.4f}"  # read every few steps
+            bar.update(event["step"], f"loss {loss} {event['images_per_s']:.0f} img/s")
         elif kind == "nonfinite":
             say(f"ddpm: warning: non-finite loss at step {event['step']} skipped ({event['in_a_row']} in a row)", quiet)
         elif kind == "sample" and not bar.interactive:
@@ -125,7 +124,8 @@ def train(
     bar = StepProgress("training", trainer.total, quiet)
     with bar:
         summary = trainer.run()
-    _print_summary(summary, output_format)
+    if rank == 0:
+        _print_summary(summary, output_format)
 
 
 def _finished_run(run_dir: str) -> dict | None:

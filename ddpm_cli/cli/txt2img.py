@@ -21,12 +21,10 @@ DEFAULT_MODEL = "emoji"  # built in: trained by `ddpm train emoji --conditioning
 EXAMPLES = """
 Examples:
 
+\b
   ddpm txt2img "a cat" --cfg 7.5 --steps 30                        # the built-in emoji model
-
   ddpm txt2img "a cat face" -m runs/emoji --cfg 7.5 --steps 30
-
   ddpm txt2img "red apple" -m runs/emoji --negative-prompt "green" -n 4 --seed 10
-
   ddpm txt2img --from-file prompts.txt -m runs/emoji -o out/       # one prompt per line; - reads stdin
 """
 

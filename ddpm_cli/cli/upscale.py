@@ -18,10 +18,9 @@ from ddpm_cli.cli.render import Job, plan, render
 EXAMPLES = """
 Examples:
 
+\b
   ddpm upscale runs/sr small.png                         # the model's factor; out: samples/small-x4-000000.png
-
   ddpm upscale runs/sr photo.png --tile 64 --overlap 16 --steps 50 -n 3
-
   ddpm upscale stabilityai/stable-diffusion-x4-upscaler cat.png --prompt "a white cat" --noise-level 20 --steps 50
 """
 

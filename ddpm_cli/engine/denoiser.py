@@ -13,17 +13,24 @@ w = 0 the unconditional one.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 Conditioning = dict[str, torch.Tensor]
 
 
 class UNetDenoiser:
-    """Adapter for diffusers U-Nets: builds the timestep tensor on the device (no host copy)."""
+    """Adapter for diffusers U-Nets: builds the timestep tensor on the device (no host copy).
+
+    ``forward(x, t, **kwargs) -> tensor`` runs the network (default: the U-Net, eagerly; see
+    ``acceleration.unet_forward`` for compiled and CUDA-graph forms).
+    """
 
     def __init__(self, unet: torch.nn.Module, dtype: torch.dtype | None = None, cond: Conditioning | None = None,
-                 uncond: Conditioning | None = None, scale: float = 1.0):
+                 uncond: Conditioning | None = None, scale: float = 1.0, forward: Callable | None = None):
         self.unet = unet
+        self.forward = forward or (lambda x, t, **kwargs: unet(x, t, **kwargs).sample)
         self.dtype = dtype or next(unet.parameters()).dtype
         self.cond, self.uncond, self.scale = cond or {}, uncond, scale
         self.evaluations = 0
@@ -39,7 +46,7 @@ class UNetDenoiser:
             x_in = torch.cat([x, concat.to(x.dtype).repeat(x.shape[0] // concat.shape[0], 1, 1, 1)], dim=1)
         else:
             x_in = x
-        return self.unet(x_in.to(self.dtype), timestep, **kwargs).sample.to(x.dtype)
+        return self.forward(x_in.to(self.dtype), timestep, **kwargs).to(x.dtype)
 
     def __call__(self, x: torch.Tensor, t: int | torch.Tensor, concat: torch.Tensor | None = None) -> torch.Tensor:
         """The (guided) network output at x and timestep t (an int, or one per image); ``concat``

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 
 import torch
@@ -36,8 +37,8 @@ def _cuda_device(index: int | None) -> torch.device:
     if not torch.cuda.is_available():
         raise InputError("CUDA was requested but no CUDA device is available; use --device cpu")
     count = torch.cuda.device_count()
-    if index is None:
-        index = torch.cuda.current_device()
+    if index is None:  # under torchrun each process takes the GPU of its local rank
+        index = int(os.environ.get("LOCAL_RANK", torch.cuda.current_device()))
     if index >= count:
         raise InputError(
             f"CUDA device {index} was requested but only {count} CUDA device(s) exist "

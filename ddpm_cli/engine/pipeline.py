@@ -7,11 +7,13 @@ built-in name, or a Hub id with a revision.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from ddpm_cli.engine.acceleration import prepare_module, unet_forward
 from ddpm_cli.engine.autoencoder import decode_latents, latent_factor
 from ddpm_cli.engine.choices import LEARNED_VARIANCES
 from ddpm_cli.engine.checkpoint import load_scheduler_config, load_unet, load_vae, read_json, resolve_model
@@ -70,6 +72,13 @@ class Pipeline:
     low_res_schedule: NoiseSchedule | None = field(default=None)  # Stable Diffusion upscalers: noise added to the input
     max_noise_level: int | None = field(default=None)
     info: dict = field(default_factory=dict)  # ddpm_model.json: what the project recorded with the model
+    forward: Callable | None = field(default=None)  # the U-Net call samplers use (acceleration.unet_forward)
+
+    def accelerate(self, compile: bool = False, graphs: bool | None = None) -> Pipeline:
+        """The chosen memory layout, optionally torch.compile, and CUDA graphs on CUDA unless graphs=False."""
+        prepare_module(self.unet)
+        self.forward = unet_forward(self.unet, compile, graphs)
+        return self
 
     @property
     def latent_factor(self) -> int:
@@ -156,7 +165,7 @@ class Pipeline:
 
     def denoiser(self, batch: int = 1, condition: Condition | None = None, scale: float = 1.0) -> UNetDenoiser:
         cond, uncond = self.conditioning(batch, condition)
-        return UNetDenoiser(self.unet, self.dtype, cond, uncond, scale)
+        return UNetDenoiser(self.unet, self.dtype, cond, uncond, scale, self.forward)
 
 
 def from_unet(unet: torch.nn.Module, schedule: NoiseSchedule, name: str = "in-memory", variance: str = "fixed_small",
@@ -169,8 +178,9 @@ def from_unet(unet: torch.nn.Module, schedule: NoiseSchedule, name: str = "in-me
 
 
 def load_pipeline(model: str, revision: str | None = None, device: str = "auto", dtype: str = "auto",
-                  allow_pickle: bool = False) -> Pipeline:
-    """Resolve MODEL, check its weights, and load its U-Net and noise schedule."""
+                  allow_pickle: bool = False, compile: bool = False) -> Pipeline:
+    """Resolve MODEL, check its weights, and load its U-Net and noise schedule, accelerated
+    (CUDA graphs on CUDA, torch.compile when ``compile``; see ``acceleration``)."""
     folder = resolve_model(model, revision)
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
@@ -202,6 +212,7 @@ def load_pipeline(model: str, revision: str | None = None, device: str = "auto",
         spec = info.get("text_encoder") or str(folder)  # a project run names its encoder; else text_encoder/ inside
         text_encoder = TextEncoder.load(spec, torch_device, max_length=info.get("max_length"),
                                         embedding=info.get("text_embedding") or "tokens")
-    return Pipeline(model, folder, unet, NoiseSchedule.from_config(config), variance, torch_device, torch_dtype,
-                    info.get("class_names"), text_encoder, vae, upscale, low_res_schedule,
-                    index.get("max_noise_level") if low_res_schedule is not None else None, info)
+    pipeline = Pipeline(model, folder, unet, NoiseSchedule.from_config(config), variance, torch_device, torch_dtype,
+                        info.get("class_names"), text_encoder, vae, upscale, low_res_schedule,
+                        index.get("max_noise_level") if low_res_schedule is not None else None, info)
+    return pipeline.accelerate(compile)

@@ -124,7 +124,7 @@ def upscale_batch(pipeline: Pipeline, seeds: list[int], settings: SamplerSetting
                                                                    negative_prompt=options.negative_prompt))
         level = torch.full((len(seeds),), options.noise_level, device=pipeline.device, dtype=torch.long)
         denoiser = UNetDenoiser(pipeline.unet, pipeline.dtype, {**cond, "class_labels": level},
-                                None if uncond is None else {**uncond, "class_labels": level}, options.cfg)
+                                None if uncond is None else {**uncond, "class_labels": level}, options.cfg, pipeline.forward)
     else:
         condition = upsample(image, scale).expand(len(seeds), -1, -1, -1)
         denoiser = pipeline.denoiser(len(seeds))

@@ -124,6 +124,17 @@ def read_state(checkpoint: Path) -> dict:
     return json.loads((checkpoint / STATE_FILE).read_text())
 
 
+def _match_layouts(optimizer: torch.optim.Optimizer) -> None:
+    """Give each saved moment its parameter's memory layout (channels-last weights are saved contiguous):
+    a fused optimiser walks parameter and state memory in step, so the layouts must agree."""
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            state = optimizer.state.get(param, {})
+            for key, value in state.items():
+                if torch.is_tensor(value) and value.shape == param.shape and value.stride() != param.stride():
+                    state[key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
+
+
 def load_checkpoint(checkpoint: Path, model: torch.nn.Module, ema_model: torch.nn.Module,
                     optimizer: torch.optim.Optimizer, generators: dict[str, torch.Generator]) -> dict:
     """Restore weights, optimiser and generators in place; return the saved state."""
@@ -132,6 +143,7 @@ def load_checkpoint(checkpoint: Path, model: torch.nn.Module, ema_model: torch.n
     ema_model.load_state_dict(load_file(checkpoint / "ema.safetensors", device=str(device)))
     opt_meta = json.loads((checkpoint / "optimizer.json").read_text())
     optimizer.load_state_dict(_unflatten_optimizer(load_file(checkpoint / "optimizer.safetensors"), opt_meta))
+    _match_layouts(optimizer)
     for name, value in load_file(checkpoint / "rng.safetensors").items():
         generators[name].set_state(value)
     return read_state(checkpoint)

@@ -15,7 +15,7 @@ from ddpm_cli.training.presets import AUTOENCODER_PRESETS, PRESETS
 SUMMARY_FILE = "ddpm_train.json"  # written in the run folder when a run finishes
 # Options a resumed run may change; every other option comes from the run being resumed.
 RESUMABLE = {"max_steps", "epochs", "checkpoint_every", "keep_checkpoints", "sample_every", "device",
-             "num_workers", "max_nonfinite"}
+             "num_workers", "max_nonfinite", "compile"}
 
 
 @dataclass
@@ -48,6 +48,7 @@ class TrainConfig:
     device: str = "auto"
     num_workers: int | None = None
     max_nonfinite: int = 5
+    compile: bool = False
     conditioning: str = "none"
     cond_drop: float = 0.1
     text_encoder: str = "minilm"

@@ -286,12 +286,12 @@ def default_num_workers() -> int:
 class _StepSampler:
     """Batch sampler yielding ``batches.indices(s)`` for s = start, start + 1, ... (endless)."""
 
-    def __init__(self, batches: EpochBatches, start: int):
-        self.batches, self.start = batches, start
+    def __init__(self, batches: EpochBatches, start: int, rows: slice = slice(None)):
+        self.batches, self.start, self.rows = batches, start, rows
 
     def __iter__(self) -> Iterator[list[int]]:
         for step in itertools.count(self.start):
-            yield self.batches.indices(step)
+            yield self.batches.indices(step)[self.rows]
 
 
 class _Loads(torch.utils.data.Dataset):
@@ -325,9 +325,14 @@ class BatchLoader:
     """Fetches micro-batches in :class:`EpochBatches` order: in-memory sets directly, others
     (folders) through a prefetching ``torch.utils.data.DataLoader`` with ``num_workers`` workers."""
 
-    def __init__(self, dataset: ImageSet, batches: EpochBatches, num_workers: int | None = None):
-        self.dataset, self.batches = dataset, batches
+    def __init__(self, dataset: ImageSet, batches: EpochBatches, num_workers: int | None = None,
+                 rows: slice = slice(None), pin_memory: bool = False):
+        self.dataset, self.batches, self.rows, self.pin_memory = dataset, batches, rows, pin_memory
         self.num_workers = default_num_workers() if num_workers is None else max(0, int(num_workers))
+
+    def indices(self, step: int) -> list[int]:
+        """This process's items of micro-batch ``step`` (its ``rows`` of the global batch)."""
+        return self.batches.indices(step)[self.rows]
 
     def labels(self, indices: list[int]) -> torch.Tensor | None:
         """Labels of the items as an int64 tensor, or None when the data set has none."""
@@ -341,7 +346,7 @@ class BatchLoader:
 
     def batch(self, step: int) -> list[torch.Tensor]:
         """The images of micro-batch ``step``, loaded in this process."""
-        idx = self.batches.indices(step)
+        idx = self.indices(step)
         if isinstance(self.dataset, ArrayImageSet):
             return list(self.dataset.images[idx].unbind(0))
         return [self.dataset.load(i) for i in idx]
@@ -350,10 +355,49 @@ class BatchLoader:
         """Endless ``(step, images, labels)`` from ``start_step`` on; images are uint8 C×H×W."""
         if isinstance(self.dataset, ArrayImageSet):
             for step in itertools.count(start_step):
-                yield step, self.batch(step), self.labels(self.batches.indices(step))
+                yield step, self.batch(step), self.labels(self.indices(step))
             return
         loader = torch.utils.data.DataLoader(
-            _Loads(self.dataset), batch_sampler=_StepSampler(self.batches, start_step), num_workers=self.num_workers,
-            collate_fn=list, prefetch_factor=2 if self.num_workers > 0 else None)
+            _Loads(self.dataset), batch_sampler=_StepSampler(self.batches, start_step, self.rows),
+            num_workers=self.num_workers, collate_fn=list, prefetch_factor=2 if self.num_workers > 0 else None,
+            pin_memory=self.pin_memory)
         for step, images in zip(itertools.count(start_step), loader):
-            yield step, _raise_errors(images), self.labels(self.batches.indices(step))
+            yield step, _raise_errors(images), self.labels(self.indices(step))
+
+
+RESIDENT_BYTES = 4 << 30  # in-memory data sets up to this size are held on the training device
+
+
+def fits_on_device(dataset: ImageSet, resolution: int) -> bool:
+    """An in-memory set already at R×R and small enough to be held on the device (see DeviceBatches)."""
+    return (isinstance(dataset, ArrayImageSet) and tuple(dataset.images.shape[-2:]) == (resolution, resolution)
+            and dataset.images.numel() <= RESIDENT_BYTES)
+
+
+class DeviceBatches:
+    """An in-memory data set held on the training device as uint8, with its labels.
+
+    A micro-batch is one gather on the device and its random flips one ``where``, with no per-image
+    work on the host. The flips of the whole global batch are drawn from ``generator`` (one
+    ``torch.rand`` of its size) and each process keeps its ``rows``, so N processes see the same
+    images as one.
+    """
+
+    def __init__(self, dataset: ArrayImageSet, batches: EpochBatches, device: torch.device, random_flip: bool,
+                 generator: torch.Generator, rows: slice = slice(None)):
+        self.batches, self.random_flip, self.generator, self.rows = batches, random_flip, generator, rows
+        self.device = device
+        self.images = dataset.images.to(device)
+        self.labels = None if dataset.labels is None else torch.tensor(dataset.labels, device=device)
+
+    def __call__(self, step: int) -> tuple[torch.Tensor, torch.Tensor | None, list[int]]:
+        """(uint8 images B×C×R×R on the device, their labels or None, their item indices)."""
+        indices = self.batches.indices(step)
+        flips = torch.rand(len(indices), generator=self.generator)[self.rows] < 0.5 if self.random_flip else None
+        indices = indices[self.rows]
+        index = torch.tensor(indices)
+        index = (index.pin_memory() if self.device.type == "cuda" else index).to(self.device, non_blocking=True)
+        images = self.images.index_select(0, index)
+        if flips is not None:
+            images = torch.where(flips.to(self.device, non_blocking=True)[:, None, None, None], images.flip(-1), images)
+        return images, None if self.labels is None else self.labels.index_select(0, index), indices

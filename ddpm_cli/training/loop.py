@@ -1,7 +1,14 @@
 """The training loop: L_simple (Ho et al. 2020, Algorithm 1) with EMA, mixed precision, accumulation,
 gradient clipping, atomic checkpoints, exact resume and periodic sample grids.
 
-Progress goes out through ``on_event(dict)``; the loop never prints.
+Speed: fused AdamW, a foreach EMA, optional ``torch.compile``, small data
+sets held on the device, and no host-device synchronisation per step: losses stay on the device
+and are read every ``LOG_EVERY`` steps (and before checkpoints), and a step whose gradients are
+not finite is skipped on the device by the optimiser itself.
+
+Under torchrun every process takes its rows of each global batch (the noise, timesteps and flips
+of the whole batch are drawn alike in every process), DistributedDataParallel averages the
+gradients, and only rank 0 writes. Progress goes out through ``on_event(dict)``; the loop never prints.
 """
 
 from __future__ import annotations
@@ -9,9 +16,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import itertools
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -19,6 +27,8 @@ import torch
 import torch.nn.functional as F
 
 from ddpm_cli import __version__
+from ddpm_cli.engine import distributed
+from ddpm_cli.engine.acceleration import compile_module, memory_format, prepare_module
 from ddpm_cli.engine.bound import vlb_terms
 from ddpm_cli.engine.device import describe, resolve_device
 from ddpm_cli.engine.errors import InputError, NumericalError
@@ -28,7 +38,8 @@ from ddpm_cli.engine.pipeline import MODEL_INFO_FILE, Condition, from_unet
 from ddpm_cli.engine.schedule import NoiseSchedule
 from ddpm_cli.training import checkpoints
 from ddpm_cli.training.config import SUMMARY_FILE, TrainConfig
-from ddpm_cli.training.data import BUILTIN_DATASETS, BatchLoader, EpochBatches, crop_and_flip, open_dataset
+from ddpm_cli.training.data import (BUILTIN_DATASETS, BatchLoader, DeviceBatches, EpochBatches, crop_and_flip,
+                                    fits_on_device, open_dataset)
 from ddpm_cli.training.ema import EMA
 from ddpm_cli.training.latents import flip_latents, is_latents_file, open_latent_data
 from ddpm_cli.training.presets import build_unet, text_unet_config, unet_config
@@ -73,9 +84,13 @@ class Trainer:
     """Holds the state of one run; ``run()`` trains from wherever the state is to the last step."""
 
     def __init__(self, config: TrainConfig, checkpoint: Path | None = None, on_event: Events | None = None):
-        self.on_event = on_event or (lambda event: None)
         self.run_dir = Path(config.output)
         self.device = resolve_device(config.device)
+        self.world = distributed.init(self.device)
+        self.on_event = (on_event if self.world.main else None) or (lambda event: None)  # rank 0 reports
+        if config.batch_size % self.world.size:
+            raise InputError(f"--batch-size {config.batch_size} is the global batch; it must divide evenly among "
+                             f"the {self.world.size} processes")
         if config.resolution is None:
             config.resolution = 32 if config.data in BUILTIN_DATASETS else 64
         self.vae = None  # the AutoencoderKL of a latent run
@@ -86,10 +101,19 @@ class Trainer:
         self.config = config
         self.schedule = make_schedule(config)
         torch.manual_seed(config.seed)
-        self.model = self._build_model().to(self.device)
+        self.model = prepare_module(self._build_model().to(self.device))
+        self.memory_format = memory_format()
         self.ema = EMA(self.model, config.ema_decay)
+        self.fused = self.device.type in ("cuda", "cpu")
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay,
-                                           fused=self.device.type == "cuda")
+                                           fused=self.fused or None)
+        self.network = self.model  # what the loss calls: the model, in DDP under torchrun, compiled with --compile
+        if self.world.distributed:
+            self.network = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device] if self.device.type == "cuda" else None)
+        self.ddp = self.network if self.world.distributed else None
+        if config.compile:
+            self.network = compile_module(self.network)
         self.generators = {
             "augment": torch.Generator().manual_seed(config.seed + 1),
             "noise": torch.Generator(self.device).manual_seed(config.seed + 2),
@@ -97,6 +121,10 @@ class Trainer:
         self.batches = EpochBatches(len(self.dataset), config.batch_size, config.seed)
         self.total = config.total_steps(self.batches.steps_per_epoch)
         self.step, self.nonfinite, self.elapsed, self.images_seen, self.last_loss = 0, 0, 0.0, 0, None
+        self.pending: list[torch.Tensor] = []  # (loss, skipped) of the steps not read yet, on the device
+        self.recent: list[float] = []  # finite losses read since the last log line
+        self.consecutive, self.last_finite, self.shown_loss, self.lr = 0, True, None, config.lr
+        self.data: Iterator[tuple[torch.Tensor, dict]] | None = None
         if checkpoint is not None:
             state = checkpoints.load_checkpoint(checkpoint, self.model, self.ema.model, self.optimizer, self.generators)
             self.step, self.nonfinite, self.last_loss = state["step"], state["nonfinite"], state["loss"]
@@ -156,6 +184,28 @@ class Trainer:
                                  "in a sub-folder named after it, or use a labelled built-in data set)")
             self.class_names = list(self.dataset.class_names)
 
+    def _data(self, start: int) -> Iterator[tuple[torch.Tensor, dict]]:
+        """Endless micro-batches from micro-step ``start``: (x0 on the device; conditioning).
+
+        A small in-memory set at the training resolution lives on the device (``DeviceBatches``);
+        anything else is loaded, cropped and flipped on the host, through pinned memory on CUDA.
+        """
+        c = self.config
+        rows = self.world.shard(c.batch_size)
+        if not self.latent and fits_on_device(self.dataset, c.resolution):
+            fetch = DeviceBatches(self.dataset, self.batches, self.device, c.random_flip, self.generators["augment"], rows)
+            for step in itertools.count(start):
+                images, labels, indices = fetch(step)
+                yield self._scaled(images), self._conditioning(indices, labels)
+            return
+        loader = BatchLoader(self.dataset, self.batches, c.num_workers, rows, pin_memory=self.device.type == "cuda")
+        for step, images, labels in loader.iterate(start):
+            yield self._micro_batch(images), self._conditioning(loader.indices(step), labels)
+
+    def _scaled(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 images on the device to [-1, 1], in the model's memory layout."""
+        return (images.float() / 127.5 - 1.0).contiguous(memory_format=self.memory_format)
+
     def _micro_batch(self, images: list[torch.Tensor]) -> torch.Tensor:
         c = self.config
         if self.latent:  # already float and scaled; flips are the only augmentation that suits latents
@@ -163,19 +213,22 @@ class Trainer:
         batch = crop_and_flip(images, c.resolution, c.center_crop, c.random_flip, self.generators["augment"])
         if self.device.type == "cuda":
             batch = batch.pin_memory()
-        return batch.to(self.device, non_blocking=True).float() / 127.5 - 1.0
+        return self._scaled(batch.to(self.device, non_blocking=True))
 
-    def _conditioning(self, micro_step: int, labels: torch.Tensor | None) -> dict:
+    def _conditioning(self, indices: list[int], labels: torch.Tensor | None) -> dict:
         """The batch's class labels or caption embeddings; each is replaced by the null class or the
-        empty caption with probability --cond-drop, so one model learns both guidance branches."""
+        empty caption with probability --cond-drop, so one model learns both guidance branches.
+        The drops of the whole global batch are drawn, and this process keeps its rows."""
         if self.class_names is None and self.captions is None:
             return {}
         if self.captions is not None:
-            rows = torch.tensor([self.captions.index[i] for i in self.batches.indices(micro_step)], device=self.device)
+            rows = torch.tensor([self.captions.index[i] for i in indices], device=self.device)
             null = self.captions.null_row
         else:
             rows, null = labels.to(self.device, non_blocking=True), len(self.class_names)
-        drop = torch.rand(rows.shape, generator=self.generators["noise"], device=self.device) < self.config.cond_drop
+        total = len(indices) * self.world.size
+        drop = torch.rand((total,), generator=self.generators["noise"], device=self.device) < self.config.cond_drop
+        drop = drop[self.world.shard(total)]
         rows = torch.where(drop, torch.full_like(rows, null), rows)
         if self.captions is None:
             return {"class_labels": rows}
@@ -189,11 +242,13 @@ class Trainer:
         bound trains only the variance (Nichol & Dhariwal 2021, sec. 3.1)."""
         noise_gen = self.generators["noise"]
         T = self.schedule.num_train_timesteps
-        t = torch.randint(0, T, (x0.shape[0],), generator=noise_gen, device=self.device)
-        noise = torch.randn(x0.shape, generator=noise_gen, device=self.device)
-        xt = self.schedule.q_sample(x0, t, noise)
+        total = x0.shape[0] * self.world.size  # the global batch's draws, of which this process takes its rows
+        rows = self.world.shard(total)
+        t = torch.randint(0, T, (total,), generator=noise_gen, device=self.device)[rows]
+        noise = torch.randn((total, *x0.shape[1:]), generator=noise_gen, device=self.device)[rows]
+        xt = self.schedule.q_sample(x0, t, noise).contiguous(memory_format=self.memory_format)
         with self.autocast:
-            output = self.model(xt, t, **(conditioning or {})).sample.float()
+            output = self.network(xt, t, **(conditioning or {})).sample.float()
         channels, loss = x0.shape[1], self.config.loss
         mse = F.mse_loss(output[:, :channels], self.schedule.training_target(x0, noise, t))
         if loss == "simple":
@@ -203,81 +258,117 @@ class Trainer:
         vlb = vlb_terms(self.schedule, x0, xt, t, output, self.variance).mean() * T
         return mse + self.config.vlb_weight * vlb if loss == "hybrid" else vlb
 
-    def _optimizer_step(self) -> None:
+    def _optimizer_step(self) -> torch.Tensor:
+        """Clip and step; returns 1.0 (on the device) where the gradients were not finite, and then the
+        step changes nothing: fused AdamW skips it on the device, with no host synchronisation."""
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
-        if self.config.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
-        if self.scaler is not None:
+        clip = self.config.grad_clip if self.config.grad_clip > 0 else math.inf
+        skipped = (~torch.isfinite(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))).float()
+        if self.scaler is not None:  # the scaler skips non-finite steps itself
             self.scaler.step(self.optimizer)
             self.scaler.update()
-        else:
+        elif self.fused:
+            self.optimizer.found_inf = skipped
             self.optimizer.step()
+            del self.optimizer.found_inf
+        elif not skipped.item():
+            self.optimizer.step()
+        return skipped
+
+    def train_step(self) -> torch.Tensor:
+        """One optimiser step over one global batch; returns (loss, skipped) on the device, unread."""
+        c = self.config
+        if self.data is None:
+            self.data = self._data(self.step * c.grad_accum)
+        self.lr = learning_rate(c, self.step, self.total)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_sum = torch.zeros((), device=self.device)
+        for k in range(c.grad_accum):
+            accumulate = self.ddp is not None and k + 1 < c.grad_accum  # all-reduce once, after the last
+            with self.ddp.no_sync() if accumulate else nullcontext():
+                x0, conditioning = next(self.data)
+                loss = self._loss(x0, conditioning) / c.grad_accum
+                (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+            loss_sum += loss.detach()
+        skipped = self._optimizer_step()
+        self.ema.update(self.model, self.step, skipped)
+        self.step += 1
+        self.images_seen += c.batch_size * c.grad_accum
+        return torch.stack([loss_sum, skipped])
+
+    def _read_losses(self) -> None:
+        """Read the pending steps' losses (one synchronisation, averaged over processes) and count the
+        non-finite ones; too many in a row stop the run."""
+        if not self.pending:
+            return
+        values = distributed.average(torch.stack(self.pending)).tolist()
+        first, self.pending = self.step - len(values) + 1, []
+        for step, (loss, skipped) in enumerate(values, start=first):
+            self.last_finite = math.isfinite(loss) and not skipped
+            if self.last_finite:
+                self.consecutive = 0
+                self.recent.append(loss)
+                self.shown_loss = loss
+                continue
+            self.nonfinite, self.consecutive = self.nonfinite + 1, self.consecutive + 1
+            self.on_event({"kind": "nonfinite", "step": step, "in_a_row": self.consecutive})
+            if self.consecutive >= self.config.max_nonfinite:
+                raise NumericalError(f"the loss was not finite for {self.consecutive} steps in a row (step {step}); "
+                                     "try a lower --lr, --grad-clip 1 or --mixed-precision no")
 
     def run(self) -> dict:
         c = self.config
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.world.main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
         parameters = sum(p.numel() for p in self.model.parameters())
         self.on_event({"kind": "start", "step": self.step, "total": self.total, "device": describe(self.device, torch.float32),
                        "parameters": parameters, "data": self.dataset.name, "images": len(self.dataset),
-                       "mixed_precision": c.mixed_precision})
-        loader = BatchLoader(self.dataset, self.batches, c.num_workers).iterate(self.step * c.grad_accum)
-        consecutive, recent, started = 0, [], time.perf_counter()
+                       "mixed_precision": c.mixed_precision, "processes": self.world.size})
+        started = time.perf_counter()
         while self.step < self.total:
-            lr = learning_rate(c, self.step, self.total)
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
-            self.optimizer.zero_grad(set_to_none=True)
-            loss_sum = 0.0
-            for _ in range(c.grad_accum):
-                micro_step, images, labels = next(loader)
-                loss = self._loss(self._micro_batch(images), self._conditioning(micro_step, labels)) / c.grad_accum
-                (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
-                loss_sum += loss.detach()
-            loss_value = float(loss_sum)
-            if not math.isfinite(loss_value):
-                self.nonfinite, consecutive = self.nonfinite + 1, consecutive + 1
-                self.optimizer.zero_grad(set_to_none=True)
-                self.on_event({"kind": "nonfinite", "step": self.step + 1, "in_a_row": consecutive})
-                if consecutive >= c.max_nonfinite:
-                    raise NumericalError(f"the loss was not finite for {consecutive} steps in a row (step {self.step + 1}); "
-                                         "try a lower --lr, --grad-clip 1 or --mixed-precision no")
-                self.step += 1
-                continue
-            consecutive = 0
-            self._optimizer_step()
-            self.ema.update(self.model, self.step)
-            self.step += 1
-            self.images_seen += c.batch_size * c.grad_accum
-            recent.append(loss_value)
+            self.pending.append(self.train_step())
             now = time.perf_counter()
             self.elapsed += now - started
-            started = now
-            self.on_event({"kind": "step", "step": self.step, "total": self.total, "loss": loss_value, "lr": lr,
-                           "images_per_s": self.images_seen / max(self.elapsed, 1e-9)})
-            if self.step % LOG_EVERY == 0 or self.step == self.total:
-                self._log(sum(recent) / len(recent), lr)
-                self.last_loss, recent = sum(recent) / len(recent), []
-            if self.step % c.checkpoint_every == 0 or self.step == self.total:
+            last = self.step == self.total
+            log = self.step % LOG_EVERY == 0 or last
+            checkpoint = self.step % c.checkpoint_every == 0 or last
+            grid = self.step % (c.sample_every or c.checkpoint_every) == 0 or last
+            if log or checkpoint or grid:
+                self._read_losses()
+            if log and self.recent:
+                self.last_loss, self.recent = sum(self.recent) / len(self.recent), []
+                self._log(self.last_loss, self.lr)
+            self.on_event({"kind": "step", "step": self.step, "total": self.total, "loss": self.shown_loss,
+                           "lr": self.lr, "images_per_s": self.images_seen / max(self.elapsed, 1e-9)})
+            if checkpoint and self.last_finite:
                 self._checkpoint()
-            if self.step % (c.sample_every or c.checkpoint_every) == 0 or self.step == self.total:
+            if grid and self.world.main:
                 self._sample_grid()
             started = time.perf_counter()
-        return self._summary(parameters)
+        summary = self._summary(parameters)
+        distributed.barrier()
+        return summary
 
     def _truncate_log(self) -> None:
         """Drop log lines of steps after the resumed checkpoint (a killed run may have logged them)."""
         path = self.run_dir / LOG_FILE
-        if path.exists():
+        if path.exists() and self.world.main:
             kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= self.step]
             _write_text(path, "".join(line + "\n" for line in kept))
 
     def _log(self, loss: float, lr: float) -> None:
+        if not self.world.main:
+            return
         line = {"step": self.step, "loss": loss, "lr": lr, "images_per_s": self.images_seen / max(self.elapsed, 1e-9)}
         with open(self.run_dir / LOG_FILE, "a") as f:
             f.write(json.dumps(line) + "\n")
 
     def _checkpoint(self) -> None:
+        if not self.world.main:
+            return
         state = {"config": self.config.to_dict(), "nonfinite": self.nonfinite, "elapsed": self.elapsed,
                  "images_seen": self.images_seen, "loss": self.last_loss, "version": __version__,
                  "grad_scaler": self.scaler.state_dict() if self.scaler is not None else None}
@@ -330,7 +421,8 @@ class Trainer:
             "data": {"name": self.dataset.name, "source": str(self.dataset.source), "images": len(self.dataset)},
             "pipeline": str(self.run_dir), "last_grid": str(grids[-1]) if grids else None,
         }
-        _write_json(self.run_dir / SUMMARY_FILE, summary)
+        if self.world.main:
+            _write_json(self.run_dir / SUMMARY_FILE, summary)
         return summary
 
 
@@ -368,7 +460,8 @@ def prepare(options: dict, resume: str | None = None, overwrite: bool = False) -
         if not overwrite:
             raise InputError(f"{run_dir} already holds a training run; pass --resume latest to continue it, "
                              "--overwrite to start it over, or choose another -o")
-        clear_run(run_dir)
+        if distributed.world().main:  # under torchrun, one process clears
+            clear_run(run_dir)
     return config, None
 
 

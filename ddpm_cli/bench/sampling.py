@@ -1,0 +1,65 @@
+"""Sampling throughput: this project's ancestral sampler against diffusers' DDPMPipeline.
+
+Both run DDPM (Ho et al. 2020, Algorithm 2) for ``plan.sample_steps`` steps on a batch of
+``plan.sample_batch`` and return images; the figure is U-Net evaluations per second. The project
+runs through the path ``ddpm sample`` takes: ``Pipeline.accelerate`` (CUDA graphs on CUDA, torch.compile
+when asked) and ``sample_batch`` with one noise generator per seed.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ddpm_cli.bench import Plan, layout as _layout, timed
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def levers(implementation: str, device: torch.device, compile: bool) -> str:
+    if implementation == "diffusers":
+        return "DDPMPipeline"
+    names = (["CUDA graphs"] if device.type == "cuda" else []) + _layout()
+    return ", ".join(names + (["torch.compile"] if compile else []))
+
+
+def _unet(plan: Plan, device: torch.device, precision: str):
+    from ddpm_cli.training.presets import build_unet
+
+    torch.manual_seed(0)
+    return build_unet(plan.unet()).to(device, DTYPES[precision]).eval().requires_grad_(False)
+
+
+def measure(plan: Plan, device: torch.device, implementation: str, precision: str,
+            compile: bool) -> tuple[float, float, str]:
+    """(U-Net evaluations/s, timed seconds, a note): one warm-up run of 2 steps, then one timed run."""
+    run, pipeline = (_ddpm if implementation == "ddpm" else _diffusers)(plan, device, precision, compile)
+    run(2)
+    seconds = timed(device, lambda: run(plan.sample_steps))
+    failed = getattr(getattr(pipeline, "forward", None), "failed", None)  # a CUDA graph that could not be recorded
+    return plan.sample_batch * plan.sample_steps / seconds, seconds, f"CUDA graphs off: {failed}" if failed else ""
+
+
+def _ddpm(plan: Plan, device: torch.device, precision: str, compile: bool):
+    from ddpm_cli.engine.generate import SamplerSettings, sample_batch
+    from ddpm_cli.engine.pipeline import from_unet
+    from ddpm_cli.engine.schedule import NoiseSchedule
+
+    schedule = NoiseSchedule.create("linear", 1000, 1e-4, 0.02, clip_sample=True)
+    pipeline = from_unet(_unet(plan, device, precision), schedule).accelerate(compile)
+    seeds = list(range(plan.sample_batch))
+
+    def run(steps: int):
+        with torch.inference_mode():
+            return sample_batch(pipeline, seeds, SamplerSettings("ddpm", steps))
+    return run, pipeline
+
+
+def _diffusers(plan: Plan, device: torch.device, precision: str, compile: bool):
+    from diffusers import DDPMPipeline, DDPMScheduler
+
+    pipe = DDPMPipeline(unet=_unet(plan, device, precision), scheduler=DDPMScheduler(num_train_timesteps=1000))
+    pipe.set_progress_bar_config(disable=True)
+
+    def run(steps: int):
+        return pipe(batch_size=plan.sample_batch, num_inference_steps=steps, output_type="np")
+    return run, pipe

@@ -1,0 +1,73 @@
+"""``ddpm bench``: training and sampling speed against diffusers, side by side in one process."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated
+
+import typer
+
+from ddpm_cli.cli.errors import EXIT_USAGE, fail, handle_errors
+from ddpm_cli.cli.options import DeviceOpt, FormatOpt, QuietOpt, complete
+from ddpm_cli.cli.progress import say
+from ddpm_cli.training.presets import PRESETS
+
+EXAMPLES = """
+Examples:
+
+\b
+  ddpm bench                                         # tiny U-Net, on this machine's device
+  ddpm bench --model-size ddpm-cifar10 --train-batch 256 --sample-batch 1024 --compile
+  ddpm bench --only sample --format json | jq '.rows[] | {levers, value}'
+"""
+TASKS = ("train", "sample")
+UNITS = {"train": "images/s", "sample": "U-Net evals/s"}
+
+
+def table(result: dict) -> str:
+    """The rows as an aligned text table."""
+    head = ("task", "implementation", "precision", "levers", "batch", "speed", "unit", "x diffusers fp32",
+            "x diffusers best")
+    lines = [head]
+    for row in result["rows"]:
+        speed = f"{row['value']:,.0f}" if row["value"] else f"failed: {row['error']}"
+        ratio = lambda key: "" if row[key] is None else f"{row[key]:.2f}"  # noqa: E731
+        lines.append((row["task"], row["implementation"], row["precision"], row["levers"], str(row["batch"]), speed,
+                      UNITS[row["task"]], ratio("vs_diffusers_fp32"), ratio("vs_diffusers_best")))
+    widths = [max(len(line[k]) for line in lines) for k in range(len(head))]
+    text = ["  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip() for line in lines]
+    title = f"{result['model']} U-Net ({result['parameters'] / 1e6:.1f}M parameters), {result['device']}, torch {result['torch']}"
+    return "\n".join([title, *text])
+
+
+@handle_errors
+def bench(
+    model_size: Annotated[str, typer.Option("--model-size", autocompletion=complete(tuple(PRESETS)), help=f"The U-Net, at 32x32 RGB: {', '.join(PRESETS)} (ddpm-cifar10: the DDPM paper's 35.7M network).")] = "tiny",
+    train_batch: Annotated[int, typer.Option("--train-batch", min=1, help="Training batch.")] = 64,
+    train_steps: Annotated[int, typer.Option("--train-steps", min=1, help="Timed training steps per variant.")] = 10,
+    sample_batch: Annotated[int, typer.Option("--sample-batch", min=1, help="Sampling batch.")] = 64,
+    sample_steps: Annotated[int, typer.Option("--sample-steps", min=1, help="Timed sampling steps per variant.")] = 10,
+    compile: Annotated[bool, typer.Option("--compile", help="Also measure this project with torch.compile (compiles first: minutes on a CPU).")] = False,
+    only: Annotated[str | None, typer.Option("--only", autocompletion=complete(TASKS), help="Measure only train or sample.")] = None,
+    device: DeviceOpt = "auto",
+    output_format: FormatOpt = "text",
+    quiet: QuietOpt = False,
+) -> None:
+    """Measure training images/s and sampling U-Net evaluations/s against diffusers on the same network."""
+    if only is not None and only not in TASKS:
+        raise fail(f"unknown --only {only!r}; choose train or sample", EXIT_USAGE)
+    if output_format not in ("text", "json"):
+        raise fail(f"unknown --format {output_format!r}; choose text or json", EXIT_USAGE)
+    if model_size not in PRESETS:
+        raise fail(f"unknown --model-size {model_size!r}; choose one of {', '.join(PRESETS)}", EXIT_USAGE)
+    from ddpm_cli.bench import Plan, run
+
+    plan = Plan(model_size, device, train_batch, train_steps, sample_batch, sample_steps, compile,
+                (only,) if only else TASKS)
+
+    def on_row(row) -> None:
+        speed = f"{row.value:,.0f} {UNITS[row.task]}" if row.value else f"failed: {row.error}"
+        say(f"ddpm: bench {row.task} {row.implementation} {row.precision} ({row.levers}): {speed}", quiet)
+
+    result = run(plan, on_row)
+    print(json.dumps(result, indent=2) if output_format == "json" else table(result))

@@ -1,0 +1,81 @@
+"""Several processes, one job: torchrun's environment read once, torch.distributed set up from it.
+
+``torchrun --nproc-per-node N -m ddpm_cli train ...`` starts N copies of the command with RANK,
+WORLD_SIZE and LOCAL_RANK set (several nodes through torchrun's rendezvous). Training then
+splits every global batch across the ranks (DistributedDataParallel averages the gradients);
+sampling splits the seeds. Outside torchrun everything here is the one-process identity.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+    @property
+    def main(self) -> bool:
+        """The process that writes files and reports (rank 0)."""
+        return self.rank == 0
+
+    def shard(self, total: int) -> slice:
+        """This rank's rows of a global batch of ``total`` (equal shares; total must divide evenly)."""
+        share = total // self.size
+        return slice(self.rank * share, (self.rank + 1) * share)
+
+
+def world() -> World:
+    """The torchrun world this process belongs to (rank 0 of 1 outside torchrun)."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if size <= 1:
+        return World()
+    return World(int(os.environ.get("RANK", "0")), size, int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def init(device: torch.device) -> World:
+    """Join the process group once (NCCL on CUDA, gloo on the CPU) and return the world."""
+    here = world()
+    if here.distributed and not torch.distributed.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        torch.distributed.init_process_group(backend, rank=here.rank, world_size=here.size,
+                                             device_id=device if device.type == "cuda" else None)
+    return here
+
+
+def barrier() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def gather(value: object) -> list[object]:
+    """Every rank's ``value``, in rank order (``[value]`` outside torchrun)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return [value]
+    values = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(values, value)
+    return values
+
+
+def average(tensor: torch.Tensor) -> torch.Tensor:
+    """The mean of ``tensor`` over the ranks (itself outside torchrun)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return tensor
+    tensor = tensor.clone()
+    torch.distributed.all_reduce(tensor)
+    return tensor / torch.distributed.get_world_size()
+
+
+def finish() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

@@ -1,0 +1,64 @@
+"""torchrun: two CPU processes (gloo) train the same weights as one and sample the same images."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+from safetensors.torch import load_file
+
+from tests.test_cli import ddpm
+
+TRAIN = ["train", "fashion-mnist-subset", "--max-steps", 4, "-b", 8, "--lr", "1e-3", "--checkpoint-every", 4,
+         "--random-flip", "--conditioning", "class", "--device", "cpu"]
+
+
+def torchrun(*args, processes=2, cwd=None):
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(processes),
+               "-m", "ddpm_cli", *map(str, args)]
+    return subprocess.run(command, capture_output=True, text=True, cwd=cwd, env=env, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("ddp")
+    one = ddpm(*TRAIN, "-o", folder / "one", "--format", "json")
+    two = torchrun(*TRAIN, "-o", folder / "two", "--format", "json")
+    assert one.returncode == 0, one.stderr
+    assert two.returncode == 0, two.stderr
+    return folder, one, two
+
+
+def test_two_processes_train_what_one_does(runs):
+    folder, one, two = runs
+    summary = json.loads(two.stdout)  # one summary: rank 0 prints, the other rank stays quiet
+    assert summary["steps"] == 4 and summary["config"]["batch_size"] == 8 and summary["images_seen"] == 32
+    assert two.stderr.count("ddpm: training") == 1
+    log_one, log_two = ((folder / run / "log.jsonl").read_text().splitlines() for run in ("one", "two"))
+    assert abs(json.loads(log_one[-1])["loss"] - json.loads(log_two[-1])["loss"]) < 1e-5
+    assert [p.name for p in (folder / "two" / "checkpoints").iterdir()] == ["checkpoint-0000004"]
+    for name in ("model", "ema"):
+        a = load_file(folder / "one" / "checkpoints" / "checkpoint-0000004" / f"{name}.safetensors")
+        b = load_file(folder / "two" / "checkpoints" / "checkpoint-0000004" / f"{name}.safetensors")
+        # Same global batch, noise and learning rate: only float rounding differs (one Adam step is 1e-3).
+        assert max((a[k] - b[k]).abs().max().item() for k in a) < 2e-4, name
+
+
+def test_two_processes_sample_the_same_images_as_one(runs, tmp_path):
+    folder, _, _ = runs
+    common = ["sample", folder / "one", "-n", 5, "-b", 2, "--steps", 5, "--class", 7, "--grid", "--format", "json"]
+    one = ddpm(*common, "-o", tmp_path / "a")
+    two = torchrun(*common, "-o", tmp_path / "b")
+    assert one.returncode == 0 and two.returncode == 0, two.stderr
+    report = json.loads(two.stdout)
+    assert [os.path.basename(i["path"]) for i in report["images"]] == [f"{s:06d}.png" for s in range(5)]
+    for name in [f"{s:06d}" for s in range(5)] + ["grid"]:
+        a = np.asarray(Image.open(tmp_path / "a" / f"{name}.png"), dtype=int)
+        b = np.asarray(Image.open(tmp_path / "b" / f"{name}.png"), dtype=int)
+        assert np.abs(a - b).max() <= 1, name
+
+
