@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Annotated
 
@@ -14,6 +13,7 @@ from ddpm_cli.cli.options import (AllowPickleOpt, BatchSizeOpt, DeviceOpt, Dtype
                                   SpacingOpt, StepsOpt, VarianceOpt, check_choices)
 from ddpm_cli.cli.progress import say
 from ddpm_cli.cli.render import Job, plan, render
+from ddpm_cli.engine.distributed import world
 
 EXAMPLES = """
 Examples:
@@ -61,7 +61,7 @@ def sample(
     the processes: the same files as one process, made N at a time.
     """
     model = str(model)
-    quiet = quiet or os.environ.get("RANK", "0") != "0"  # under torchrun, rank 0 reports
+    quiet = quiet or not world().main  # under torchrun, rank 0 reports
     check_choices(sampler, output_format)
     jobs = [Job(s, image_path(outdir, s)) for s in range(seed, seed + num_images)]
     todo, skipped = plan(jobs, outdir, overwrite, skip_existing, grid)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Annotated
 
@@ -14,6 +13,7 @@ from ddpm_cli.cli.options import DeviceOpt, FormatOpt, QuietOpt, complete
 from ddpm_cli.cli.progress import StepProgress, say
 from ddpm_cli.engine.choices import (BETA_SCHEDULES, CONDITIONINGS, LR_SCHEDULES, MIXED_PRECISION, PREDICTION_TYPES,
                                      LOSSES, TASKS, TEXT_EMBEDDINGS)
+from ddpm_cli.engine.distributed import world
 from ddpm_cli.training.config import SUMMARY_FILE, TrainConfig
 from ddpm_cli.training.presets import PRESETS
 
@@ -97,8 +97,8 @@ def train(
         return
 
     writable_folder(options["output"] or D.output)
-    rank = int(os.environ.get("RANK", "0"))  # under torchrun, rank 0 reports and writes
-    quiet = quiet or rank != 0
+    main = world().main  # under torchrun, rank 0 reports and writes
+    quiet = quiet or not main
     from ddpm_cli.training.loop import make_trainer, prepare
 
     config, checkpoint = prepare(options, resume, overwrite)
@@ -124,7 +124,7 @@ def train(
     bar = StepProgress("training", trainer.total, quiet)
     with bar:
         summary = trainer.run()
-    if rank == 0:
+    if main:
         _print_summary(summary, output_format)
 
 

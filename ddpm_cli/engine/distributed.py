@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch is imported where it is used, so the CLI can ask for its rank without it
+    import torch
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,8 @@ def world() -> World:
 
 def init(device: torch.device) -> World:
     """Join the process group once (NCCL on CUDA, gloo on the CPU) and return the world."""
+    import torch
+
     here = world()
     if here.distributed and not torch.distributed.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
@@ -53,14 +57,24 @@ def init(device: torch.device) -> World:
     return here
 
 
+def _joined() -> bool:
+    import torch
+
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
 def barrier() -> None:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
+    import torch
+
+    if _joined():
         torch.distributed.barrier()
 
 
 def gather(value: object) -> list[object]:
     """Every rank's ``value``, in rank order (``[value]`` outside torchrun)."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+    import torch
+
+    if not _joined():
         return [value]
     values = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(values, value)
@@ -69,13 +83,11 @@ def gather(value: object) -> list[object]:
 
 def average(tensor: torch.Tensor) -> torch.Tensor:
     """The mean of ``tensor`` over the ranks (itself outside torchrun)."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+    import torch
+
+    if not _joined():
         return tensor
     tensor = tensor.clone()
     torch.distributed.all_reduce(tensor)
     return tensor / torch.distributed.get_world_size()
 
-
-def finish() -> None:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
