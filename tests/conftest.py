@@ -32,7 +32,7 @@ def fashion_class_run(tmp_path_factory):
 
     run = tmp_path_factory.mktemp("fashion-class") / "run"
     train({"data": "fashion-mnist", "output": str(run), "resolution": 16, "conditioning": "class",
-           "max_steps": 400, "batch_size": 64, "lr": 2e-3, "checkpoint_every": 400, "num_workers": 0})
+           "max_steps": 300, "batch_size": 64, "lr": 2e-3, "checkpoint_every": 300, "num_workers": 0})
     return run
 
 

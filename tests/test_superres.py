@@ -21,7 +21,7 @@ CONSISTENCY_BOUND = 0.05  # mean |degrade(upscaled) - input| in [-1, 1] units (~
 def superres_run(tmp_path_factory):
     run = tmp_path_factory.mktemp("sr") / "run"
     result = ddpm("train", "fashion-mnist", "--task", "superres", "--scale", 2, "--resolution", 28, "-o", run,
-                  "--max-steps", 200, "-b", 64, "--lr", "2e-3", "--checkpoint-every", 200, "-q")
+                  "--max-steps", 200, "-b", 32, "--lr", "2e-3", "--checkpoint-every", 200, "-q")
     assert result.returncode == 0, result.stderr
     return run
 
