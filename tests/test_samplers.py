@@ -67,6 +67,22 @@ def test_ddim_matches_diffusers(unet, eta, steps, spacing):
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
 
 
+def test_ddim_follows_stable_diffusion_config_ends(unet):
+    """steps_offset 1 and set_alpha_to_one false (Stable Diffusion's and its upscaler's DDIM configs)."""
+    from diffusers import DDIMScheduler
+
+    config = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012, "clip_sample": False,
+              "set_alpha_to_one": False, "steps_offset": 1}
+    expected, their_steps = diffusers_loop(unet, DDIMScheduler(**config), 10)
+    schedule = NoiseSchedule.from_config(config)
+    timesteps = make_timesteps(1000, 10, "leading", schedule.steps_offset)
+    assert timesteps == their_steps and timesteps[-1] == 1
+    assert schedule.final_alpha_bar == pytest.approx(1 - 0.00085)
+    torch.testing.assert_close(ours(sample_ddim, unet, schedule, timesteps), expected, atol=1e-4, rtol=1e-4)
+    clean_end = ours(sample_ddim, unet, NoiseSchedule.from_config({**config, "set_alpha_to_one": True}), timesteps)
+    assert (clean_end - expected).abs().max() > 1e-3  # the end point matters, so the match above is not by chance
+
+
 @pytest.mark.parametrize("steps,prediction,kind", [(10, "epsilon", "linear"), (20, "v", "cosine"), (7, "epsilon", "scaled_linear")])
 def test_dpmpp_2m_matches_diffusers(unet, steps, prediction, kind):
     from diffusers import DPMSolverMultistepScheduler

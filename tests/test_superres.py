@@ -87,7 +87,8 @@ def test_stable_diffusion_upscaler_matches_diffusers(tmp_path):
         vae=vae, text_encoder=text_encoder, tokenizer=clip_tokenizer(tmp_path / "tok"), unet=unet,
         low_res_scheduler=DDPMScheduler(), max_noise_level=350,
         scheduler=DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                                prediction_type="v_prediction", clip_sample=False))
+                                prediction_type="v_prediction", clip_sample=False,
+                                set_alpha_to_one=False, steps_offset=1))  # as stable-diffusion-x4-upscaler's
     pipeline.save_pretrained(tmp_path / "sdx")
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(tmp_path / "low.png")

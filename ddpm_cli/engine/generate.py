@@ -46,6 +46,10 @@ class SamplerSettings:
         eta = self.eta if self.sampler == "ddim" else None
         return SamplerSettings(self.sampler, steps, eta, spacing, variance)
 
+    def timesteps(self, schedule) -> list[int]:
+        """The decreasing timesteps of these (resolved) settings on ``schedule``, with its steps_offset."""
+        return make_timesteps(schedule.num_train_timesteps, self.steps, self.spacing, schedule.steps_offset)
+
     def describe(self) -> dict:
         return {key: value for key, value in asdict(self).items() if value is not None}
 
@@ -73,7 +77,7 @@ def sample_batch(pipeline: Pipeline, seeds: list[int], settings: SamplerSettings
     if pipeline.upscale:
         raise InputError(f"{pipeline.name} is a super-resolution model; use `ddpm upscale {pipeline.name} IMAGE`")
     settings = settings.resolved(pipeline)
-    timesteps = make_timesteps(pipeline.schedule.num_train_timesteps, settings.steps, settings.spacing)
+    timesteps = settings.timesteps(pipeline.schedule)
     channels, height, width = pipeline.sample_shape
     noise = SeededNoise(seeds, (channels, *(size or (height, width))), pipeline.device)
     x = noise()

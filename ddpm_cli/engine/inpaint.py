@@ -30,7 +30,7 @@ from ddpm_cli.engine.errors import InputError
 from ddpm_cli.engine.generate import SamplerSettings, run_sampler
 from ddpm_cli.engine.noise import SeededNoise
 from ddpm_cli.engine.pipeline import Condition, Pipeline
-from ddpm_cli.engine.samplers import ddpm_step, make_timesteps
+from ddpm_cli.engine.samplers import ddpm_step
 
 MASK_THRESHOLD = 128  # mask pixels (0-255, after flattening to grey) at or above this are generated
 
@@ -142,7 +142,7 @@ def inpaint_batch(pipeline: Pipeline, seeds: list[int], settings: SamplerSetting
         return mask * x + (1.0 - mask) * noisy_known
 
     model = pipeline.denoiser(batch, condition, cfg)
-    timesteps = make_timesteps(schedule.num_train_timesteps, settings.steps, settings.spacing)
+    timesteps = settings.timesteps(pipeline.schedule)
     if settings.sampler == "ddpm" and jump_n_sample > 1:
         x = _repaint(model, x, schedule, timesteps, noise, project, settings.variance, jump_length, jump_n_sample, callback)
     else:

@@ -108,13 +108,18 @@ def sample_ddpm(model: Model, x: torch.Tensor, schedule: NoiseSchedule, timestep
 def sample_ddim(model: Model, x: torch.Tensor, schedule: NoiseSchedule, timesteps: list[int],
                 noise: Callable[[], torch.Tensor] | None = None, eta: float = 0.0, callback: Callback = None,
                 project: Project = None) -> torch.Tensor:
-    """DDIM, eq. (12) of Song et al. (2021); eta = 0 is deterministic, eta = 1 matches DDPM's variance."""
+    """DDIM, eq. (12) of Song et al. (2021); eta = 0 is deterministic, eta = 1 matches DDPM's variance.
+
+    The last step ends at ``schedule.final_alpha_bar`` (alpha_bar_0 for configs with set_alpha_to_one
+    false, as Stable Diffusion's), so the result is then x_0 a hair short of clean, as in diffusers."""
     if eta < 0:
         raise InputError(f"--eta must be >= 0, got {eta}")
     if eta > 0 and noise is None:
         raise ValueError("sample_ddim needs a noise source when eta > 0")
     for i, t in enumerate(timesteps):
-        alpha_bar_t, alpha_bar_prev = schedule.alpha_bar(t), schedule.alpha_bar(_prev(timesteps, i))
+        t_prev = _prev(timesteps, i)
+        alpha_bar_t = schedule.alpha_bar(t)
+        alpha_bar_prev = schedule.alpha_bar(t_prev) if t_prev >= 0 else schedule.final_alpha_bar
         x0, eps = schedule.split_prediction(model(x, t), x, t)
         # sigma_t(eta), eq. (16).
         sigma = eta * ((1.0 - alpha_bar_prev) / (1.0 - alpha_bar_t) * (1.0 - alpha_bar_t / alpha_bar_prev)) ** 0.5

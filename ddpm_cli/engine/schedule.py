@@ -68,6 +68,8 @@ class NoiseSchedule:
     beta_schedule: str = "linear"
     beta_start: float = 1e-4
     beta_end: float = 0.02
+    steps_offset: int = 0  # diffusers' steps_offset: added to "leading" timesteps (Stable Diffusion's configs: 1)
+    set_alpha_to_one: bool = True  # False: DDIM's last step ends at alpha_bar_0, not at 1 (diffusers' DDIM/PNDM key)
     _device_tables: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -115,15 +117,17 @@ class NoiseSchedule:
             raise ModelError(f"scheduler config has unsupported prediction_type {config.get('prediction_type')!r}")
         clip = bool(config.get("clip_sample", False))
         clip_range = float(config.get("clip_sample_range", 1.0))
+        ends = {"steps_offset": int(config.get("steps_offset") or 0),
+                "set_alpha_to_one": bool(config.get("set_alpha_to_one", True))}
         if config.get("trained_betas"):
             betas = torch.tensor(config["trained_betas"], dtype=torch.float64)
-            return cls(betas, prediction, clip, clip_range, "trained")
+            return cls(betas, prediction, clip, clip_range, "trained", **ends)
         kind = _SCHEDULE_FROM_DIFFUSERS.get(config.get("beta_schedule", "linear"))
         if kind is None:
             raise ModelError(f"scheduler config has unsupported beta_schedule {config.get('beta_schedule')!r}")
         start, end = float(config.get("beta_start", 1e-4)), float(config.get("beta_end", 0.02))
         betas = make_betas(kind, int(config.get("num_train_timesteps", 1000)), start, end)
-        return cls(betas, prediction, clip, clip_range, kind, start, end)
+        return cls(betas, prediction, clip, clip_range, kind, start, end, **ends)
 
     def to_config(self, variance_type: str = "fixed_small") -> dict:
         """The DDPMScheduler config diffusers needs to sample this schedule unchanged; a model with
@@ -206,6 +210,11 @@ class NoiseSchedule:
     def alpha_bar(self, t: int) -> float:
         """alpha_bar_t for t >= 0; alpha_bar_{-1} = 1 (the clean image) closes every sampler."""
         return 1.0 if t < 0 else float(self.alphas_cumprod[t])
+
+    @property
+    def final_alpha_bar(self) -> float:
+        """Where DDIM's last step lands: 1, or alpha_bar_0 when the config says set_alpha_to_one false."""
+        return 1.0 if self.set_alpha_to_one else float(self.alphas_cumprod[0])
 
     def split_prediction(self, output: torch.Tensor, xt: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(x_0, eps) predicted at timestep t from the network output; x_0 clipped if the schedule says so.

@@ -30,7 +30,6 @@ from ddpm_cli.engine.generate import SamplerSettings, run_sampler
 from ddpm_cli.engine.noise import SeededNoise
 from ddpm_cli.engine.denoiser import UNetDenoiser
 from ddpm_cli.engine.pipeline import Condition, Pipeline
-from ddpm_cli.engine.samplers import make_timesteps
 
 
 def degrade(images: torch.Tensor, scale: int) -> torch.Tensor:
@@ -129,7 +128,7 @@ def upscale_batch(pipeline: Pipeline, seeds: list[int], settings: SamplerSetting
         condition = upsample(image, scale).expand(len(seeds), -1, -1, -1)
         denoiser = pipeline.denoiser(len(seeds))
     model = tiled(denoiser, tile, overlap)
-    timesteps = make_timesteps(pipeline.schedule.num_train_timesteps, settings.steps, settings.spacing)
+    timesteps = settings.timesteps(pipeline.schedule)
     x = run_sampler(settings, lambda x, t: model(x, t, condition), noise(), pipeline.schedule, timesteps, noise, callback)
     if not sd:
         x = back_project(condition + x, image, scale)  # the upsampled image plus the residual, made consistent
