@@ -116,3 +116,55 @@ def test_latent_model_inpaints_and_preserves_known_pixels(tmp_path):
     filled, original = np.array(Image.open(result.stdout.strip())), np.array(Image.open(image))
     assert filled.shape == (32, 32, 3)
     assert np.array_equal(filled[hole == 0], original[hole == 0])
+
+
+def test_stable_diffusion_inpainting_checkpoint_matches_diffusers(tmp_path, monkeypatch):
+    """A 9-channel inpainting U-Net (StableDiffusionInpaintPipeline format) through `ddpm inpaint`."""
+    from diffusers import (AutoencoderKL, DDIMScheduler, StableDiffusionInpaintPipeline, UNet2DConditionModel)
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from tests.conftest import clip_tokenizer
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(sample_size=8, in_channels=9, out_channels=4, block_out_channels=(32, 64),
+                                layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
+                                attention_head_dim=8, norm_num_groups=32)
+    vae = AutoencoderKL(block_out_channels=(32, 64), latent_channels=4, down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=32)
+    text_encoder = CLIPTextModel(CLIPTextConfig(hidden_size=32, intermediate_size=37, num_attention_heads=4,
+                                                num_hidden_layers=2, vocab_size=1000, max_position_embeddings=77))
+    scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
+                              set_alpha_to_one=False, steps_offset=1)  # as Stable Diffusion inpainting's configs
+    StableDiffusionInpaintPipeline(vae=vae, text_encoder=text_encoder, tokenizer=clip_tokenizer(tmp_path / "tok"),
+                                   unet=unet, scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False).save_pretrained(tmp_path / "sdi")
+    rng = np.random.default_rng(0)
+    picture = save(rng.integers(0, 256, (16, 16, 3)), tmp_path / "image.png")
+    hole = np.zeros((16, 16), np.uint8)
+    hole[4:12, 6:14] = 255
+    mask = save(hole, tmp_path / "mask.png")
+    settings = ["--prompt", "a red cat", "--negative-prompt", "blue dog", "--cfg", 5, "--sampler", "ddim",
+                "--steps", 4, "--seed", 7]
+    result = ddpm("inpaint", tmp_path / "sdi", "--image", picture, "--mask", mask, *settings, "-o", tmp_path / "out")
+    assert result.returncode == 0, result.stderr
+    ours = np.asarray(Image.open(result.stdout.strip()), dtype=float) / 255
+    # diffusers samples the masked image's latents from the VAE's posterior; ddpm takes its mean
+    monkeypatch.setattr(DiagonalGaussianDistribution, "sample", lambda self, generator=None: self.mean)
+    reference = StableDiffusionInpaintPipeline.from_pretrained(tmp_path / "sdi")
+    expected = reference("a red cat", image=Image.open(picture), mask_image=Image.open(mask), negative_prompt="blue dog",
+                         num_inference_steps=4, guidance_scale=5.0, generator=torch.Generator().manual_seed(7),
+                         output_type="np").images[0]
+    assert ours.shape == expected.shape == (16, 16, 3)
+    assert np.abs(ours - expected).max() <= 1 / 255 + 1e-6
+    kept = ddpm("inpaint", tmp_path / "sdi", "--image", picture, "--mask", mask, *settings, "--preserve-known",
+                "-o", tmp_path / "kept", "-q")
+    assert kept.returncode == 0, kept.stderr
+    outside = hole == 0
+    assert np.array_equal(np.asarray(Image.open(kept.stdout.strip()))[outside], np.asarray(Image.open(picture))[outside])
+    wrong = ddpm("txt2img", "a cat", "-m", tmp_path / "sdi", "-o", tmp_path / "x")
+    assert wrong.returncode == 2 and "ddpm inpaint" in wrong.stderr
+    repaint = ddpm("inpaint", tmp_path / "sdi", "--image", picture, "--mask", mask, "--prompt", "a cat",
+                   "--sampler", "ddpm", "--jump-n-sample", 2, "-o", tmp_path / "y")
+    assert repaint.returncode == 2 and "sees the mask itself" in repaint.stderr

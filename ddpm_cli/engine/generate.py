@@ -76,6 +76,8 @@ def sample_batch(pipeline: Pipeline, seeds: list[int], settings: SamplerSettings
     """
     if pipeline.upscale:
         raise InputError(f"{pipeline.name} is a super-resolution model; use `ddpm upscale {pipeline.name} IMAGE`")
+    if pipeline.inpainting:
+        raise InputError(f"{pipeline.name} is an inpainting model; use `ddpm inpaint {pipeline.name} --image --mask`")
     settings = settings.resolved(pipeline)
     timesteps = settings.timesteps(pipeline.schedule)
     channels, height, width = pipeline.sample_shape

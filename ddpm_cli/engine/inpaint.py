@@ -14,6 +14,13 @@ up with q(x_t | x_s) and denoised again, ``jump_n_sample`` times in all (ancestr
 
 Latent models inpaint their latents (the known image is encoded once; the mask is reduced to
 latent resolution: a latent is generated if any of its pixels is) and decode at the end.
+
+Stable Diffusion inpainting checkpoints (a 9-channel U-Net: 4 latent channels, the mask, and the
+4 latents of the image with the hole set to grey) were trained to fill holes, so nothing is
+replaced during sampling: the mask (nearest-neighbour at latent size) and the masked image's
+latents ride along as extra input channels at every step, as in diffusers'
+StableDiffusionInpaintPipeline. The masked image is encoded to the mean of the VAE's posterior
+(diffusers draws a sample from it), so a seed gives the same image on every run and device.
 """
 
 from __future__ import annotations
@@ -119,6 +126,8 @@ def inpaint_batch(pipeline: Pipeline, seeds: list[int], settings: SamplerSetting
     settings = settings.resolved(pipeline)
     if jump_n_sample > 1 and settings.sampler != "ddpm":
         raise InputError("RePaint resampling (--jump-n-sample > 1) runs with --sampler ddpm")
+    if jump_n_sample > 1 and pipeline.inpainting:
+        raise InputError(f"{pipeline.name} is an inpainting model that sees the mask itself; drop --jump-n-sample")
     if image.shape[0] != pipeline.image_channels:
         raise InputError(f"the image has {image.shape[0]} channels but {pipeline.name} makes {pipeline.image_channels}")
     device = pipeline.device
@@ -143,7 +152,11 @@ def inpaint_batch(pipeline: Pipeline, seeds: list[int], settings: SamplerSetting
 
     model = pipeline.denoiser(batch, condition, cfg)
     timesteps = settings.timesteps(pipeline.schedule)
-    if settings.sampler == "ddpm" and jump_n_sample > 1:
+    if pipeline.inpainting:  # the U-Net fills the hole itself, seeing the mask and the masked image
+        masked = encode_images(pipeline.vae, image[None].to(device) * (1.0 - pixel_mask)).to(device)
+        concat = torch.cat([F.interpolate(pixel_mask, size=masked.shape[-2:]), masked], dim=1)
+        x = run_sampler(settings, lambda x, t: model(x, t, concat), x, schedule, timesteps, noise, callback)
+    elif settings.sampler == "ddpm" and jump_n_sample > 1:
         x = _repaint(model, x, schedule, timesteps, noise, project, settings.variance, jump_length, jump_n_sample, callback)
     else:
         x = run_sampler(settings, model, x, schedule, timesteps, noise, callback, project)

@@ -73,6 +73,7 @@ class Pipeline:
     max_noise_level: int | None = field(default=None)
     info: dict = field(default_factory=dict)  # ddpm_model.json: what the project recorded with the model
     forward: Callable | None = field(default=None)  # the U-Net call samplers use (acceleration.unet_forward)
+    inpainting: bool = field(default=False)  # an SD inpainting U-Net: latents, the mask, the masked image's latents
 
     def accelerate(self, compile: bool = False, graphs: bool | None = None) -> Pipeline:
         """The chosen memory layout, optionally torch.compile, and CUDA graphs on CUDA unless graphs=False."""
@@ -160,7 +161,7 @@ class Pipeline:
     def sample_shape(self) -> tuple[int, int, int]:
         size = self.unet.config.sample_size
         height, width = (size, size) if isinstance(size, int) else tuple(size)
-        channels = self.unet.config.out_channels if self.upscale else self.unet.config.in_channels
+        channels = self.unet.config.out_channels if self.upscale or self.inpainting else self.unet.config.in_channels
         return (channels, height, width)
 
     def denoiser(self, batch: int = 1, condition: Condition | None = None, scale: float = 1.0) -> UNetDenoiser:
@@ -195,6 +196,10 @@ def load_pipeline(model: str, revision: str | None = None, device: str = "auto",
         # latents and the noised low-resolution image, at the low resolution; the VAE decodes them larger
         upscale, expected_in = latent_factor(vae), unet.config.out_channels + vae.config.in_channels
         low_res_schedule = NoiseSchedule.from_config(read_json(folder / "low_res_scheduler" / "scheduler_config.json"))
+    inpainting = (upscale is None and vae is not None
+                  and unet.config.in_channels == 2 * unet.config.out_channels + 1)
+    if inpainting:  # Stable Diffusion inpainting: latents, the mask and the masked image's latents
+        expected_in = unet.config.in_channels
     config = load_scheduler_config(folder)
     variance = _VARIANCE_FROM_CONFIG.get(config.get("variance_type") or "fixed_small")
     if variance is None:
@@ -214,5 +219,6 @@ def load_pipeline(model: str, revision: str | None = None, device: str = "auto",
                                         embedding=info.get("text_embedding") or "tokens")
     pipeline = Pipeline(model, folder, unet, NoiseSchedule.from_config(config), variance, torch_device, torch_dtype,
                         info.get("class_names"), text_encoder, vae, upscale, low_res_schedule,
-                        index.get("max_noise_level") if low_res_schedule is not None else None, info)
+                        index.get("max_noise_level") if low_res_schedule is not None else None, info,
+                        inpainting=inpainting)
     return pipeline.accelerate(compile)
