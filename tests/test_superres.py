@@ -102,3 +102,32 @@ def test_stable_diffusion_upscaler_matches_diffusers(tmp_path):
                          generator=torch.Generator().manual_seed(7), output_type="np").images[0]
     assert ours.shape == expected.shape == (16, 16, 3)
     assert np.abs(ours - expected).max() <= 1 / 255 + 1e-6
+
+
+def test_ldm_super_resolution_checkpoint_matches_diffusers(tmp_path):
+    """LDMSuperResolutionPipeline format: a VQModel, and a U-Net that sees its latents and the low-resolution image."""
+    from diffusers import DDIMScheduler, LDMSuperResolutionPipeline, UNet2DModel, VQModel
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=8, in_channels=6, out_channels=3, block_out_channels=(32, 64), layers_per_block=1,
+                       down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"))
+    vqvae = VQModel(block_out_channels=(32, 64), latent_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                    up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=32)
+    scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.0015, beta_end=0.0155, clip_sample=False)
+    LDMSuperResolutionPipeline(vqvae=vqvae, unet=unet, scheduler=scheduler).save_pretrained(tmp_path / "ldm")
+    rng = np.random.default_rng(0)
+    low = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    Image.fromarray(low).save(tmp_path / "low.png")
+    result = ddpm("upscale", tmp_path / "ldm", tmp_path / "low.png", "--sampler", "ddim", "--steps", 4, "--seed", 7,
+                  "-o", tmp_path / "out")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().endswith("low-x2-000007.png")
+    ours = np.asarray(Image.open(result.stdout.strip()), dtype=float) / 255
+    reference = LDMSuperResolutionPipeline.from_pretrained(tmp_path / "ldm")
+    image = torch.from_numpy(low).permute(2, 0, 1)[None].float() / 127.5 - 1  # a tensor skips its resize to 32s
+    expected = reference(image, num_inference_steps=4, eta=0.0, generator=torch.Generator().manual_seed(7),
+                         output_type="np").images[0]
+    assert ours.shape == expected.shape == (16, 16, 3)
+    assert np.abs(ours - expected).max() <= 1 / 255 + 1e-6
+    prompt = ddpm("upscale", tmp_path / "ldm", tmp_path / "low.png", "--prompt", "a cat", "-o", tmp_path / "x")
+    assert prompt.returncode == 2 and "--prompt applies to Stable Diffusion upscalers" in prompt.stderr

@@ -1,5 +1,5 @@
-"""``ddpm upscale MODEL IMAGE``: super-resolution with an SR3 model (`ddpm train --task superres`) or a
-Stable Diffusion upscaler (StableDiffusionUpscalePipeline format)."""
+"""``ddpm upscale MODEL IMAGE``: super-resolution with an SR3 model (`ddpm train --task superres`), a
+Stable Diffusion upscaler (StableDiffusionUpscalePipeline format) or an LDM one (LDMSuperResolutionPipeline)."""
 
 from __future__ import annotations
 
@@ -22,12 +22,13 @@ Examples:
   ddpm upscale runs/sr small.png                         # the model's factor; out: samples/small-x4-000000.png
   ddpm upscale runs/sr photo.png --tile 64 --overlap 16 --steps 50 -n 3
   ddpm upscale stabilityai/stable-diffusion-x4-upscaler cat.png --prompt "a white cat" --noise-level 20 --steps 50
+  ddpm upscale CompVis/ldm-super-resolution-4x-openimages cat.png --sampler ddim --steps 100
 """
 
 
 @handle_errors
 def upscale(
-    model: Annotated[str, typer.Argument(metavar="MODEL", help="A super-resolution run (ddpm train --task superres), or a Stable Diffusion upscaler folder or Hub id.", show_default=False)],
+    model: Annotated[str, typer.Argument(metavar="MODEL", help="A super-resolution run (ddpm train --task superres), or a Stable Diffusion or LDM upscaler folder or Hub id.", show_default=False)],
     image: Annotated[Path, typer.Argument(metavar="IMAGE", help="The low-resolution image.", show_default=False)],
     scale: Annotated[int | None, typer.Option("--scale", help="Upscaling factor; must be the model's [default: the model's].", show_default=False)] = None,
     tile: Annotated[int | None, typer.Option("--tile", min=8, help="Tile size for images larger than the model, in the network's units (output pixels; latents for SD upscalers) [default: the model's size].", show_default=False)] = None,
@@ -83,9 +84,9 @@ def upscale(
     width, height = low.width * factor, low.height * factor
     say(f"ddpm: {model}: {describe(pipeline.device, pipeline.dtype)}; {settings.sampler}, {settings.steps} steps; "
         f"{low.width}x{low.height} -> {width}x{height}", quiet)
-    sd = pipeline.low_res_schedule is not None
+    sd = pipeline.upscaler == "sd"
     if not sd and (prompt or negative_prompt):
-        raise fail(f"--prompt applies to Stable Diffusion upscalers; {model} is an image-conditioned SR3 model", EXIT_USAGE)
+        raise fail(f"--prompt applies to Stable Diffusion upscalers; {model} is conditioned on the image alone", EXIT_USAGE)
     options = UpscaleSettings(tile, overlap, prompt, negative_prompt, cfg, noise_level)
     params = {"model": model, "task": "upscale", "image": str(image), "scale": factor, **settings.describe(),
               "size": f"{width}x{height}", "tile": tile, "overlap": overlap,

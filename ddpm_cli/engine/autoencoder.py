@@ -117,8 +117,17 @@ def encode_images(vae, images: torch.Tensor, tile: int | None = DEFAULT_TILE) ->
     return (_guarded(vae, run, images.to(vae.device)) - _shift(vae)) * vae.config.scaling_factor
 
 
+def is_vq(vae) -> bool:
+    """An LDM VQ autoencoder (VQModel): its latents are used unscaled and quantised when decoded."""
+    return type(vae).__name__ == "VQModel"
+
+
 def decode_latents(vae, latents: torch.Tensor, tile: int | None = DEFAULT_TILE) -> torch.Tensor:
-    """Scaled latents -> images in [-1, 1]-ish (float32, not clamped)."""
+    """Scaled latents -> images in [-1, 1]-ish (float32, not clamped). A VQModel decodes its latents
+    as they are (quantised to its codebook first, as diffusers' LDM pipelines do), untiled."""
+    if is_vq(vae):
+        return _guarded(vae, lambda model, z: model.decode(z).sample, latents.float().to(vae.device))
+
     def run(model, z):
         with _tiling(model, tile):
             return model.decode(z).sample

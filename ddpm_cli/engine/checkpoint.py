@@ -74,6 +74,7 @@ def _is_model_folder(folder: Path) -> bool:
         (folder / "model_index.json").is_file()
         or (folder / "unet").is_dir()
         or (folder / "vae").is_dir()
+        or (folder / "vqvae").is_dir()
         or (folder / "config.json").is_file()
     )
 
@@ -404,8 +405,10 @@ def load_scheduler_config(folder: Path) -> dict[str, Any]:
     return {}
 
 
-def load_vae(folder: Path, device: torch.device | str, dtype: torch.dtype, subfolder: str | None = "vae"):
-    """The AutoencoderKL in ``folder/vae`` (or ``folder`` itself with ``subfolder=None``), in eval mode.
+def load_vae(folder: Path, device: torch.device | str, dtype: torch.dtype, subfolder: str | None = "vae",
+             kind: str = "AutoencoderKL"):
+    """The autoencoder in ``folder/vae`` (or ``folder`` itself with ``subfolder=None``), in eval mode:
+    an AutoencoderKL, or with ``kind="VQModel"`` the VQ autoencoder of an LDM pipeline (``vqvae/``).
 
     The caller has checked the weights (check_weights)."""
     import diffusers
@@ -413,13 +416,13 @@ def load_vae(folder: Path, device: torch.device | str, dtype: torch.dtype, subfo
     folder = Path(folder)
     where = folder / subfolder if subfolder else folder
     class_name = read_json(where / "config.json").get("_class_name")
-    if class_name != "AutoencoderKL":
-        raise ModelError(f"{where} holds a {class_name or 'model without _class_name'}; ddpm loads AutoencoderKL VAEs")
+    if class_name != kind:
+        raise ModelError(f"{where} holds a {class_name or 'model without _class_name'}; ddpm loads {kind} autoencoders there")
     try:
         with _quiet_diffusers():
-            vae = diffusers.AutoencoderKL.from_pretrained(folder, subfolder=subfolder, use_safetensors=True,
-                                                          local_files_only=True, low_cpu_mem_usage=False,
-                                                          torch_dtype=dtype)
+            vae = getattr(diffusers, kind).from_pretrained(folder, subfolder=subfolder, use_safetensors=True,
+                                                           local_files_only=True, low_cpu_mem_usage=False,
+                                                           torch_dtype=dtype)
             return vae.to(device=torch.device(device), dtype=dtype).eval()
     except torch.OutOfMemoryError:
         raise ResourceError(f"out of memory while loading the VAE from {where}") from None

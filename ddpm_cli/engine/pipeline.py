@@ -67,7 +67,7 @@ class Pipeline:
     dtype: torch.dtype
     class_names: list[str] | None = field(default=None)
     text_encoder: object | None = field(default=None)  # engine.text.TextEncoder for text models
-    vae: torch.nn.Module | None = field(default=None)  # AutoencoderKL of a latent model
+    vae: torch.nn.Module | None = field(default=None)  # AutoencoderKL of a latent model (VQModel: LDM upscalers)
     upscale: int | None = field(default=None)  # a super-resolution model's factor (its input: x_t and the upsampled image)
     low_res_schedule: NoiseSchedule | None = field(default=None)  # Stable Diffusion upscalers: noise added to the input
     max_noise_level: int | None = field(default=None)
@@ -85,6 +85,16 @@ class Pipeline:
     def latent_factor(self) -> int:
         """Pixels per latent along a side (1 for pixel-space models)."""
         return latent_factor(self.vae) if self.vae is not None else 1
+
+    @property
+    def upscaler(self) -> str | None:
+        """The super-resolution format: "sr3" (pixel space, `ddpm train --task superres`), "sd" (Stable
+        Diffusion upscaler: noised input, prompt), "ldm" (LDM: VQ latents), or None for other models."""
+        if not self.upscale:
+            return None
+        if self.low_res_schedule is not None:
+            return "sd"
+        return "ldm" if self.vae is not None else "sr3"
 
     @property
     def unet_factor(self) -> int:
@@ -192,6 +202,10 @@ def load_pipeline(model: str, revision: str | None = None, device: str = "auto",
     upscale, low_res_schedule, expected_in = None, None, unet.config.out_channels
     if info.get("task") == "superres":  # SR3: x_t and the upsampled image
         upscale, expected_in = int(info["scale"]), 2 * unet.config.out_channels
+    elif index.get("_class_name") == "LDMSuperResolutionPipeline" and (folder / "vqvae").is_dir():
+        # VQ latents and the low-resolution image, at the low resolution; the VQ decoder enlarges them
+        vae = load_vae(folder, torch_device, torch_dtype, "vqvae", kind="VQModel")
+        upscale, expected_in = latent_factor(vae), unet.config.out_channels + vae.config.in_channels
     elif index.get("_class_name") == "StableDiffusionUpscalePipeline" and vae is not None:
         # latents and the noised low-resolution image, at the low resolution; the VAE decodes them larger
         upscale, expected_in = latent_factor(vae), unet.config.out_channels + vae.config.in_channels

@@ -1,5 +1,5 @@
-"""Super-resolution by conditional diffusion: SR3 (Saharia et al. 2021) and the Stable Diffusion
-upscaler format (StableDiffusionUpscalePipeline).
+"""Super-resolution by conditional diffusion: SR3 (Saharia et al. 2021), the Stable Diffusion
+upscaler format (StableDiffusionUpscalePipeline) and the LDM one (LDMSuperResolutionPipeline).
 
 The U-Net sees the noisy x_t concatenated with the low-resolution image upsampled bicubically to
 the output size, and predicts the noise; x_0 is the residual (high-resolution image minus the
@@ -15,6 +15,8 @@ every pixel gets one consistent prediction (no seams) and memory is bounded by t
 A Stable Diffusion upscaler is a latent model whose U-Net sees the latents concatenated with the
 low-resolution image, noised to ``noise_level`` by its low_res_scheduler (the level is also its
 class label), and cross-attends to the prompt; its VAE decodes the latents at the larger size.
+An LDM upscaler (Rombach et al. 2022) sees its VQ latents concatenated with the low-resolution
+image as it is; its VQ decoder makes the larger image.
 """
 
 from __future__ import annotations
@@ -99,10 +101,10 @@ def upscale_batch(pipeline: Pipeline, seeds: list[int], settings: SamplerSetting
     if low.shape[0] != pipeline.image_channels:
         raise InputError(f"the image has {low.shape[0]} channels but {pipeline.name} makes {pipeline.image_channels}")
     settings = settings.resolved(pipeline)
-    sd = pipeline.low_res_schedule is not None
+    kind = pipeline.upscaler
     channels = pipeline.sample_shape[0]
-    # SR3 samples at the output size; an SD upscaler samples latents at the input size (its VAE enlarges).
-    height, width = (low.shape[-2], low.shape[-1]) if sd else (low.shape[-2] * scale, low.shape[-1] * scale)
+    # SR3 samples at the output size; latent upscalers sample at the input size (their decoder enlarges).
+    height, width = (low.shape[-2] * scale, low.shape[-1] * scale) if kind == "sr3" else tuple(low.shape[-2:])
     tile = options.tile or pipeline.sample_shape[-1]
     overlap = tile // 4 if options.overlap is None else options.overlap
     if not 0 <= overlap < tile:
@@ -113,7 +115,7 @@ def upscale_batch(pipeline: Pipeline, seeds: list[int], settings: SamplerSetting
                          f"where smaller than a tile; crop the image a little")
     noise = SeededNoise(seeds, (channels, height, width), pipeline.device)
     image = low[None].to(pipeline.device).float()
-    if sd:  # diffusers' order: each seed's generator draws the image's noise, then the initial latents
+    if kind == "sd":  # diffusers' order: each seed's generator draws the image's noise, then the initial latents
         if not 0 <= options.noise_level <= (pipeline.max_noise_level or 1000):
             raise InputError(f"--noise-level must be between 0 and {pipeline.max_noise_level}, got {options.noise_level}")
         image_noise = torch.cat([torch.randn((1, *low.shape), generator=g) for g in noise.generators]).to(pipeline.device)
@@ -124,13 +126,15 @@ def upscale_batch(pipeline: Pipeline, seeds: list[int], settings: SamplerSetting
         level = torch.full((len(seeds),), options.noise_level, device=pipeline.device, dtype=torch.long)
         denoiser = UNetDenoiser(pipeline.unet, pipeline.dtype, {**cond, "class_labels": level},
                                 None if uncond is None else {**uncond, "class_labels": level}, options.cfg, pipeline.forward)
+    elif kind == "ldm":  # the low-resolution image itself, as extra input channels
+        condition, denoiser = image, pipeline.denoiser(len(seeds))
     else:
         condition = upsample(image, scale).expand(len(seeds), -1, -1, -1)
         denoiser = pipeline.denoiser(len(seeds))
     model = tiled(denoiser, tile, overlap)
     timesteps = settings.timesteps(pipeline.schedule)
     x = run_sampler(settings, lambda x, t: model(x, t, condition), noise(), pipeline.schedule, timesteps, noise, callback)
-    if not sd:
+    if kind == "sr3":
         x = back_project(condition + x, image, scale)  # the upsampled image plus the residual, made consistent
     return pipeline.decode(x).float().clamp(-1.0, 1.0).cpu()
 
