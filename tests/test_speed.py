@@ -51,3 +51,9 @@ def test_bench_measures_both_implementations_and_prints_json():
     assert text.returncode == 0 and "x diffusers fp32" in text.stdout and "train" not in text.stdout.split("\n", 2)[2]
     bad = ddpm("bench", "--only", "everything")
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "--only" in bad.stderr
+
+
+def test_every_generating_command_offers_compile():
+    for command in ("sample", "txt2img", "inpaint", "upscale"):
+        result = ddpm(command, "--help")
+        assert result.returncode == 0 and "--compile" in result.stdout, command

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from ddpm_cli.cli.errors import EXIT_USAGE, fail, handle_errors
-from ddpm_cli.cli.options import (AllowPickleOpt, BatchSizeOpt, DeviceOpt, DtypeOpt, EtaOpt, FormatOpt, NumImagesOpt,
+from ddpm_cli.cli.options import (AllowPickleOpt, CompileOpt, BatchSizeOpt, DeviceOpt, DtypeOpt, EtaOpt, FormatOpt, NumImagesOpt,
                                   OutdirOpt, OverwriteOpt, QuietOpt, RevisionOpt, SamplerOpt, SeedOpt, SkipExistingOpt,
                                   SpacingOpt, StepsOpt, VarianceOpt, check_choices)
 from ddpm_cli.cli.progress import say
@@ -60,6 +60,7 @@ def inpaint(
     dtype: DtypeOpt = "auto",
     revision: RevisionOpt = None,
     allow_pickle: AllowPickleOpt = False,
+    compile: CompileOpt = False,
     overwrite: OverwriteOpt = False,
     skip_existing: SkipExistingOpt = False,
     quiet: QuietOpt = False,
@@ -86,7 +87,7 @@ def inpaint(
     from ddpm_cli.engine.inpaint import inpaint_batch
     from ddpm_cli.engine.pipeline import Condition, load_pipeline
 
-    pipeline = load_pipeline(model, revision, device, dtype, allow_pickle)
+    pipeline = load_pipeline(model, revision, device, dtype, allow_pickle, compile)
     settings = SamplerSettings(sampler, steps, eta, spacing, variance).resolved(pipeline)
     factor = pipeline.unet_factor * pipeline.latent_factor
     if known.width % factor or known.height % factor:

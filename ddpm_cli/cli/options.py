@@ -32,6 +32,7 @@ SeedOpt = Annotated[int, typer.Option("--seed", min=0, help="Seed of the first i
 FormatOpt = Annotated[str, typer.Option("--format", autocompletion=complete(("text", "json")),
                                         help="stdout format: text (one path per line) or json.")]
 RevisionOpt = Annotated[str | None, typer.Option("--revision", help="Hub revision (branch, tag or commit) of MODEL.")]
+CompileOpt = Annotated[bool, typer.Option("--compile", help="torch.compile the U-Net first (worth it for many images).")]
 AllowPickleOpt = Annotated[bool, typer.Option("--allow-pickle", help="Load pickle (.bin/.ckpt) weights. They can run code: only for sources you trust.")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace output files that exist.")]
 SkipExistingOpt = Annotated[bool, typer.Option("--skip-existing", help="Keep output files that exist and do not redo them.")]

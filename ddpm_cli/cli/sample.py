@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from ddpm_cli.cli.errors import handle_errors
-from ddpm_cli.cli.options import (AllowPickleOpt, BatchSizeOpt, DeviceOpt, DtypeOpt, EtaOpt, FormatOpt, NumImagesOpt,
+from ddpm_cli.cli.options import (AllowPickleOpt, CompileOpt, BatchSizeOpt, DeviceOpt, DtypeOpt, EtaOpt, FormatOpt, NumImagesOpt,
                                   OutdirOpt, OverwriteOpt, QuietOpt, RevisionOpt, SamplerOpt, SeedOpt, SkipExistingOpt,
                                   SpacingOpt, StepsOpt, VarianceOpt, check_choices)
 from ddpm_cli.cli.progress import say
@@ -45,12 +45,12 @@ def sample(
     seed: SeedOpt = 0,
     outdir: OutdirOpt = Path("samples"),
     grid: Annotated[bool, typer.Option("--grid", help="Also write grid.png with every image.")] = False,
-    compile: Annotated[bool, typer.Option("--compile", help="torch.compile the U-Net first (worth it for many images).")] = False,
     output_format: FormatOpt = "text",
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     revision: RevisionOpt = None,
     allow_pickle: AllowPickleOpt = False,
+    compile: CompileOpt = False,
     overwrite: OverwriteOpt = False,
     skip_existing: SkipExistingOpt = False,
     quiet: QuietOpt = False,

@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 
 from ddpm_cli.cli.errors import EXIT_USAGE, fail, handle_errors
-from ddpm_cli.cli.options import (AllowPickleOpt, BatchSizeOpt, DeviceOpt, DtypeOpt, EtaOpt, FormatOpt, NumImagesOpt,
+from ddpm_cli.cli.options import (AllowPickleOpt, CompileOpt, BatchSizeOpt, DeviceOpt, DtypeOpt, EtaOpt, FormatOpt, NumImagesOpt,
                                   OutdirOpt, OverwriteOpt, QuietOpt, RevisionOpt, SamplerOpt, SeedOpt, SkipExistingOpt,
                                   SpacingOpt, StepsOpt, VarianceOpt, check_choices)
 from ddpm_cli.cli.progress import say
@@ -73,6 +73,7 @@ def txt2img(
     dtype: DtypeOpt = "auto",
     revision: RevisionOpt = None,
     allow_pickle: AllowPickleOpt = False,
+    compile: CompileOpt = False,
     overwrite: OverwriteOpt = False,
     skip_existing: SkipExistingOpt = False,
     quiet: QuietOpt = False,
@@ -91,7 +92,7 @@ def txt2img(
     from ddpm_cli.engine.generate import SamplerSettings
     from ddpm_cli.engine.pipeline import Condition, load_pipeline
 
-    pipeline = load_pipeline(model, revision, device, dtype, allow_pickle)
+    pipeline = load_pipeline(model, revision, device, dtype, allow_pickle, compile)
     if pipeline.text_encoder is None:
         raise fail(f"{model} is not text-conditional; use `ddpm sample {model}`", EXIT_USAGE)
     settings = SamplerSettings(sampler, steps, eta, spacing, variance).resolved(pipeline)

@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from ddpm_cli.cli.errors import EXIT_USAGE, fail, handle_errors
-from ddpm_cli.cli.options import (AllowPickleOpt, BatchSizeOpt, DeviceOpt, DtypeOpt, EtaOpt, FormatOpt, NumImagesOpt,
+from ddpm_cli.cli.options import (AllowPickleOpt, CompileOpt, BatchSizeOpt, DeviceOpt, DtypeOpt, EtaOpt, FormatOpt, NumImagesOpt,
                                   OutdirOpt, OverwriteOpt, QuietOpt, RevisionOpt, SamplerOpt, SeedOpt, SkipExistingOpt,
                                   SpacingOpt, StepsOpt, VarianceOpt, check_choices)
 from ddpm_cli.cli.progress import say
@@ -52,6 +52,7 @@ def upscale(
     dtype: DtypeOpt = "auto",
     revision: RevisionOpt = None,
     allow_pickle: AllowPickleOpt = False,
+    compile: CompileOpt = False,
     overwrite: OverwriteOpt = False,
     skip_existing: SkipExistingOpt = False,
     quiet: QuietOpt = False,
@@ -69,7 +70,7 @@ def upscale(
     from ddpm_cli.engine.pipeline import load_pipeline
     from ddpm_cli.engine.superres import UpscaleSettings, upscale_batch
 
-    pipeline = load_pipeline(model, revision, device, dtype, allow_pickle)
+    pipeline = load_pipeline(model, revision, device, dtype, allow_pickle, compile)
     if not pipeline.upscale:
         raise fail(f"{model} is not a super-resolution model; train one with `ddpm train --task superres --scale S`",
                    EXIT_USAGE)
