@@ -196,6 +196,22 @@ def test_random_crop_and_flip_reproducible():
     assert 10 < flipped < 54  # roughly half
 
 
+def test_each_process_crops_and_flips_its_rows_as_one_process_does():
+    """torchrun: two processes, each with its half of a global batch, make one process's batch."""
+    from ddpm_cli.training.latents import flip_latents
+
+    images = [torch.randint(0, 256, (1, 20 + k, 30 - k), dtype=torch.uint8) for k in range(8)]
+    whole = crop_and_flip(images, 16, False, True, torch.Generator().manual_seed(5))
+    halves = [crop_and_flip(images[rows], 16, False, True, torch.Generator().manual_seed(5), rows, 8)
+              for rows in (slice(0, 4), slice(4, 8))]
+    assert torch.equal(torch.cat(halves), whole)
+    assert len({tuple(x.flatten()[:5].tolist()) for x in whole}) == 8  # crops differ image to image
+    latents = [torch.randn(4, 6, 6) for _ in range(8)]
+    one = flip_latents(latents, True, torch.Generator().manual_seed(2))
+    two = [flip_latents(latents[rows], True, torch.Generator().manual_seed(2), rows, 8) for rows in (slice(0, 4), slice(4, 8))]
+    assert torch.equal(torch.cat(two), one) and not torch.equal(one, torch.stack(latents))
+
+
 def test_batch_loader_array_set():
     ds = open_dataset("fashion-mnist-subset", 28)
     batches = EpochBatches(len(ds), 32, seed=1)

@@ -254,25 +254,29 @@ class EpochBatches:
 
 
 def crop_and_flip(images: list[torch.Tensor], resolution: int, center_crop: bool, random_flip: bool,
-                  generator: torch.Generator) -> torch.Tensor:
+                  generator: torch.Generator, rows: slice = slice(None), total: int | None = None) -> torch.Tensor:
     """Square-crop each uint8 C×H×W image to R×R and optionally flip it; returns B×C×R×R uint8.
 
-    Per image, in order: a random crop draws two ``torch.randint`` offsets (top, left) from
-    ``generator`` (a center crop draws nothing), then ``random_flip`` draws one ``torch.rand``
-    and flips horizontally when it is below 0.5. Same generator state → same batch.
+    The random choices are one ``torch.rand((total, 3))`` draw from ``generator`` (per image: top
+    and left as fractions of the free room, and a flip when below 0.5), made only when something is
+    random. Under torchrun ``images`` are this process's ``rows`` of a global batch of ``total``:
+    every process draws the whole batch's choices and keeps its rows, so N processes crop and flip
+    the images exactly as one process does. Same generator state → same batch.
     """
-    out, r = [], resolution
-    for img in images:
+    r, total = resolution, len(images) if total is None else total
+    draws = (torch.rand((total, 3), generator=generator, dtype=torch.float64)[rows].tolist()
+             if random_flip or not center_crop else None)
+    out = []
+    for k, img in enumerate(images):
         h, w = img.shape[-2:]
         if h < r or w < r:
             raise ValueError(f"image {h}×{w} is smaller than the crop {r}×{r}")
         if center_crop:
             top, left = (h - r) // 2, (w - r) // 2
         else:
-            top = int(torch.randint(0, h - r + 1, (1,), generator=generator))
-            left = int(torch.randint(0, w - r + 1, (1,), generator=generator))
+            top, left = min(int(draws[k][0] * (h - r + 1)), h - r), min(int(draws[k][1] * (w - r + 1)), w - r)
         img = img[..., top:top + r, left:left + r]
-        if random_flip and float(torch.rand(1, generator=generator)) < 0.5:
+        if random_flip and draws[k][2] < 0.5:
             img = img.flip(-1)
         out.append(img)
     return torch.stack(out).contiguous()

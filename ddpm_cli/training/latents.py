@@ -38,14 +38,15 @@ class LatentSet(ArrayImageSet):
                              f"{self.image_size[1]}x{self.image_size[0]}; encode with --resolution R")
 
 
-def flip_latents(latents: list[torch.Tensor], random_flip: bool, generator: torch.Generator) -> torch.Tensor:
-    """Stack a batch of latents, each flipped left-right with probability 1/2 when ``random_flip``."""
-    out = []
-    for z in latents:
-        if random_flip and float(torch.rand(1, generator=generator)) < 0.5:
-            z = z.flip(-1)
-        out.append(z)
-    return torch.stack(out).float()
+def flip_latents(latents: list[torch.Tensor], random_flip: bool, generator: torch.Generator,
+                 rows: slice = slice(None), total: int | None = None) -> torch.Tensor:
+    """Stack a batch of latents, each flipped left-right with probability 1/2 when ``random_flip``;
+    the flips of a global batch of ``total`` are drawn and ``rows`` kept, as in ``crop_and_flip``."""
+    batch = torch.stack(latents).float()
+    if not random_flip:
+        return batch
+    flips = torch.rand(len(latents) if total is None else total, generator=generator)[rows] < 0.5
+    return torch.where(flips[:, None, None, None], batch.flip(-1), batch)
 
 
 def image_batch(dataset: ImageSet, indices: list[int], resolution: int | None) -> torch.Tensor:

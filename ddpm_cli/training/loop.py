@@ -208,9 +208,11 @@ class Trainer:
 
     def _micro_batch(self, images: list[torch.Tensor]) -> torch.Tensor:
         c = self.config
+        total = len(images) * self.world.size  # the global batch, whose crops and flips every process draws
+        rows = self.world.shard(total)
         if self.latent:  # already float and scaled; flips are the only augmentation that suits latents
-            return flip_latents(images, c.random_flip, self.generators["augment"]).to(self.device)
-        batch = crop_and_flip(images, c.resolution, c.center_crop, c.random_flip, self.generators["augment"])
+            return flip_latents(images, c.random_flip, self.generators["augment"], rows, total).to(self.device)
+        batch = crop_and_flip(images, c.resolution, c.center_crop, c.random_flip, self.generators["augment"], rows, total)
         if self.device.type == "cuda":
             batch = batch.pin_memory()
         return self._scaled(batch.to(self.device, non_blocking=True))
