@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from ddpm_cli.bench import Plan, layout as _layout, timed
+from ddpm_cli.engine.acceleration import compile_mode
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -19,7 +20,7 @@ def levers(implementation: str, device: torch.device, compile: bool) -> str:
     if implementation == "diffusers":
         return "DDPMPipeline"
     names = (["CUDA graphs"] if device.type == "cuda" else []) + _layout()
-    return ", ".join(names + (["torch.compile"] if compile else []))
+    return ", ".join(names + ([f"torch.compile {compile_mode() or 'default'}"] if compile else []))
 
 
 def _unet(plan: Plan, device: torch.device, precision: str):

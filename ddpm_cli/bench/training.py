@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ddpm_cli.bench import Plan, layout as _layout, timed
+from ddpm_cli.engine.acceleration import compile_mode
 
 DATA = "fashion-mnist"
 
@@ -24,7 +25,7 @@ def levers(implementation: str, device: torch.device, compile: bool) -> str:
     if implementation == "diffusers":
         return "train_unconditional loop"
     names = ["fused AdamW", "foreach EMA", "data on device", "no per-step sync"] + _layout()
-    return ", ".join(names + (["torch.compile"] if compile else []))
+    return ", ".join(names + ([f"torch.compile {compile_mode() or 'default'}"] if compile else []))
 
 
 def measure(plan: Plan, device: torch.device, implementation: str, precision: str,

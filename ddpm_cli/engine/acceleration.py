@@ -38,9 +38,15 @@ def prepare_module(module: torch.nn.Module) -> torch.nn.Module:
     return module.to(memory_format=memory_format())
 
 
+def compile_mode() -> str | None:
+    """torch.compile's mode: its default, or DDPM_COMPILE_MODE (e.g. "max-autotune-no-cudagraphs",
+    which autotunes the convolutions and matrix products for minutes first)."""
+    return os.environ.get("DDPM_COMPILE_MODE") or None
+
+
 def compile_module(module: torch.nn.Module) -> torch.nn.Module:
     """``torch.compile`` with fixed shapes (a new shape compiles again rather than going dynamic)."""
-    return torch.compile(module, dynamic=False)
+    return torch.compile(module, dynamic=False, mode=compile_mode())
 
 
 class GraphedForward:
