@@ -9,17 +9,20 @@ from typing import Annotated
 import typer
 
 from ddpm_cli.cli.errors import EXIT_USAGE, fail, handle_errors
-from ddpm_cli.cli.options import (AllowPickleOpt, CompileOpt, BatchSizeOpt, DeviceOpt, DtypeOpt, EtaOpt, FormatOpt, NumImagesOpt,
-                                  OutdirOpt, OverwriteOpt, QuietOpt, RevisionOpt, SamplerOpt, SeedOpt, SkipExistingOpt,
-                                  SpacingOpt, StepsOpt, VarianceOpt, check_choices)
+from ddpm_cli.cli.options import (AllowPickleOpt, CompileOpt, complete, BatchSizeOpt, DeviceOpt, DtypeOpt, EtaOpt, FormatOpt, NumImagesOpt,
+                                  OutdirOpt, OverwriteOpt, QuietOpt, RevisionOpt, SeedOpt, SkipExistingOpt,
+                                  SpacingOpt, VarianceOpt, check_choices)
 from ddpm_cli.cli.progress import say
 from ddpm_cli.cli.render import Job, plan, render
+from ddpm_cli.engine.choices import SAMPLERS
+
+UPSCALE_DDPM_STEPS = 100  # the ancestral sampler's default here, rather than every training timestep
 
 EXAMPLES = """
 Examples:
 
 \b
-  ddpm upscale runs/sr small.png                         # the model's factor; out: samples/small-x4-000000.png
+  ddpm upscale runs/sr small.png                         # ddpm sampler, 100 steps; out: samples/small-x4-000000.png
   ddpm upscale runs/sr photo.png --tile 64 --overlap 16 --steps 50 -n 3
   ddpm upscale stabilityai/stable-diffusion-x4-upscaler cat.png --prompt "a white cat" --noise-level 20 --steps 50
   ddpm upscale CompVis/ldm-super-resolution-4x-openimages cat.png --sampler ddim --steps 100
@@ -37,8 +40,8 @@ def upscale(
     negative_prompt: Annotated[str, typer.Option("--negative-prompt", help="Stable Diffusion upscalers: what to steer away from.")] = "",
     cfg: Annotated[float, typer.Option("--cfg", min=0.0, help="Stable Diffusion upscalers: guidance scale.")] = 9.0,
     noise_level: Annotated[int, typer.Option("--noise-level", min=0, help="Stable Diffusion upscalers: noise added to the input (its low_res_scheduler's timestep).")] = 20,
-    steps: StepsOpt = None,
-    sampler: SamplerOpt = "dpmpp-2m",
+    steps: Annotated[int | None, typer.Option("--steps", min=1, help="Denoising steps [default: ddpm 100, ddim 50, dpmpp-2m 20].", show_default=False)] = None,
+    sampler: Annotated[str, typer.Option("--sampler", autocompletion=complete(SAMPLERS), help=f"One of {', '.join(SAMPLERS)}; ancestral ddpm by default: on a real photograph the ODE samplers left grain that it does not (README).")] = "ddpm",
     eta: EtaOpt = 0.0,
     spacing: SpacingOpt = None,
     variance: VarianceOpt = None,
@@ -80,6 +83,7 @@ def upscale(
     stem = name or image.stem
     jobs = [Job(s, outdir / f"{stem}-x{factor}-{s:06d}.png") for s in range(seed, seed + num_images)]
     todo, skipped = plan(jobs, outdir, overwrite, skip_existing, grid=False)
+    steps = steps or (UPSCALE_DDPM_STEPS if sampler == "ddpm" else None)
     settings = SamplerSettings(sampler, steps, eta, spacing, variance).resolved(pipeline)
     picture = pil_to_tensor(low.convert("L") if pipeline.image_channels == 1 else low)
     width, height = low.width * factor, low.height * factor
