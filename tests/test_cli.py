@@ -1,7 +1,6 @@
 """The CLI as a user runs it: a subprocess, exit codes, clean stdout, metadata, seeds."""
 
 import json
-import os
 import subprocess
 import sys
 
@@ -10,13 +9,12 @@ import pytest
 from PIL import Image
 
 from ddpm_cli.engine.imageio import read_png_metadata
+from tests.cli_runner import run_ddpm
 
 
 def ddpm(*args, cwd=None):
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    env.pop("DDPM_DEBUG", None)
-    return subprocess.run([sys.executable, "-m", "ddpm_cli", *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd, env=env, timeout=300)
+    """`ddpm ARGS` in its own process (forked from a helper that has imported torch; see cli_runner)."""
+    return run_ddpm(*args, cwd=cwd)
 
 
 def test_help_is_fast_and_imports_no_torch():

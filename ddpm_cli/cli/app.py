@@ -72,4 +72,8 @@ def main() -> None:
     except typer.Abort:
         print("ddpm: error: interrupted", file=sys.stderr)
         code = EXIT_INTERRUPTED
+    finally:
+        from ddpm_cli.engine.distributed import leave
+
+        leave()  # under torchrun: leave the process group before exiting
     sys.exit(code if isinstance(code, int) else 0)

@@ -9,6 +9,7 @@ sampling splits the seeds. Outside torchrun everything here is the one-process i
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -55,6 +56,15 @@ def init(device: torch.device) -> World:
         torch.distributed.init_process_group(backend, rank=here.rank, world_size=here.size,
                                              device_id=device if device.type == "cuda" else None)
     return here
+
+
+def leave() -> None:
+    """Tear the process group down, if this process joined one, before the interpreter exits: left
+    to exit-time clean-up, gloo's threads can abort the process ("terminate called without an active
+    exception") after its work is done. Imports nothing: a process without torch joined nothing."""
+    torch = sys.modules.get("torch")
+    if torch is not None and _joined():
+        torch.distributed.destroy_process_group()
 
 
 def _joined() -> bool:
