@@ -10,7 +10,7 @@ from PIL import Image
 
 from ddpm_cli.engine.generate import SamplerSettings
 from ddpm_cli.engine.pipeline import load_pipeline
-from ddpm_cli.engine.superres import degrade, upsample, upscale_batch
+from ddpm_cli.engine.superres import UpscaleSettings, degrade, upsample, upscale_batch
 from ddpm_cli.training.data import open_dataset
 from tests.test_cli import ddpm
 
@@ -65,6 +65,20 @@ def test_upscale_cli_tiles_large_images_and_refuses_other_models(superres_run, t
     assert not_sr.returncode == 2 and "not a super-resolution model" in not_sr.stderr
     sample = ddpm("sample", superres_run, "-o", tmp_path / "y")
     assert sample.returncode == 2 and "ddpm upscale" in sample.stderr
+
+
+def test_tiles_in_one_pass_equal_tiles_one_by_one(superres_run, monkeypatch):
+    import ddpm_cli.engine.superres as superres
+
+    pipeline = load_pipeline(str(superres_run), device="cpu")
+    low = degrade(open_dataset("fashion-mnist", 28, split="test").images[:4].float() / 127.5 - 1, 2)
+    quilt = torch.cat([torch.cat([low[0], low[1]], -1), torch.cat([low[2], low[3]], -1)], -2)  # 28x28: 9 tiles of 28
+    together = upscale_batch(pipeline, [3, 4], SamplerSettings("dpmpp-2m", 4), quilt, options=UpscaleSettings(tile=28, overlap=14))
+    monkeypatch.setattr(superres, "TILES_PER_PASS", 1)
+    one_by_one = upscale_batch(pipeline, [3, 4], SamplerSettings("dpmpp-2m", 4), quilt, options=UpscaleSettings(tile=28, overlap=14))
+    assert together.shape == (2, 1, 56, 56)
+    torch.testing.assert_close(together, one_by_one, atol=1e-4, rtol=0)
+    assert (together[0] - together[1]).abs().max() > 0.05  # the two seeds differ
 
 
 def test_stable_diffusion_upscaler_matches_diffusers(tmp_path):

@@ -35,6 +35,13 @@ class UNetDenoiser:
         self.cond, self.uncond, self.scale = cond or {}, uncond, scale
         self.evaluations = 0
 
+    @staticmethod
+    def _fit(kwargs: Conditioning, rows: int) -> Conditioning:
+        """Conditioning made for B images, repeated for a batch of k·B rows ordered k blocks of B
+        (several tiles of the same images in one pass)."""
+        return {key: value.repeat(rows // value.shape[0], *([1] * (value.dim() - 1)))
+                if value.shape[0] != rows else value for key, value in kwargs.items()}
+
     def _forward(self, x: torch.Tensor, t: int | torch.Tensor, kwargs: Conditioning,
                  concat: torch.Tensor | None) -> torch.Tensor:
         if torch.is_tensor(t):  # one timestep per image (likelihood evaluation); repeated for guidance's 2 branches
@@ -46,7 +53,7 @@ class UNetDenoiser:
             x_in = torch.cat([x, concat.to(x.dtype).repeat(x.shape[0] // concat.shape[0], 1, 1, 1)], dim=1)
         else:
             x_in = x
-        return self.forward(x_in.to(self.dtype), timestep, **kwargs).to(x.dtype)
+        return self.forward(x_in.to(self.dtype), timestep, **self._fit(kwargs, x.shape[0])).to(x.dtype)
 
     def __call__(self, x: torch.Tensor, t: int | torch.Tensor, concat: torch.Tensor | None = None) -> torch.Tensor:
         """The (guided) network output at x and timestep t (an int, or one per image); ``concat``
@@ -55,7 +62,8 @@ class UNetDenoiser:
             return self._forward(x, t, self.cond, concat)
         if self.scale == 0.0:
             return self._forward(x, t, self.uncond, concat)
-        both = {key: torch.cat([self.uncond[key], self.cond[key]]) for key in self.cond}
+        uncond, cond = self._fit(self.uncond, x.shape[0]), self._fit(self.cond, x.shape[0])
+        both = {key: torch.cat([uncond[key], cond[key]]) for key in cond}
         out_uncond, out_cond = self._forward(torch.cat([x, x]), t, both, concat).chunk(2)
         channels = x.shape[1]
         guided = out_uncond[:, :channels] + self.scale * (out_cond[:, :channels] - out_uncond[:, :channels])

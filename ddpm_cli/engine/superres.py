@@ -44,6 +44,9 @@ def upsample(images: torch.Tensor, scale: int) -> torch.Tensor:
     return F.interpolate(images, scale_factor=scale, mode="bicubic", align_corners=False).clamp(-1.0, 1.0)
 
 
+TILES_PER_PASS = 16  # tiles of an image that share one network pass
+
+
 def _starts(length: int, tile: int, stride: int) -> list[int]:
     if length <= tile:
         return [0]
@@ -58,9 +61,10 @@ def _ramp(tile: int, overlap: int, device) -> torch.Tensor:
     return edge.clamp(max=1.0)
 
 
-def tiled(model: Callable, tile: int, overlap: int) -> Callable:
+def tiled(model: Callable, tile: int, overlap: int, tiles_per_pass: int = TILES_PER_PASS) -> Callable:
     """``model(x, t, concat)`` run on overlapping tile×tile windows and blended; the whole image
-    when it fits in one tile."""
+    when it fits in one tile. Up to ``tiles_per_pass`` windows (of every image in the batch) go
+    through the network together, which bounds memory and keeps the device busy."""
     def run(x: torch.Tensor, t: int, concat: torch.Tensor) -> torch.Tensor:
         height, width = x.shape[-2:]
         if height <= tile and width <= tile:
@@ -69,10 +73,16 @@ def tiled(model: Callable, tile: int, overlap: int) -> Callable:
         total = torch.zeros((1, 1, height, width), device=x.device, dtype=x.dtype)
         tile_h, tile_w = min(tile, height), min(tile, width)
         weight = (_ramp(tile_h, overlap, x.device)[:, None] * _ramp(tile_w, overlap, x.device)[None, :]).to(x.dtype)
-        for top in _starts(height, tile_h, tile_h - overlap):
-            for left in _starts(width, tile_w, tile_w - overlap):
-                window = (..., slice(top, top + tile_h), slice(left, left + tile_w))
-                out[window] += weight * model(x[window], t, concat[window])
+        windows = [(..., slice(top, top + tile_h), slice(left, left + tile_w))
+                   for top in _starts(height, tile_h, tile_h - overlap)
+                   for left in _starts(width, tile_w, tile_w - overlap)]
+        batch = x.shape[0]
+        for start in range(0, len(windows), tiles_per_pass):
+            chunk = windows[start:start + tiles_per_pass]
+            xs = torch.cat([x[window] for window in chunk])  # window-major: B rows per window
+            cs = torch.cat([concat[window].expand(batch, -1, -1, -1) for window in chunk])
+            for window, part in zip(chunk, model(xs, t, cs).split(batch)):
+                out[window] += weight * part
                 total[window] += weight
         return out / total
     return run
@@ -131,7 +141,7 @@ def upscale_batch(pipeline: Pipeline, seeds: list[int], settings: SamplerSetting
     else:
         condition = upsample(image, scale).expand(len(seeds), -1, -1, -1)
         denoiser = pipeline.denoiser(len(seeds))
-    model = tiled(denoiser, tile, overlap)
+    model = tiled(denoiser, tile, overlap, TILES_PER_PASS)
     timesteps = settings.timesteps(pipeline.schedule)
     x = run_sampler(settings, lambda x, t: model(x, t, condition), noise(), pipeline.schedule, timesteps, noise, callback)
     if kind == "sr3":
