@@ -5,13 +5,7 @@
 # prints the GPU, runs the benchmark on the DDPM paper's 35.7M CIFAR-10 U-Net, then trains and
 # samples a small model through the CLI on the GPU. Results land in OUT (default: $OUT or /tmp/ddpm-gpu).
 set -u
-out=${1:-${OUT:-/tmp/ddpm-gpu}}
-mkdir -p "$out"
-export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=/tmp/site:$PWD
-fi
+. "$(dirname "$0")/gpu_env.sh"
 ddpm() { python3 -m ddpm_cli "$@"; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
 python3 -c "import torch, diffusers; print('torch', torch.__version__, 'diffusers', diffusers.__version__)" | tee -a "$out/gpu.txt"

@@ -6,13 +6,7 @@
 #    own CUDA graphs), against the default mode in the same run.
 # Each trial writes OUT/NAME.json and prints its table; a trial that runs out of time says so.
 set -u
-out=${1:-${OUT:-/tmp/ddpm-gpu}}
-mkdir -p "$out"
-export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=/tmp/site:$PWD
-fi
+. "$(dirname "$0")/gpu_env.sh"
 trial() {  # NAME SECONDS ENV... -- BENCH-ARGS...
   local name=$1 limit=$2; shift 2
   local envs=(); while [ "$1" != "--" ]; do envs+=("$1"); shift; done; shift

@@ -9,12 +9,11 @@ from typing import Annotated
 import typer
 
 from ddpm_cli.cli.errors import EXIT_USAGE, fail, handle_errors
-from ddpm_cli.cli.options import (AllowPickleOpt, CompileOpt, complete, BatchSizeOpt, DeviceOpt, DtypeOpt, EtaOpt, FormatOpt, NumImagesOpt,
-                                  OutdirOpt, OverwriteOpt, QuietOpt, RevisionOpt, SeedOpt, SkipExistingOpt,
+from ddpm_cli.cli.options import (AllowPickleOpt, CompileOpt, BatchSizeOpt, DeviceOpt, DtypeOpt, EtaOpt, FormatOpt, NumImagesOpt,
+                                  OutdirOpt, OverwriteOpt, QuietOpt, RevisionOpt, SamplerOpt, SeedOpt, SkipExistingOpt,
                                   SpacingOpt, VarianceOpt, check_choices)
 from ddpm_cli.cli.progress import say
 from ddpm_cli.cli.render import Job, plan, render
-from ddpm_cli.engine.choices import SAMPLERS
 
 UPSCALE_DDPM_STEPS = 100  # the ancestral sampler's default here, rather than every training timestep
 
@@ -41,7 +40,7 @@ def upscale(
     cfg: Annotated[float, typer.Option("--cfg", min=0.0, help="Stable Diffusion upscalers: guidance scale.")] = 9.0,
     noise_level: Annotated[int, typer.Option("--noise-level", min=0, help="Stable Diffusion upscalers: noise added to the input (its low_res_scheduler's timestep).")] = 20,
     steps: Annotated[int | None, typer.Option("--steps", min=1, help="Denoising steps [default: ddpm 100, ddim 50, dpmpp-2m 20].", show_default=False)] = None,
-    sampler: Annotated[str, typer.Option("--sampler", autocompletion=complete(SAMPLERS), help=f"One of {', '.join(SAMPLERS)}; ancestral ddpm by default: on a real photograph the ODE samplers left grain that it does not (README).")] = "ddpm",
+    sampler: SamplerOpt = "ddpm",  # ancestral: on a real photograph the ODE samplers left grain it does not (README)
     eta: EtaOpt = 0.0,
     spacing: SpacingOpt = None,
     variance: VarianceOpt = None,

@@ -53,16 +53,17 @@ class UNetDenoiser:
             x_in = torch.cat([x, concat.to(x.dtype).repeat(x.shape[0] // concat.shape[0], 1, 1, 1)], dim=1)
         else:
             x_in = x
-        return self.forward(x_in.to(self.dtype), timestep, **self._fit(kwargs, x.shape[0])).to(x.dtype)
+        return self.forward(x_in.to(self.dtype), timestep, **kwargs).to(x.dtype)
 
     def __call__(self, x: torch.Tensor, t: int | torch.Tensor, concat: torch.Tensor | None = None) -> torch.Tensor:
         """The (guided) network output at x and timestep t (an int, or one per image); ``concat``
         (B×C'×H×W) is appended to x's channels."""
+        cond = self._fit(self.cond, x.shape[0])
         if self.uncond is None or self.scale == 1.0:
-            return self._forward(x, t, self.cond, concat)
+            return self._forward(x, t, cond, concat)
+        uncond = self._fit(self.uncond, x.shape[0])
         if self.scale == 0.0:
-            return self._forward(x, t, self.uncond, concat)
-        uncond, cond = self._fit(self.uncond, x.shape[0]), self._fit(self.cond, x.shape[0])
+            return self._forward(x, t, uncond, concat)
         both = {key: torch.cat([uncond[key], cond[key]]) for key in cond}
         out_uncond, out_cond = self._forward(torch.cat([x, x]), t, both, concat).chunk(2)
         channels = x.shape[1]

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import os
 import re
 
 import torch
 
+from ddpm_cli.engine.distributed import world
 from ddpm_cli.engine.errors import InputError
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda", "cuda:N", "mps")
@@ -38,7 +38,8 @@ def _cuda_device(index: int | None) -> torch.device:
         raise InputError("CUDA was requested but no CUDA device is available; use --device cpu")
     count = torch.cuda.device_count()
     if index is None:  # under torchrun each process takes the GPU of its local rank
-        index = int(os.environ.get("LOCAL_RANK", torch.cuda.current_device()))
+        here = world()
+        index = here.local_rank if here.distributed else torch.cuda.current_device()
     if index >= count:
         raise InputError(
             f"CUDA device {index} was requested but only {count} CUDA device(s) exist "

@@ -133,7 +133,10 @@ def inpaint_batch(pipeline: Pipeline, seeds: list[int], settings: SamplerSetting
     device = pipeline.device
     known = image[None].to(device)
     pixel_mask = mask.to(device)
-    if pipeline.vae is not None:
+    if pipeline.inpainting:  # the model's extra inputs: the masked image's latents and the mask at their size
+        known = encode_images(pipeline.vae, known * (1.0 - pixel_mask)).to(device)
+        mask = F.interpolate(pixel_mask, size=known.shape[-2:])
+    elif pipeline.vae is not None:
         known = encode_images(pipeline.vae, known).to(device)
         mask = F.max_pool2d(pixel_mask, pipeline.latent_factor)  # a latent is generated if any of its pixels is
     else:
@@ -153,8 +156,7 @@ def inpaint_batch(pipeline: Pipeline, seeds: list[int], settings: SamplerSetting
     model = pipeline.denoiser(batch, condition, cfg)
     timesteps = settings.timesteps(pipeline.schedule)
     if pipeline.inpainting:  # the U-Net fills the hole itself, seeing the mask and the masked image
-        masked = encode_images(pipeline.vae, image[None].to(device) * (1.0 - pixel_mask)).to(device)
-        concat = torch.cat([F.interpolate(pixel_mask, size=masked.shape[-2:]), masked], dim=1)
+        concat = torch.cat([mask, known[:1]], dim=1)
         x = run_sampler(settings, lambda x, t: model(x, t, concat), x, schedule, timesteps, noise, callback)
     elif settings.sampler == "ddpm" and jump_n_sample > 1:
         x = _repaint(model, x, schedule, timesteps, noise, project, settings.variance, jump_length, jump_n_sample, callback)

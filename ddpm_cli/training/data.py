@@ -14,8 +14,8 @@ import itertools
 import os
 import struct
 import zlib
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -288,14 +288,14 @@ def default_num_workers() -> int:
 
 
 class _StepSampler:
-    """Batch sampler yielding ``batches.indices(s)`` for s = start, start + 1, ... (endless)."""
+    """Batch sampler yielding ``indices(s)`` for s = start, start + 1, ... (endless)."""
 
-    def __init__(self, batches: EpochBatches, start: int, rows: slice = slice(None)):
-        self.batches, self.start, self.rows = batches, start, rows
+    def __init__(self, indices: Callable[[int], list[int]], start: int):
+        self.indices, self.start = indices, start
 
     def __iter__(self) -> Iterator[list[int]]:
         for step in itertools.count(self.start):
-            yield self.batches.indices(step)[self.rows]
+            yield self.indices(step)
 
 
 class _Loads(torch.utils.data.Dataset):
@@ -362,7 +362,7 @@ class BatchLoader:
                 yield step, self.batch(step), self.labels(self.indices(step))
             return
         loader = torch.utils.data.DataLoader(
-            _Loads(self.dataset), batch_sampler=_StepSampler(self.batches, start_step, self.rows),
+            _Loads(self.dataset), batch_sampler=_StepSampler(self.indices, start_step),
             num_workers=self.num_workers, collate_fn=list, prefetch_factor=2 if self.num_workers > 0 else None,
             pin_memory=self.pin_memory)
         for step, images in zip(itertools.count(start_step), loader):
