@@ -119,6 +119,17 @@ def test_noise_is_per_image_and_independent_of_batch():
     assert not torch.equal(first_together[0], first_together[1])
 
 
+def test_noise_is_the_same_whatever_the_number_of_threads():
+    seeds = list(range(100, 123))
+    one, four = SeededNoise(seeds, (3, 4, 4), workers=1), SeededNoise(seeds, (3, 4, 4), workers=4)
+    assert four.workers == 4 and [len(rows) for rows in four.chunks] == [5, 6, 6, 6]
+    generator = torch.Generator().manual_seed(117)
+    for _ in range(3):
+        drawn = four()
+        assert torch.equal(drawn, one())
+        assert torch.equal(drawn[17], torch.randn((3, 4, 4), generator=generator))
+
+
 @pytest.mark.parametrize("steps", [10, 1000])
 def test_ddpm_with_learned_range_variance_matches_diffusers(steps):
     from diffusers import DDPMScheduler
