@@ -1,16 +1,18 @@
 """Host time of one sampling step's seeded noise, per batch size (see ddpm_cli/engine/noise.py).
 
-    python benchmarks/seeded_noise.py [--device cuda] [--batches 64 256 1024] [--repeats 20]
+    python benchmarks/seeded_noise.py [--device cuda] [--batches 64 256 1024] [--repeats 10] [--rounds 7]
 
 Compares drawing one seed at a time and concatenating (what ddpm did before) with
 ``SeededNoise`` on one thread and on its default number of threads; all three give the same
-tensor bit for bit, which the script checks. On CUDA the time includes the copy to the device.
+tensor bit for bit, which the script checks. The three are timed in turn, round after round, and
+each figure is the median round (the machines this runs on are shared). On CUDA the time includes the copy to the device.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import time
 
@@ -51,7 +53,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batches", type=int, nargs="+", default=[64, 256, 1024])
     parser.add_argument("--shape", type=int, nargs="+", default=[3, 32, 32])
-    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=10, help="draws per timing")
+    parser.add_argument("--rounds", type=int, default=7, help="interleaved timings of each way; the median is shown")
     args = parser.parse_args()
     shape = tuple(args.shape)
     print(f"seeded noise per sampling step, shape {'x'.join(map(str, shape))}, device {args.device}, "
@@ -66,7 +69,9 @@ def main() -> None:
         first = [make()().cpu() for make in makers]
         if not all(torch.equal(first[0], other) for other in first[1:]):
             raise SystemExit("the three ways of drawing disagree")
-        reference, single, threaded = (milliseconds(make(), args.device, args.repeats) for make in makers)
+        draws = [make() for make in makers]
+        rounds = [[milliseconds(draw, args.device, args.repeats) for draw in draws] for _ in range(args.rounds)]
+        reference, single, threaded = (statistics.median(column) for column in zip(*rounds))
         print(f"| {batch} | {reference:.1f} | {single:.1f} | {threaded:.1f} | {default_workers(batch)} "
               f"| {reference / threaded:.2f}x |")
 

@@ -2,6 +2,7 @@
 
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -21,6 +22,21 @@ def torchrun(*args, processes=2, cwd=None):
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(processes),
                "-m", "ddpm_cli", *map(str, args)]
     return subprocess.run(command, capture_output=True, text=True, cwd=cwd, env=env, timeout=300)
+
+
+def two_nodes(*args):
+    """Two torchrun agents of one process each, meeting through the c10d rendezvous as two machines
+    would: both processes are local rank 0, and global ranks come from the rendezvous."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+               "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "ddpm-test",
+               "-m", "ddpm_cli", *map(str, args)]
+    agents = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+              for _ in range(2)]
+    return [(agent.wait(timeout=300), *agent.communicate()) for agent in agents]
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +61,18 @@ def test_two_processes_train_what_one_does(runs):
         a = load_file(folder / "one" / "checkpoints" / "checkpoint-0000004" / f"{name}.safetensors")
         b = load_file(folder / "two" / "checkpoints" / "checkpoint-0000004" / f"{name}.safetensors")
         # Same global batch, noise and learning rate: only float rounding differs (one Adam step is 1e-3).
+        assert max((a[k] - b[k]).abs().max().item() for k in a) < 2e-4, name
+
+
+def test_two_nodes_meeting_through_the_rendezvous_train_what_one_does(runs):
+    folder = runs[0]
+    nodes = two_nodes(*TRAIN, "-o", folder / "nodes", "--format", "json")
+    assert [code for code, _, _ in nodes] == [0, 0], [err[-500:] for _, _, err in nodes]
+    printed = [out for _, out, _ in nodes if out.strip()]
+    assert len(printed) == 1 and json.loads(printed[0])["images_seen"] == 32  # global rank 0 alone reports
+    for name in ("model", "ema"):
+        a = load_file(folder / "one" / "checkpoints" / "checkpoint-0000004" / f"{name}.safetensors")
+        b = load_file(folder / "nodes" / "checkpoints" / "checkpoint-0000004" / f"{name}.safetensors")
         assert max((a[k] - b[k]).abs().max().item() for k in a) < 2e-4, name
 
 
