@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check of `ddpm bench`, in one go (about 5 minutes on one H100/H200):
+# The GPU check of `ddpm bench`, in one go (about 6 minutes on one H100/H200):
 #   bash benchmarks/gpu.sh [OUT]
 # Installs carried wheels from .whl/ when there are any (diffusers, for a machine without it),
 # prints the GPU, runs the benchmark on the DDPM paper's 35.7M CIFAR-10 U-Net, then trains and
@@ -16,7 +16,10 @@ timeout 400 python3 -m ddpm_cli bench --model-size ddpm-cifar10 --train-batch 51
 python3 -c "import json, sys; from ddpm_cli.cli.bench import table; print(table(json.load(open(sys.argv[1]))))" \
   "$out/bench.json" | tee "$out/bench.txt"
 
-# 2. The CLI end to end on the GPU: a short bf16 run, then sampling from it (CUDA graphs).
+# 2. The host's share of a sampling step: the seeded noise at batch 1,024, with the copy to the GPU.
+timeout 60 python3 benchmarks/seeded_noise.py --device cuda --batches 1024 | tee "$out/noise.txt"
+
+# 3. The CLI end to end on the GPU: a short bf16 run, then sampling from it (CUDA graphs).
 run=/tmp/ddpm-gpu-run
 rm -rf "$run" "$out/samples"
 /usr/bin/time -f "train wall %e s" timeout 120 python3 -m ddpm_cli train fashion-mnist --max-steps 600 -b 256 --lr 1e-3 \

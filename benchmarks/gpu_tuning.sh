@@ -11,7 +11,7 @@ trial() {  # NAME SECONDS ENV... -- BENCH-ARGS...
   local name=$1 limit=$2; shift 2
   local envs=(); while [ "$1" != "--" ]; do envs+=("$1"); shift; done; shift
   echo "== $name"
-  if env "${envs[@]}" timeout "$limit" python3 -m ddpm_cli bench --model-size ddpm-cifar10 --compile --format json "$@" \
+  if env "${envs[@]}" timeout "$limit" python3 -m ddpm_cli bench --model-size ddpm-cifar10 --compile --rounds 1 --format json "$@" \
       > "$out/$name.json" 2> "$out/$name.log"; then
     python3 -c "import json, sys; from ddpm_cli.cli.bench import table; print(table(json.load(open(sys.argv[1]))))" "$out/$name.json"
   else

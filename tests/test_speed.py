@@ -35,13 +35,16 @@ def test_compiled_sampling_agrees_with_eager(tiny_pipeline_dir):
 
 def test_bench_measures_both_implementations_and_prints_json():
     result = ddpm("bench", "--train-batch", 8, "--train-steps", 2, "--sample-batch", 4, "--sample-steps", 2,
-                  "--device", "cpu", "--format", "json", "-q")
+                  "--rounds", 3, "--device", "cpu", "--format", "json", "-q")
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     rows = {(r["task"], r["implementation"], r["precision"]): r for r in report["rows"]}
     assert set(rows) == {(task, impl, p) for task in ("train", "sample") for impl, p in
                          (("diffusers", "fp32"), ("ddpm", "fp32"), ("ddpm", "bf16"))}
     assert all(r["value"] > 0 and r["error"] is None for r in rows.values())
+    # Every variant ran 3 interleaved rounds and reports its median one.
+    assert report["rounds"] == 3 and all(len(r["rounds"]) == 3 for r in rows.values())
+    assert all(abs(r["value"] - sorted(r["rounds"])[1]) <= 0.1 + 1e-3 * r["value"] for r in rows.values())
     baseline = rows[("sample", "diffusers", "fp32")]
     assert baseline["vs_diffusers_fp32"] == 1.0
     ours = rows[("sample", "ddpm", "fp32")]

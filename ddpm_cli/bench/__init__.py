@@ -1,16 +1,19 @@
 """``ddpm bench``: this project's training step and sampler against the diffusers way of doing the
 same work, on the same network, batch and step count, measured side by side in one process.
 
-:func:`run` measures every variant and returns rows; a variant that fails (out of memory, a
-compiler missing) becomes a row with its error, and the others still run.
+:func:`run` prepares every variant of a task (builds, compiles and warms it up), then times them in
+turn, round after round, and keeps each one's median round: on a shared machine a slow spell then
+falls on every variant alike instead of on whichever ran during it. A variant that fails (out of
+memory, a compiler missing) becomes a row with its error, and the others still run.
 """
 
 from __future__ import annotations
 
 import gc
+import statistics
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 
@@ -25,9 +28,10 @@ class Row:
     precision: str  # fp32, bf16 (autocast when training), fp16
     levers: str  # what the variant turns on
     batch: int
-    value: float | None = None  # images/s or evaluations/s
-    seconds: float | None = None  # the timed window
+    value: float | None = None  # images/s or evaluations/s: the median round
+    seconds: float | None = None  # the median round's timed window
     error: str | None = None
+    rounds: list[float] = field(default_factory=list)  # every round's speed, in order
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -73,9 +77,21 @@ class Plan:
     compile: bool = False
     tasks: tuple[str, ...] = ("train", "sample")
     warmup: int = 3
+    rounds: int = 3
 
     def unet(self) -> dict:
         return unet_config(self.model_size, 32, 3)
+
+
+@dataclass
+class Prepared:
+    """A variant built and warmed up: ``work()`` runs one timed window of ``units`` images (training)
+    or U-Net evaluations (sampling); ``note()`` says what it had to give up, if anything."""
+
+    work: Callable[[], object]
+    units: int
+    note: Callable[[], str] = lambda: ""
+    cudnn_benchmark: bool = False  # the variant's own cuDNN setting, put back before each of its rounds
 
 
 def variants(plan: Plan, device: torch.device) -> list[tuple[str, str, str, bool]]:
@@ -94,35 +110,76 @@ def variants(plan: Plan, device: torch.device) -> list[tuple[str, str, str, bool
     return out
 
 
-def run(plan: Plan, on_row: Callable[[Row], None] | None = None) -> dict:
-    """Measure every variant of the plan; returns {"device", "model", "parameters", "rows"}."""
+def run(plan: Plan, on_row: Callable[[Row], None] | None = None, log: Callable[[str], None] | None = None) -> dict:
+    """Measure every variant of the plan; returns {"device", "model", "parameters", "rounds", "rows"}."""
     from diffusers.utils import logging
-
-    from ddpm_cli.bench import sampling, training
 
     logging.set_verbosity_error()  # diffusers' advice on casting a model built in fp32 does not apply here
     device = resolve_device(plan.device)
     rows = []
-    for task, implementation, precision, compile in variants(plan, device):
-        module = training if task == "train" else sampling
-        batch = plan.train_batch if task == "train" else plan.sample_batch
-        row = Row(task, implementation, precision, module.levers(implementation, device, compile), batch)
-        torch.backends.cudnn.benchmark = False  # each variant sets its own levers; diffusers sets none
-        try:
-            row.value, row.seconds, note = module.measure(plan, device, implementation, precision, compile)
-            row.levers += f" ({note})" if note else ""
-        except Exception as exc:  # noqa: BLE001 - one failed variant must not lose the others
-            row.error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:200]
-        release(device)
-        rows.append(row)
-        if on_row is not None:
-            on_row(row)
+    for task in plan.tasks:
+        task_rows = _measure_task(plan, device, [v for v in variants(plan, device) if v[0] == task], log)
+        rows += task_rows
+        for row in task_rows:
+            if on_row is not None:
+                on_row(row)
     from ddpm_cli.training.presets import build_unet
 
     parameters = sum(p.numel() for p in build_unet(plan.unet()).parameters())
     return {"device": describe(device, torch.float32).split(", dtype")[0].removeprefix("device "),
-            "torch": torch.__version__, "model": plan.model_size, "parameters": parameters,
+            "torch": torch.__version__, "model": plan.model_size, "parameters": parameters, "rounds": plan.rounds,
             "rows": [with_ratios(row, rows) for row in rows]}
+
+
+def _measure_task(plan: Plan, device: torch.device, task_variants: list[tuple[str, str, str, bool]],
+                  log: Callable[[str], None] | None = None) -> list[Row]:
+    """Prepare the variants of one task, time them in interleaved rounds, and release them."""
+    from ddpm_cli.bench import sampling, training
+
+    prepared: list[tuple[Row, Prepared | None]] = []
+    for task, implementation, precision, compile in task_variants:
+        module = training if task == "train" else sampling
+        batch = plan.train_batch if task == "train" else plan.sample_batch
+        row = Row(task, implementation, precision, module.levers(implementation, device, compile), batch)
+        if log is not None:
+            log(f"preparing {task} {implementation} {precision}" + (f" ({row.levers})" if row.levers else ""))
+        torch.backends.cudnn.benchmark = False  # each variant sets its own levers; diffusers sets none
+        try:
+            variant = module.prepare(plan, device, implementation, precision, compile)
+            variant.cudnn_benchmark = torch.backends.cudnn.benchmark
+        except Exception as exc:  # noqa: BLE001 - one failed variant must not lose the others
+            row.error, variant = _error(exc), None
+        prepared.append((row, variant))
+    seconds: dict[int, list[float]] = {k: [] for k in range(len(prepared))}
+    for number in range(plan.rounds):
+        if log is not None:
+            log(f"timing {task_variants[0][0]}, round {number + 1} of {plan.rounds}")
+        for k, (row, variant) in enumerate(prepared):
+            if variant is None or row.error:
+                continue
+            torch.backends.cudnn.benchmark = variant.cudnn_benchmark
+            try:
+                seconds[k].append(timed(device, variant.work))
+                row.rounds.append(round(variant.units / seconds[k][-1], 1))
+            except Exception as exc:  # noqa: BLE001
+                row.error = _error(exc)
+    for k, (row, variant) in enumerate(prepared):
+        if variant is not None and not row.error and seconds[k]:
+            row.seconds = statistics.median(seconds[k])
+            row.value = variant.units / row.seconds
+            note = variant.note()
+            row.levers += f" ({note})" if note else ""
+        if row.error:
+            row.rounds = []
+    rows = [row for row, _ in prepared]
+    prepared.clear()
+    variant = None  # noqa: F841 - drop the last variant's model before releasing the device's memory
+    release(device)
+    return rows
+
+
+def _error(exc: Exception) -> str:
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:200]
 
 
 def with_ratios(row: Row, rows: list[Row]) -> dict:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ddpm_cli.bench import Plan, layout as _layout, timed
+from ddpm_cli.bench import Plan, Prepared, layout as _layout
 from ddpm_cli.engine.acceleration import compile_mode
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -30,14 +30,15 @@ def _unet(plan: Plan, device: torch.device, precision: str):
     return build_unet(plan.unet()).to(device, DTYPES[precision]).eval().requires_grad_(False)
 
 
-def measure(plan: Plan, device: torch.device, implementation: str, precision: str,
-            compile: bool) -> tuple[float, float, str]:
-    """(U-Net evaluations/s, timed seconds, a note): one warm-up run of 2 steps, then one timed run."""
+def prepare(plan: Plan, device: torch.device, implementation: str, precision: str, compile: bool) -> Prepared:
+    """A window of one ``plan.sample_steps``-step sampling run, after a warm-up run of 2 steps."""
     run, pipeline = (_ddpm if implementation == "ddpm" else _diffusers)(plan, device, precision, compile)
     run(2)
-    seconds = timed(device, lambda: run(plan.sample_steps))
-    failed = getattr(getattr(pipeline, "forward", None), "failed", None)  # a CUDA graph that could not be recorded
-    return plan.sample_batch * plan.sample_steps / seconds, seconds, f"CUDA graphs off: {failed}" if failed else ""
+
+    def note() -> str:
+        failed = getattr(getattr(pipeline, "forward", None), "failed", None)  # a CUDA graph not recorded
+        return f"CUDA graphs off: {failed}" if failed else ""
+    return Prepared(lambda: run(plan.sample_steps), plan.sample_batch * plan.sample_steps, note)
 
 
 def _ddpm(plan: Plan, device: torch.device, precision: str, compile: bool):

@@ -15,7 +15,7 @@ from contextlib import nullcontext
 import torch
 import torch.nn.functional as F
 
-from ddpm_cli.bench import Plan, layout as _layout, timed
+from ddpm_cli.bench import Plan, Prepared, layout as _layout
 from ddpm_cli.engine.acceleration import compile_mode
 
 DATA = "fashion-mnist"
@@ -28,9 +28,8 @@ def levers(implementation: str, device: torch.device, compile: bool) -> str:
     return ", ".join(names + ([f"torch.compile {compile_mode() or 'default'}"] if compile else []))
 
 
-def measure(plan: Plan, device: torch.device, implementation: str, precision: str,
-            compile: bool) -> tuple[float, float, str]:
-    """(images/s, timed seconds, a note) over ``plan.train_steps`` steps after ``plan.warmup``."""
+def prepare(plan: Plan, device: torch.device, implementation: str, precision: str, compile: bool) -> Prepared:
+    """A window of ``plan.train_steps`` training steps, after ``plan.warmup`` untimed ones."""
     step = (_ddpm_step if implementation == "ddpm" else _diffusers_step)(plan, device, precision, compile)
     for _ in range(plan.warmup + (2 if compile else 0)):
         step()
@@ -38,8 +37,7 @@ def measure(plan: Plan, device: torch.device, implementation: str, precision: st
     def work():
         for _ in range(plan.train_steps):
             step()
-    seconds = timed(device, work)
-    return plan.train_batch * plan.train_steps / seconds, seconds, ""
+    return Prepared(work, plan.train_batch * plan.train_steps)
 
 
 def _ddpm_step(plan: Plan, device: torch.device, precision: str, compile: bool):

@@ -26,17 +26,20 @@ UNITS = {"train": "images/s", "sample": "U-Net evals/s"}
 
 def table(result: dict) -> str:
     """The rows as an aligned text table."""
-    head = ("task", "implementation", "precision", "levers", "batch", "speed", "unit", "x diffusers fp32",
-            "x diffusers best")
+    head = ("task", "implementation", "precision", "levers", "batch", "speed", "rounds' range", "unit",
+            "x diffusers fp32", "x diffusers best")
     lines = [head]
     for row in result["rows"]:
         speed = f"{row['value']:,.0f}" if row["value"] else f"failed: {row['error']}"
         ratio = lambda key: "" if row[key] is None else f"{row[key]:.2f}"  # noqa: E731
+        rounds = row.get("rounds") or []
+        spread = f"{min(rounds):,.0f}-{max(rounds):,.0f}" if len(rounds) > 1 else ""
         lines.append((row["task"], row["implementation"], row["precision"], row["levers"], str(row["batch"]), speed,
-                      UNITS[row["task"]], ratio("vs_diffusers_fp32"), ratio("vs_diffusers_best")))
+                      spread, UNITS[row["task"]], ratio("vs_diffusers_fp32"), ratio("vs_diffusers_best")))
     widths = [max(len(line[k]) for line in lines) for k in range(len(head))]
     text = ["  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip() for line in lines]
-    title = f"{result['model']} U-Net ({result['parameters'] / 1e6:.1f}M parameters), {result['device']}, torch {result['torch']}"
+    title = (f"{result['model']} U-Net ({result['parameters'] / 1e6:.1f}M parameters), {result['device']}, "
+             f"torch {result['torch']}; speed: the median of {result.get('rounds', 1)} interleaved rounds")
     return "\n".join([title, *text])
 
 
@@ -44,9 +47,10 @@ def table(result: dict) -> str:
 def bench(
     model_size: Annotated[str, typer.Option("--model-size", autocompletion=complete(tuple(PRESETS)), help=f"The U-Net, at 32x32 RGB: {', '.join(PRESETS)} (ddpm-cifar10: the DDPM paper's 35.7M network).")] = "tiny",
     train_batch: Annotated[int, typer.Option("--train-batch", min=1, help="Training batch.")] = 64,
-    train_steps: Annotated[int, typer.Option("--train-steps", min=1, help="Timed training steps per variant.")] = 10,
+    train_steps: Annotated[int, typer.Option("--train-steps", min=1, help="Timed training steps per variant and round.")] = 10,
     sample_batch: Annotated[int, typer.Option("--sample-batch", min=1, help="Sampling batch.")] = 64,
-    sample_steps: Annotated[int, typer.Option("--sample-steps", min=1, help="Timed sampling steps per variant.")] = 10,
+    sample_steps: Annotated[int, typer.Option("--sample-steps", min=1, help="Timed sampling steps per variant and round.")] = 10,
+    rounds: Annotated[int, typer.Option("--rounds", min=1, help="Timed rounds: the variants take turns, and each keeps its median round.")] = 3,
     compile: Annotated[bool, typer.Option("--compile", help="Also measure this project with torch.compile (compiles first: minutes on a CPU).")] = False,
     only: Annotated[str | None, typer.Option("--only", autocompletion=complete(TASKS), help="Measure only train or sample.")] = None,
     device: DeviceOpt = "auto",
@@ -63,11 +67,12 @@ def bench(
     from ddpm_cli.bench import Plan, run
 
     plan = Plan(model_size, device, train_batch, train_steps, sample_batch, sample_steps, compile,
-                (only,) if only else TASKS)
+                (only,) if only else TASKS, rounds=rounds)
 
     def on_row(row) -> None:
         speed = f"{row.value:,.0f} {UNITS[row.task]}" if row.value else f"failed: {row.error}"
-        say(f"ddpm: bench {row.task} {row.implementation} {row.precision} ({row.levers}): {speed}", quiet)
+        levers = f" ({row.levers})" if row.levers else ""
+        say(f"ddpm: bench {row.task} {row.implementation} {row.precision}{levers}: {speed}", quiet)
 
-    result = run(plan, on_row)
+    result = run(plan, on_row, lambda line: say(f"ddpm: bench: {line}", quiet))
     print(json.dumps(result, indent=2) if output_format == "json" else table(result))

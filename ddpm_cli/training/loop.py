@@ -1,7 +1,7 @@
 """The training loop: L_simple (Ho et al. 2020, Algorithm 1) with EMA, mixed precision, accumulation,
 gradient clipping, atomic checkpoints, exact resume and periodic sample grids.
 
-Speed: fused AdamW, a foreach EMA, optional ``torch.compile``, small data
+Speed: fused AdamW, a foreach EMA, optional ``torch.compile``, small data (``feed.py``)
 sets held on the device, and no host-device synchronisation per step: losses stay on the device
 and are read every ``LOG_EVERY`` steps (and before checkpoints), and a step whose gradients are
 not finite is skipped on the device by the optimiser itself.
@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import itertools
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -38,10 +37,10 @@ from ddpm_cli.engine.pipeline import MODEL_INFO_FILE, Condition, from_unet
 from ddpm_cli.engine.schedule import NoiseSchedule
 from ddpm_cli.training import checkpoints
 from ddpm_cli.training.config import SUMMARY_FILE, TrainConfig
-from ddpm_cli.training.data import (BUILTIN_DATASETS, BatchLoader, DeviceBatches, EpochBatches, crop_and_flip,
-                                    fits_on_device, open_dataset)
+from ddpm_cli.training.data import BUILTIN_DATASETS, EpochBatches, open_dataset
 from ddpm_cli.training.ema import EMA
-from ddpm_cli.training.latents import flip_latents, is_latents_file, open_latent_data
+from ddpm_cli.training.feed import Feed
+from ddpm_cli.training.latents import is_latents_file, open_latent_data
 from ddpm_cli.training.presets import build_unet, text_unet_config, unet_config
 
 LOG_FILE = "log.jsonl"
@@ -184,59 +183,6 @@ class Trainer:
                                  "in a sub-folder named after it, or use a labelled built-in data set)")
             self.class_names = list(self.dataset.class_names)
 
-    def _data(self, start: int) -> Iterator[tuple[torch.Tensor, dict]]:
-        """Endless micro-batches from micro-step ``start``: (x0 on the device; conditioning).
-
-        A small in-memory set at the training resolution lives on the device (``DeviceBatches``);
-        anything else is loaded, cropped and flipped on the host, through pinned memory on CUDA.
-        """
-        c = self.config
-        rows = self.world.shard(c.batch_size)
-        if not self.latent and fits_on_device(self.dataset, c.resolution):
-            fetch = DeviceBatches(self.dataset, self.batches, self.device, c.random_flip, self.generators["augment"], rows)
-            for step in itertools.count(start):
-                images, labels, indices = fetch(step)
-                yield self._scaled(images), self._conditioning(indices, labels)
-            return
-        loader = BatchLoader(self.dataset, self.batches, c.num_workers, rows, pin_memory=self.device.type == "cuda")
-        for step, images, labels in loader.iterate(start):
-            yield self._micro_batch(images), self._conditioning(loader.indices(step), labels)
-
-    def _scaled(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 images on the device to [-1, 1], in the model's memory layout."""
-        return (images.float() / 127.5 - 1.0).contiguous(memory_format=self.memory_format)
-
-    def _micro_batch(self, images: list[torch.Tensor]) -> torch.Tensor:
-        c = self.config
-        total = len(images) * self.world.size  # the global batch, whose crops and flips every process draws
-        rows = self.world.shard(total)
-        if self.latent:  # already float and scaled; flips are the only augmentation that suits latents
-            return flip_latents(images, c.random_flip, self.generators["augment"], rows, total).to(self.device)
-        batch = crop_and_flip(images, c.resolution, c.center_crop, c.random_flip, self.generators["augment"], rows, total)
-        if self.device.type == "cuda":
-            batch = batch.pin_memory()
-        return self._scaled(batch.to(self.device, non_blocking=True))
-
-    def _conditioning(self, indices: list[int], labels: torch.Tensor | None) -> dict:
-        """The batch's class labels or caption embeddings; each is replaced by the null class or the
-        empty caption with probability --cond-drop, so one model learns both guidance branches.
-        The drops of the whole global batch are drawn, and this process keeps its rows."""
-        if self.class_names is None and self.captions is None:
-            return {}
-        if self.captions is not None:
-            rows = torch.tensor([self.captions.index[i] for i in indices], device=self.device)
-            null = self.captions.null_row
-        else:
-            rows, null = labels.to(self.device, non_blocking=True), len(self.class_names)
-        total = len(indices) * self.world.size
-        drop = torch.rand((total,), generator=self.generators["noise"], device=self.device) < self.config.cond_drop
-        drop = drop[self.world.shard(total)]
-        rows = torch.where(drop, torch.full_like(rows, null), rows)
-        if self.captions is None:
-            return {"class_labels": rows}
-        hidden, mask = self.captions.rows(rows)
-        return {"encoder_hidden_states": hidden, "encoder_attention_mask": mask}
-
     def _loss(self, x0: torch.Tensor, conditioning: dict | None = None) -> torch.Tensor:
         """With t uniform and x_t ~ q(x_t | x_0): L_simple = || target - network(x_t, t) ||^2;
         L_vlb = T L_t, the bound's one-sample estimate in bits/dim (engine/bound.py); and
@@ -282,7 +228,9 @@ class Trainer:
         """One optimiser step over one global batch; returns (loss, skipped) on the device, unread."""
         c = self.config
         if self.data is None:
-            self.data = self._data(self.step * c.grad_accum)
+            feed = Feed(c, self.dataset, self.batches, self.device, self.world, self.generators, self.memory_format,
+                        self.class_names, self.captions)
+            self.data = feed(self.step * c.grad_accum)
         self.lr = learning_rate(c, self.step, self.total)
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr
