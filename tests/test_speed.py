@@ -43,8 +43,8 @@ def test_bench_measures_both_implementations_and_prints_json():
                          (("diffusers", "fp32"), ("ddpm", "fp32"), ("ddpm", "bf16"))}
     assert all(r["value"] > 0 and r["error"] is None for r in rows.values())
     # Every variant ran 3 interleaved rounds and reports its median one.
-    assert report["rounds"] == 3 and all(len(r["rounds"]) == 3 for r in rows.values())
-    assert all(abs(r["value"] - sorted(r["rounds"])[1]) <= 0.1 + 1e-3 * r["value"] for r in rows.values())
+    assert report["rounds"] == 3 and all(len(r["per_round"]) == 3 for r in rows.values())
+    assert all(abs(r["value"] - sorted(r["per_round"])[1]) <= 0.1 + 1e-3 * r["value"] for r in rows.values())
     baseline = rows[("sample", "diffusers", "fp32")]
     assert baseline["vs_diffusers_fp32"] == 1.0
     ours = rows[("sample", "ddpm", "fp32")]

@@ -31,7 +31,7 @@ class Row:
     value: float | None = None  # images/s or evaluations/s: the median round
     seconds: float | None = None  # the median round's timed window
     error: str | None = None
-    rounds: list[float] = field(default_factory=list)  # every round's speed, in order
+    per_round: list[float] = field(default_factory=list)  # every round's speed, in order
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -160,7 +160,7 @@ def _measure_task(plan: Plan, device: torch.device, task_variants: list[tuple[st
             torch.backends.cudnn.benchmark = variant.cudnn_benchmark
             try:
                 seconds[k].append(timed(device, variant.work))
-                row.rounds.append(round(variant.units / seconds[k][-1], 1))
+                row.per_round.append(round(variant.units / seconds[k][-1], 1))
             except Exception as exc:  # noqa: BLE001
                 row.error = _error(exc)
     for k, (row, variant) in enumerate(prepared):
@@ -170,7 +170,7 @@ def _measure_task(plan: Plan, device: torch.device, task_variants: list[tuple[st
             note = variant.note()
             row.levers += f" ({note})" if note else ""
         if row.error:
-            row.rounds = []
+            row.per_round = []
     rows = [row for row, _ in prepared]
     prepared.clear()
     variant = None  # noqa: F841 - drop the last variant's model before releasing the device's memory

@@ -32,7 +32,7 @@ def table(result: dict) -> str:
     for row in result["rows"]:
         speed = f"{row['value']:,.0f}" if row["value"] else f"failed: {row['error']}"
         ratio = lambda key: "" if row[key] is None else f"{row[key]:.2f}"  # noqa: E731
-        rounds = row.get("rounds") or []
+        rounds = row.get("per_round") or []
         spread = f"{min(rounds):,.0f}-{max(rounds):,.0f}" if len(rounds) > 1 else ""
         lines.append((row["task"], row["implementation"], row["precision"], row["levers"], str(row["batch"]), speed,
                       spread, UNITS[row["task"]], ratio("vs_diffusers_fp32"), ratio("vs_diffusers_best")))
