@@ -1,23 +1,26 @@
 #!/usr/bin/env bash
-# The speed levers not yet measured on a GPU, each in its own time box (about 8 minutes in all):
+# The speed levers not yet settled on a GPU, each trial in its own time box (8 minutes at most):
 #   bash benchmarks/gpu_tuning.sh [OUT]
-# 1. training at batch 1,024 with torch.compile (default mode);
-# 2. training and sampling with DDPM_COMPILE_MODE=max-autotune-no-cudagraphs (the sampler keeps its
-#    own CUDA graphs), against the default mode in the same run.
-# Each trial writes OUT/NAME.json and prints its table; a trial that runs out of time says so.
+# 1. sampling at batch 1,024, compiled, contiguous against channels-last, side by side in one process;
+# 2. sampling compiled with torch.compile's default mode against max-autotune-no-cudagraphs (the
+#    sampler keeps its own CUDA graphs), side by side;
+# 3. training at batch 1,024 with torch.compile (default mode).
+# Each trial writes OUT/NAME.json and prints its table; one that runs out of time says so, and its
+# log (OUT/NAME.log) still holds the variants it finished.
 set -u
 . "$(dirname "$0")/gpu_env.sh"
-trial() {  # NAME SECONDS ENV... -- BENCH-ARGS...
+trial() {  # NAME SECONDS BENCH-ARGS...
   local name=$1 limit=$2; shift 2
-  local envs=(); while [ "$1" != "--" ]; do envs+=("$1"); shift; done; shift
   echo "== $name"
-  if env "${envs[@]}" timeout "$limit" python3 -m ddpm_cli bench --model-size ddpm-cifar10 --compile --rounds 1 --format json "$@" \
+  if timeout "$limit" python3 -m ddpm_cli bench --model-size ddpm-cifar10 --compile --format json "$@" \
       > "$out/$name.json" 2> "$out/$name.log"; then
     python3 -c "import json, sys; from ddpm_cli.cli.bench import table; print(table(json.load(open(sys.argv[1]))))" "$out/$name.json"
   else
-    echo "$name: stopped (rc $?) after ${limit} s; see $out/$name.log"; tail -2 "$out/$name.log"
+    echo "$name: stopped (rc $?) after ${limit} s; see $out/$name.log"; grep "ddpm: bench " "$out/$name.log" | tail -4
   fi
 }
-trial train-1024 180 DDPM_COMPILE_MODE= -- --only train --train-batch 1024 --train-steps 20
-trial autotune 280 DDPM_COMPILE_MODE=max-autotune-no-cudagraphs -- --train-batch 512 --train-steps 20 \
-  --sample-batch 1024 --sample-steps 10
+trial sample-layouts 180 --only sample --sample-batch 1024 --sample-steps 10 --rounds 3 \
+  --layouts contiguous,channels_last
+trial sample-autotune 180 --only sample --sample-batch 1024 --sample-steps 10 --rounds 3 \
+  --compile-modes default,max-autotune-no-cudagraphs
+trial train-1024 120 --only train --train-batch 1024 --train-steps 10 --rounds 1

@@ -60,3 +60,32 @@ def test_every_generating_command_offers_compile():
     for command in ("sample", "txt2img", "inpaint", "upscale"):
         result = ddpm(command, "--help")
         assert result.returncode == 0 and "--compile" in result.stdout, command
+
+
+def test_bench_times_memory_layouts_side_by_side():
+    result = ddpm("bench", "--only", "sample", "--layouts", "contiguous,channels_last", "--sample-batch", 2,
+                  "--sample-steps", 1, "--rounds", 2, "--device", "cpu", "--format", "json", "-q")
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(result.stdout)["rows"]
+    ours = [(r["precision"], "channels-last" in r["levers"]) for r in rows if r["implementation"] == "ddpm"]
+    assert sorted(ours) == [("bf16", False), ("bf16", True), ("fp32", False), ("fp32", True)]
+    assert all(r["value"] > 0 and len(r["per_round"]) == 2 for r in rows)
+    for args in (["--layouts", "nchw"], ["--compile-modes", "default"], ["--compile", "--compile-modes", "fast"]):
+        bad = ddpm("bench", *args)
+        assert bad.returncode == 2 and bad.stderr.count("\n") == 1, (args, bad.stderr)
+
+
+def test_chosen_levers_set_the_layout_and_compile_mode_inside_the_block_only(monkeypatch):
+    from ddpm_cli.engine import acceleration
+
+    monkeypatch.delenv("DDPM_MEMORY_FORMAT", raising=False)
+    monkeypatch.setenv("DDPM_COMPILE_MODE", "max-autotune")
+    with acceleration.chosen_levers("channels_last", "default"):
+        conv = acceleration.prepare_module(torch.nn.Conv2d(4, 8, 3))
+        assert acceleration.compile_mode() is None
+        with acceleration.chosen_levers(mode="max-autotune-no-cudagraphs"):
+            assert acceleration.compile_mode() == "max-autotune-no-cudagraphs"
+            assert acceleration.memory_format() == torch.channels_last
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last) and not conv.weight.is_contiguous()
+    assert acceleration.memory_format() == torch.contiguous_format
+    assert acceleration.compile_mode() == "max-autotune"

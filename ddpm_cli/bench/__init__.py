@@ -14,6 +14,7 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from typing import NamedTuple
 
 import torch
 
@@ -78,6 +79,8 @@ class Plan:
     tasks: tuple[str, ...] = ("train", "sample")
     warmup: int = 3
     rounds: int = 3
+    layouts: tuple[str, ...] = ()  # memory layouts for this project's variants (none: the environment's)
+    compile_modes: tuple[str, ...] = ()  # torch.compile modes for its compiled ones (none: the environment's)
 
     def unet(self) -> dict:
         return unet_config(self.model_size, 32, 3)
@@ -94,19 +97,31 @@ class Prepared:
     cudnn_benchmark: bool = False  # the variant's own cuDNN setting, put back before each of its rounds
 
 
-def variants(plan: Plan, device: torch.device) -> list[tuple[str, str, str, bool]]:
-    """(task, implementation, precision, compile) in the order they run: diffusers first, as the
-    baseline, then this project without and with torch.compile."""
+class Variant(NamedTuple):
+    task: str  # "train" or "sample"
+    implementation: str  # "diffusers" or "ddpm"
+    precision: str
+    compile: bool = False
+    layout: str | None = None  # a key of acceleration.LAYOUTS; None: the environment's
+    mode: str | None = None  # a torch.compile mode; None: the environment's
+
+
+def variants(plan: Plan, device: torch.device) -> list[Variant]:
+    """The variants in the order they are prepared: diffusers first, as the baseline, then this
+    project without and with torch.compile, once per layout of ``plan.layouts`` (and compiled, once
+    per mode of ``plan.compile_modes``)."""
     gpu = device.type == "cuda"
+    layouts, modes = plan.layouts or (None,), plan.compile_modes or (None,)
     out = []
-    if "train" in plan.tasks:
-        out += [("train", "diffusers", "fp32", False)] + ([("train", "diffusers", "bf16", False)] if gpu else [])
-        out += [("train", "ddpm", "fp32", False), ("train", "ddpm", "bf16", False)]
-        out += [("train", "ddpm", "bf16" if gpu else "fp32", True)] if plan.compile else []
-    if "sample" in plan.tasks:
-        out += [("sample", "diffusers", "fp32", False)] + ([("sample", "diffusers", "fp16", False)] if gpu else [])
-        out += [("sample", "ddpm", "fp32", False), ("sample", "ddpm", "bf16", False)]
-        out += [("sample", "ddpm", "bf16", True)] if plan.compile else []
+    for task in ("train", "sample"):
+        if task not in plan.tasks:
+            continue
+        second = ("bf16" if task == "train" else "fp16") if gpu else None  # diffusers' fast precision
+        out += [Variant(task, "diffusers", p) for p in ("fp32", second) if p]
+        out += [Variant(task, "ddpm", p, False, layout) for layout in layouts for p in ("fp32", "bf16")]
+        if plan.compile:  # training compiles in bf16 autocast on a GPU, in fp32 on a CPU; sampling in bf16
+            precision = "bf16" if gpu or task == "sample" else "fp32"
+            out += [Variant(task, "ddpm", precision, True, layout, mode) for layout in layouts for mode in modes]
     return out
 
 
@@ -116,9 +131,13 @@ def run(plan: Plan, on_row: Callable[[Row], None] | None = None, log: Callable[[
 
     logging.set_verbosity_error()  # diffusers' advice on casting a model built in fp32 does not apply here
     device = resolve_device(plan.device)
+    if plan.compile:  # every compiled variant is another entry for the same U-Net code: none may fall back to eager
+        import torch._dynamo as dynamo
+
+        dynamo.config.cache_size_limit = max(dynamo.config.cache_size_limit, 64)
     rows = []
     for task in plan.tasks:
-        task_rows = _measure_task(plan, device, [v for v in variants(plan, device) if v[0] == task], log)
+        task_rows = _measure_task(plan, device, [v for v in variants(plan, device) if v.task == task], log)
         rows += task_rows
         for row in task_rows:
             if on_row is not None:
@@ -131,29 +150,31 @@ def run(plan: Plan, on_row: Callable[[Row], None] | None = None, log: Callable[[
             "rows": [with_ratios(row, rows) for row in rows]}
 
 
-def _measure_task(plan: Plan, device: torch.device, task_variants: list[tuple[str, str, str, bool]],
+def _measure_task(plan: Plan, device: torch.device, task_variants: list[Variant],
                   log: Callable[[str], None] | None = None) -> list[Row]:
     """Prepare the variants of one task, time them in interleaved rounds, and release them."""
     from ddpm_cli.bench import sampling, training
+    from ddpm_cli.engine.acceleration import chosen_levers
 
     prepared: list[tuple[Row, Prepared | None]] = []
-    for task, implementation, precision, compile in task_variants:
-        module = training if task == "train" else sampling
-        batch = plan.train_batch if task == "train" else plan.sample_batch
-        row = Row(task, implementation, precision, module.levers(implementation, device, compile), batch)
-        if log is not None:
-            log(f"preparing {task} {implementation} {precision}" + (f" ({row.levers})" if row.levers else ""))
-        torch.backends.cudnn.benchmark = False  # each variant sets its own levers; diffusers sets none
-        try:
-            variant = module.prepare(plan, device, implementation, precision, compile)
-            variant.cudnn_benchmark = torch.backends.cudnn.benchmark
-        except Exception as exc:  # noqa: BLE001 - one failed variant must not lose the others
-            row.error, variant = _error(exc), None
+    for v in task_variants:
+        module = training if v.task == "train" else sampling
+        batch = plan.train_batch if v.task == "train" else plan.sample_batch
+        with chosen_levers(v.layout, v.mode):  # the layout and compile mode are fixed when a variant is built
+            row = Row(v.task, v.implementation, v.precision, module.levers(v.implementation, device, v.compile), batch)
+            if log is not None:
+                log(f"preparing {v.task} {v.implementation} {v.precision}" + (f" ({row.levers})" if row.levers else ""))
+            torch.backends.cudnn.benchmark = False  # each variant sets its own levers; diffusers sets none
+            try:
+                variant = module.prepare(plan, device, v.implementation, v.precision, v.compile)
+                variant.cudnn_benchmark = torch.backends.cudnn.benchmark
+            except Exception as exc:  # noqa: BLE001 - one failed variant must not lose the others
+                row.error, variant = _error(exc), None
         prepared.append((row, variant))
     seconds: dict[int, list[float]] = {k: [] for k in range(len(prepared))}
     for number in range(plan.rounds):
         if log is not None:
-            log(f"timing {task_variants[0][0]}, round {number + 1} of {plan.rounds}")
+            log(f"timing {task_variants[0].task}, round {number + 1} of {plan.rounds}")
         for k, (row, variant) in enumerate(prepared):
             if variant is None or row.error:
                 continue

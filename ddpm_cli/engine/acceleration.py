@@ -15,11 +15,29 @@ Attention already goes through ``scaled_dot_product_attention`` (diffusers' defa
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 
 Forward = Callable[..., torch.Tensor]
+
+LAYOUTS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}  # choices.MEMORY_LAYOUTS
+_chosen: dict[str, str] = {}  # set by chosen_levers(); otherwise the environment decides
+
+
+@contextmanager
+def chosen_levers(layout: str | None = None, mode: str | None = None) -> Iterator[None]:
+    """Within the block, :func:`memory_format` and :func:`compile_mode` answer ``layout`` (a key of
+    LAYOUTS) and ``mode`` (one of choices.COMPILE_MODES) instead of the environment, where given: how
+    ``ddpm bench`` builds variants that differ only in these, to time them side by side."""
+    saved = dict(_chosen)
+    _chosen.update({key: value for key, value in (("layout", layout), ("mode", mode)) if value is not None})
+    try:
+        yield
+    finally:
+        _chosen.clear()
+        _chosen.update(saved)
 
 
 def memory_format() -> torch.memory_format:
@@ -27,6 +45,8 @@ def memory_format() -> torch.memory_format:
     DDPM_MEMORY_FORMAT=channels_last. Measured on an H200 with the DDPM CIFAR-10 U-Net, channels-last
     was slower (eager bf16 training 2,543 against 3,289 images/s; compiled, 5,185 against 5,349): its
     group norms run a slow path. Other networks and devices may differ, hence the switch."""
+    if "layout" in _chosen:
+        return LAYOUTS[_chosen["layout"]]
     return torch.channels_last if os.environ.get("DDPM_MEMORY_FORMAT") == "channels_last" else torch.contiguous_format
 
 
@@ -41,7 +61,8 @@ def prepare_module(module: torch.nn.Module) -> torch.nn.Module:
 def compile_mode() -> str | None:
     """torch.compile's mode: its default, or DDPM_COMPILE_MODE (e.g. "max-autotune-no-cudagraphs",
     which autotunes the convolutions and matrix products for minutes first)."""
-    return os.environ.get("DDPM_COMPILE_MODE") or None
+    mode = _chosen.get("mode") or os.environ.get("DDPM_COMPILE_MODE") or None
+    return None if mode == "default" else mode
 
 
 def compile_module(module: torch.nn.Module) -> torch.nn.Module:
