@@ -19,7 +19,10 @@ python3 -c "import json, sys; from ddpm_cli.cli.bench import table; print(table(
 # 2. The host's share of a sampling step: the seeded noise at batch 1,024, with the copy to the GPU.
 timeout 60 python3 benchmarks/seeded_noise.py --device cuda --batches 1024 | tee "$out/noise.txt"
 
-# 3. The CLI end to end on the GPU: a short bf16 run, then sampling from it (CUDA graphs).
+# 3. No step synchronises the host with the GPU (training and sampling, under CUDA's sync debug mode).
+timeout 90 python3 benchmarks/sync_check.py 2>&1 | grep -v "Warning\|warnings.warn\|^ *$" | tee "$out/sync.txt"
+
+# 4. The CLI end to end on the GPU: a short bf16 run, then sampling from it (CUDA graphs).
 run=/tmp/ddpm-gpu-run
 rm -rf "$run" "$out/samples"
 /usr/bin/time -f "train wall %e s" timeout 120 python3 -m ddpm_cli train fashion-mnist --max-steps 600 -b 256 --lr 1e-3 \
