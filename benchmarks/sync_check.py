@@ -13,8 +13,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 import warnings
+from dataclasses import replace
 
 import torch
 
@@ -41,35 +41,17 @@ def main() -> None:
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("sync_check.py needs a CUDA device")
-    from ddpm_cli.engine.generate import SamplerSettings, sample_batch
-    from ddpm_cli.engine.pipeline import from_unet
-    from ddpm_cli.training.config import TrainConfig
-    from ddpm_cli.training.loop import LOG_EVERY, Trainer
+    from ddpm_cli.bench import Plan, sampling, training
 
-    config = TrainConfig.from_options({
-        "data": "fashion-mnist", "channels": 3, "resolution": 32, "model_size": args.model_size,
-        "output": tempfile.mkdtemp(prefix="ddpm-sync-"), "batch_size": args.batch, "max_steps": 10**6,
-        "device": "cuda", "mixed_precision": "bf16"})
-    trainer = Trainer(config)
-
-    def train(steps: int):
-        def work():
-            for _ in range(steps):
-                trainer.pending.append(trainer.train_step())
-                if len(trainer.pending) >= LOG_EVERY:  # what run() does
-                    trainer._read_losses()
-        return work
-
-    train(LOG_EVERY)()  # warm-up: cuDNN autotuning, lazy initialisation
-    pipeline = from_unet(trainer.ema.model.eval(), trainer.schedule).accelerate()
-    seeds = list(range(args.batch))
-
-    def sample(steps: int):
-        return lambda: sample_batch(pipeline, seeds, SamplerSettings("ddpm", steps))
-
-    sample(2)()  # warm-up: records the CUDA graph
-    counts = {"train, 10 steps": synchronisations(train(10)), "train, 30 steps": synchronisations(train(30)),
-              "sample, 5 steps": synchronisations(sample(5)), "sample, 20 steps": synchronisations(sample(20))}
+    # The paths `ddpm bench` times, built and warmed up by it: the Trainer's steps (losses read every
+    # 10 steps, as a run reads them) and the sampler with its CUDA graph recorded.
+    device = torch.device("cuda")
+    plan = Plan(args.model_size, "cuda", args.batch, 10, args.batch, 5)
+    windows = {"train, 10 steps": training.prepare(plan, device, "ddpm", "bf16", False),
+               "train, 30 steps": training.prepare(replace(plan, train_steps=30), device, "ddpm", "bf16", False),
+               "sample, 5 steps": sampling.prepare(plan, device, "ddpm", "bf16", False),
+               "sample, 20 steps": sampling.prepare(replace(plan, sample_steps=20), device, "ddpm", "bf16", False)}
+    counts = {name: synchronisations(prepared.work) for name, prepared in windows.items()}
     print(f"host-device synchronisations, {args.model_size} U-Net, batch {args.batch}, {torch.cuda.get_device_name()}")
     print("| work | synchronisations |")
     print("| --- | --- |")

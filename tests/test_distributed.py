@@ -5,6 +5,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 
 import numpy as np
 import pytest
@@ -17,11 +18,16 @@ TRAIN = ["train", "fashion-mnist-subset", "--max-steps", 4, "-b", 8, "--lr", "1e
          "--random-flip", "--conditioning", "class", "--device", "cpu"]
 
 
+def _launch(launcher: list[str], args) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", *launcher, "-m", "ddpm_cli", *map(str, args)]
+
+
+ENV = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+
+
 def torchrun(*args, processes=2, cwd=None):
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(processes),
-               "-m", "ddpm_cli", *map(str, args)]
-    return subprocess.run(command, capture_output=True, text=True, cwd=cwd, env=env, timeout=300)
+    command = _launch(["--standalone", "--nproc-per-node", str(processes)], args)
+    return subprocess.run(command, capture_output=True, text=True, cwd=cwd, env=ENV, timeout=300)
 
 
 def two_nodes(*args):
@@ -30,13 +36,22 @@ def two_nodes(*args):
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
-               "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "ddpm-test",
-               "-m", "ddpm_cli", *map(str, args)]
-    agents = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-              for _ in range(2)]
-    return [(agent.wait(timeout=300), *agent.communicate()) for agent in agents]
+    command = _launch(["--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d",
+                       "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "ddpm-test"], args)
+    # Output goes to files: an agent blocked on a full pipe would stall the other inside a collective.
+    files = [(tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")) for _ in range(2)]
+    agents = [subprocess.Popen(command, stdout=out, stderr=err, text=True, env=ENV) for out, err in files]
+    codes = [agent.wait(timeout=300) for agent in agents]
+    for stream in (stream for pair in files for stream in pair):
+        stream.seek(0)
+    return [(code, out.read(), err.read()) for code, (out, err) in zip(codes, files)]
+
+
+def weights_differ_by(folder, run_a: str, run_b: str, name: str) -> float:
+    """The largest difference between two runs' final checkpoint weights (``model`` or ``ema``)."""
+    a = load_file(folder / run_a / "checkpoints" / "checkpoint-0000004" / f"{name}.safetensors")
+    b = load_file(folder / run_b / "checkpoints" / "checkpoint-0000004" / f"{name}.safetensors")
+    return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
 @pytest.fixture(scope="module")
@@ -58,10 +73,8 @@ def test_two_processes_train_what_one_does(runs):
     assert abs(json.loads(log_one[-1])["loss"] - json.loads(log_two[-1])["loss"]) < 1e-5
     assert [p.name for p in (folder / "two" / "checkpoints").iterdir()] == ["checkpoint-0000004"]
     for name in ("model", "ema"):
-        a = load_file(folder / "one" / "checkpoints" / "checkpoint-0000004" / f"{name}.safetensors")
-        b = load_file(folder / "two" / "checkpoints" / "checkpoint-0000004" / f"{name}.safetensors")
         # Same global batch, noise and learning rate: only float rounding differs (one Adam step is 1e-3).
-        assert max((a[k] - b[k]).abs().max().item() for k in a) < 2e-4, name
+        assert weights_differ_by(folder, "one", "two", name) < 2e-4, name
 
 
 def test_two_nodes_meeting_through_the_rendezvous_train_what_one_does(runs):
@@ -71,9 +84,7 @@ def test_two_nodes_meeting_through_the_rendezvous_train_what_one_does(runs):
     printed = [out for _, out, _ in nodes if out.strip()]
     assert len(printed) == 1 and json.loads(printed[0])["images_seen"] == 32  # global rank 0 alone reports
     for name in ("model", "ema"):
-        a = load_file(folder / "one" / "checkpoints" / "checkpoint-0000004" / f"{name}.safetensors")
-        b = load_file(folder / "nodes" / "checkpoints" / "checkpoint-0000004" / f"{name}.safetensors")
-        assert max((a[k] - b[k]).abs().max().item() for k in a) < 2e-4, name
+        assert weights_differ_by(folder, "one", "nodes", name) < 2e-4, name
 
 
 def test_two_processes_sample_the_same_images_as_one(runs, tmp_path):

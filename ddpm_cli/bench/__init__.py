@@ -138,6 +138,7 @@ def run(plan: Plan, on_row: Callable[[Row], None] | None = None, log: Callable[[
     rows = []
     for task in plan.tasks:
         task_rows = _measure_task(plan, device, [v for v in variants(plan, device) if v.task == task], log)
+        release(device)
         rows += task_rows
         for row in task_rows:
             if on_row is not None:
@@ -152,7 +153,8 @@ def run(plan: Plan, on_row: Callable[[Row], None] | None = None, log: Callable[[
 
 def _measure_task(plan: Plan, device: torch.device, task_variants: list[Variant],
                   log: Callable[[str], None] | None = None) -> list[Row]:
-    """Prepare the variants of one task, time them in interleaved rounds, and release them."""
+    """Prepare the variants of one task and time them in interleaved rounds; the caller releases
+    their memory once this returns and drops them."""
     from ddpm_cli.bench import sampling, training
     from ddpm_cli.engine.acceleration import chosen_levers
 
@@ -171,32 +173,26 @@ def _measure_task(plan: Plan, device: torch.device, task_variants: list[Variant]
             except Exception as exc:  # noqa: BLE001 - one failed variant must not lose the others
                 row.error, variant = _error(exc), None
         prepared.append((row, variant))
-    seconds: dict[int, list[float]] = {k: [] for k in range(len(prepared))}
+    timings: list[list[float]] = [[] for _ in prepared]  # each variant's timed windows, in seconds
     for number in range(plan.rounds):
         if log is not None:
             log(f"timing {task_variants[0].task}, round {number + 1} of {plan.rounds}")
-        for k, (row, variant) in enumerate(prepared):
-            if variant is None or row.error:
+        for (row, variant), seconds in zip(prepared, timings):
+            if row.error:
                 continue
             torch.backends.cudnn.benchmark = variant.cudnn_benchmark
             try:
-                seconds[k].append(timed(device, variant.work))
-                row.per_round.append(round(variant.units / seconds[k][-1], 1))
+                seconds.append(timed(device, variant.work))
             except Exception as exc:  # noqa: BLE001
                 row.error = _error(exc)
-    for k, (row, variant) in enumerate(prepared):
-        if variant is not None and not row.error and seconds[k]:
-            row.seconds = statistics.median(seconds[k])
+    for (row, variant), seconds in zip(prepared, timings):
+        if not row.error:
+            row.seconds = statistics.median(seconds)
             row.value = variant.units / row.seconds
+            row.per_round = [round(variant.units / window, 1) for window in seconds]
             note = variant.note()
             row.levers += f" ({note})" if note else ""
-        if row.error:
-            row.per_round = []
-    rows = [row for row, _ in prepared]
-    prepared.clear()
-    variant = None  # noqa: F841 - drop the last variant's model before releasing the device's memory
-    release(device)
-    return rows
+    return [row for row, _ in prepared]
 
 
 def _error(exc: Exception) -> str:

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from ddpm_cli.cli.errors import EXIT_USAGE, fail, handle_errors
-from ddpm_cli.cli.options import DeviceOpt, FormatOpt, QuietOpt, complete
+from ddpm_cli.cli.options import DeviceOpt, FormatOpt, QuietOpt, complete, split_list
 from ddpm_cli.cli.progress import say
 from ddpm_cli.engine.choices import COMPILE_MODES, MEMORY_LAYOUTS
 from ddpm_cli.training.presets import PRESETS
@@ -44,15 +44,6 @@ def table(result: dict) -> str:
     return "\n".join([title, *text])
 
 
-def _listed(value: str | None, allowed: tuple[str, ...], option: str) -> tuple[str, ...]:
-    """A comma-separated option as a tuple, each item one of ``allowed``, without repeats."""
-    items = tuple(dict.fromkeys(item.strip() for item in (value or "").split(",") if item.strip()))
-    unknown = [item for item in items if item not in allowed]
-    if unknown:
-        raise fail(f"unknown {option} {unknown[0]!r}; choose from {', '.join(allowed)}", EXIT_USAGE)
-    return items
-
-
 @handle_errors
 def bench(
     model_size: Annotated[str, typer.Option("--model-size", autocompletion=complete(tuple(PRESETS)), help=f"The U-Net, at 32x32 RGB: {', '.join(PRESETS)} (ddpm-cifar10: the DDPM paper's 35.7M network).")] = "tiny",
@@ -76,14 +67,15 @@ def bench(
         raise fail(f"unknown --format {output_format!r}; choose text or json", EXIT_USAGE)
     if model_size not in PRESETS:
         raise fail(f"unknown --model-size {model_size!r}; choose one of {', '.join(PRESETS)}", EXIT_USAGE)
-    chosen_layouts = _listed(layouts, MEMORY_LAYOUTS, "--layouts")
-    chosen_modes = _listed(compile_modes, COMPILE_MODES, "--compile-modes")
+    chosen_layouts = split_list(layouts, "--layouts", choices=MEMORY_LAYOUTS) if layouts else []
+    chosen_modes = split_list(compile_modes, "--compile-modes", choices=COMPILE_MODES) if compile_modes else []
     if chosen_modes and not compile:
         raise fail("--compile-modes needs --compile", EXIT_USAGE)
     from ddpm_cli.bench import Plan, run
 
     plan = Plan(model_size, device, train_batch, train_steps, sample_batch, sample_steps, compile,
-                (only,) if only else TASKS, rounds=rounds, layouts=chosen_layouts, compile_modes=chosen_modes)
+                (only,) if only else TASKS, rounds=rounds,
+                layouts=tuple(dict.fromkeys(chosen_layouts)), compile_modes=tuple(dict.fromkeys(chosen_modes)))
 
     def on_row(row) -> None:
         speed = f"{row.value:,.0f} {UNITS[row.task]}" if row.value else f"failed: {row.error}"

@@ -10,7 +10,7 @@ import typer
 
 from ddpm_cli.cli.errors import EXIT_USAGE, fail, handle_errors, writable_folder
 from ddpm_cli.cli.options import (AllowPickleOpt, DeviceOpt, DtypeOpt, FormatOpt, QuietOpt, RevisionOpt, SeedOpt,
-                                  VarianceOpt, check_choices, complete)
+                                  VarianceOpt, check_choices, complete, split_list)
 from ddpm_cli.cli.progress import StepProgress, say
 from ddpm_cli.engine.choices import SAMPLERS
 
@@ -47,16 +47,6 @@ def _inception(path: str | None, device: str):
 
     weights_path = find_weights(path)
     return load_inception(weights_path, resolve_device(device)), file_digest(weights_path)
-
-
-def _split(values: str, name: str, cast=str) -> list:
-    try:
-        items = [cast(v.strip()) for v in values.split(",") if v.strip()]
-    except ValueError:
-        raise fail(f"{name} takes a comma-separated list, got {values!r}", EXIT_USAGE) from None
-    if not items:
-        raise fail(f"{name} is empty", EXIT_USAGE)
-    return items
 
 
 def _bound(pipeline, images, batch_size: int, samples: int | None, seed: int, steps: int | None, variance: str | None,
@@ -225,7 +215,7 @@ def sweep(
 ) -> None:
     """A metric against step count, one line per sampler: a table on stdout and a PNG chart."""
     check_choices("ddpm", output_format)
-    sampler_list, step_list = _split(samplers, "--samplers"), _split(steps, "--steps", int)
+    sampler_list, step_list = split_list(samplers, "--samplers"), split_list(steps, "--steps", int)
     for name in sampler_list:
         check_choices(name, output_format)
     from ddpm_cli.evaluation.sweep import check_sweep, draw_chart, run_sweep

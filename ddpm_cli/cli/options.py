@@ -46,6 +46,21 @@ VarianceOpt = Annotated[str | None, typer.Option("--variance", autocompletion=co
 OutdirOpt = Annotated[Path, typer.Option("--outdir", "-o", help="Folder for the images.")]
 
 
+def split_list(values: str, name: str, cast: Callable = str, choices: tuple[str, ...] | None = None) -> list:
+    """A comma-separated option's items, cast; refuses an empty list, an item ``cast`` rejects, or
+    (with ``choices``) an item that is not one of them."""
+    try:
+        items = [cast(v.strip()) for v in values.split(",") if v.strip()]
+    except ValueError:
+        raise fail(f"{name} takes a comma-separated list, got {values!r}", EXIT_USAGE) from None
+    if not items:
+        raise fail(f"{name} is empty", EXIT_USAGE)
+    unknown = [item for item in items if choices is not None and item not in choices]
+    if unknown:
+        raise fail(f"unknown {name} {unknown[0]!r}; choose from {', '.join(choices)}", EXIT_USAGE)
+    return items
+
+
 def check_choices(sampler: str, output_format: str) -> None:
     """Refuse unknown choices before any model is loaded."""
     if sampler not in SAMPLERS:

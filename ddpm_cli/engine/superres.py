@@ -141,7 +141,7 @@ def upscale_batch(pipeline: Pipeline, seeds: list[int], settings: SamplerSetting
     else:
         condition = upsample(image, scale).expand(len(seeds), -1, -1, -1)
         denoiser = pipeline.denoiser(len(seeds))
-    model = tiled(denoiser, tile, overlap, TILES_PER_PASS)
+    model = tiled(denoiser, tile, overlap)
     timesteps = settings.timesteps(pipeline.schedule)
     x = run_sampler(settings, lambda x, t: model(x, t, condition), noise(), pipeline.schedule, timesteps, noise, callback)
     if kind == "sr3":
