@@ -1,6 +1,9 @@
 """The speed levers keep the results: bf16 against fp32, compiled against eager; and `ddpm bench`."""
 
 import json
+import os
+import subprocess
+import sys
 
 import torch
 
@@ -31,6 +34,18 @@ def test_compiled_sampling_agrees_with_eager(tiny_pipeline_dir):
     assert type(pipeline.forward).__name__ == "function"  # no CUDA graphs on the CPU
     compiled = sample_batch(pipeline, SEEDS[:4], settings)
     torch.testing.assert_close(compiled, eager, atol=1e-4, rtol=0)
+
+
+def test_compiled_bf16_sampling_keeps_stderr_quiet(tiny_pipeline_dir, tmp_path):
+    """torch.compile of diffusers' U-Net in bf16 makes Dynamo warn, in 14 lines, about a cached version
+    check it traces through; `-q` must still mean nothing on stderr but errors."""
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONWARNINGS"}  # as a user runs it
+    argv = ["sample", tiny_pipeline_dir, "-n", 2, "--steps", 2, "--compile", "--dtype", "bf16", "--device", "cpu",
+            "-o", tmp_path / "out", "-q"]
+    result = subprocess.run([sys.executable, "-m", "ddpm_cli", *map(str, argv)], capture_output=True, text=True,
+                            env=env, timeout=300)
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    assert len(result.stdout.split()) == 2
 
 
 def test_bench_measures_both_implementations_and_prints_json():

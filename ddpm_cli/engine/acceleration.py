@@ -15,6 +15,7 @@ Attention already goes through ``scaled_dot_product_attention`` (diffusers' defa
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -67,6 +68,10 @@ def compile_mode() -> str | None:
 
 def compile_module(module: torch.nn.Module) -> torch.nn.Module:
     """``torch.compile`` with fixed shapes (a new shape compiles again rather than going dynamic)."""
+    # In bf16, diffusers' resampling blocks call is_torch_version(), an lru_cache-wrapped function of
+    # the installed version: Dynamo traces through the cache and warns about it in 14 lines of
+    # stderr. The function is pure, so the warning is nothing a user could act on.
+    warnings.filterwarnings("ignore", r"Dynamo detected a call to a `functools\.lru_cache`-wrapped function")
     return torch.compile(module, dynamic=False, mode=compile_mode())
 
 
