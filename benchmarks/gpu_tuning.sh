@@ -1,16 +1,23 @@
 #!/usr/bin/env bash
-# The speed levers not yet settled on a GPU, each trial in its own time box (8 minutes at most):
-#   bash benchmarks/gpu_tuning.sh [OUT]
-# 1. sampling at batch 1,024, compiled, contiguous against channels-last, side by side in one process;
-# 2. sampling compiled with torch.compile's default mode against max-autotune-no-cudagraphs (the
-#    sampler keeps its own CUDA graphs), side by side;
-# 3. training at batch 1,024 with torch.compile (default mode).
+# Why the GPU figures are what they are, and the speed levers not yet settled on a GPU, each trial
+# in its own time box (8 minutes at most for the default three):
+#   bash benchmarks/gpu_tuning.sh [OUT [TRIAL...]]
+# profile          kernel_profile.py, compiled: where a bf16 U-Net evaluation at batch 1,024 and a
+#                  training step at batch 512 spend their time, by kind of kernel, with the TFLOP/s
+#                  the convolutions reach;
+# sample-layouts   sampling at batch 1,024, compiled, contiguous against channels-last, side by side;
+# train-1024       training at batch 1,024 with torch.compile (default mode);
+# sample-autotune  (by name only) sampling compiled with torch.compile's default mode against
+#                  max-autotune-no-cudagraphs (the sampler keeps its own CUDA graphs), side by side.
 # Each trial writes OUT/NAME.json and prints its table; one that runs out of time says so, and its
-# log (OUT/NAME.log) still holds the variants it finished.
+# log (OUT/NAME.log) still holds what it finished.
 set -u
 . "$(dirname "$0")/gpu_env.sh"
+shift $(( $# > 0 ? 1 : 0 ))
+trials=${*:-profile sample-layouts train-1024}
 trial() {  # NAME SECONDS BENCH-ARGS...
   local name=$1 limit=$2; shift 2
+  case " $trials " in *" $name "*) ;; *) return ;; esac
   echo "== $name"
   if timeout "$limit" python3 -m ddpm_cli bench --model-size ddpm-cifar10 --compile --format json "$@" \
       > "$out/$name.json" 2> "$out/$name.log"; then
@@ -19,8 +26,13 @@ trial() {  # NAME SECONDS BENCH-ARGS...
     echo "$name: stopped (rc $?) after ${limit} s; see $out/$name.log"; grep "ddpm: bench " "$out/$name.log" | tail -4
   fi
 }
-trial sample-layouts 180 --only sample --sample-batch 1024 --sample-steps 10 --rounds 3 \
+case " $trials " in *" profile "*)
+  echo "== profile"
+  timeout 200 python3 benchmarks/kernel_profile.py --compile --json "$out/profile.json" 2> "$out/profile.log" \
+    | tee "$out/profile.txt" || echo "profile: stopped (rc $?); see $out/profile.log" ;;
+esac
+trial sample-layouts 160 --only sample --sample-batch 1024 --sample-steps 10 --rounds 3 \
   --layouts contiguous,channels_last
+trial train-1024 120 --only train --train-batch 1024 --train-steps 10 --rounds 1
 trial sample-autotune 180 --only sample --sample-batch 1024 --sample-steps 10 --rounds 3 \
   --compile-modes default,max-autotune-no-cudagraphs
-trial train-1024 120 --only train --train-batch 1024 --train-steps 10 --rounds 1
