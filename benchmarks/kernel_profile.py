@@ -210,9 +210,9 @@ def main() -> None:
                 results.append(run(args, device))
                 if gpu:
                     torch.cuda.empty_cache()
-    if args.json:
-        with open(args.json, "w") as handle:
-            json.dump(results, handle, indent=1)
+                if args.json:  # after each task, so a time limit keeps what was finished
+                    with open(args.json, "w") as handle:
+                        json.dump(results, handle, indent=1)
 
 
 if __name__ == "__main__":
