@@ -32,12 +32,13 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 # kernels are named triton_<kind>_fused_<ops> on CUDA: memory-bound fusions of the operators named.
 KINDS = [
     ("fused (torch.compile)", r"^triton_|compiledfxgraph"),  # on a CPU, its C++ kernels run inside the call
+    ("layout conversion", r"nchwtonhwc|nhwctonchw"),  # cuDNN's own, around a convolution of NCHW tensors
     ("attention", r"flash|fmha|attention|sdpa|softmax"),
-    ("convolution", r"conv|fprop|dgrad|wgrad|implicit_gemm|winograd|nchwtonhwc|nhwctonchw|cudnn"),
+    ("convolution", r"conv|fprop|dgrad|wgrad|implicit_gemm|winograd|cudnn"),
     ("matrix product", r"gemm|addmm|aten::mm|aten\.mm|bmm|matmul|cutlass|linear|cublas"),
-    ("normalisation", r"norm|welford"),
+    ("normalisation", r"norm|welford|moments|gammabeta|fusedparams"),
     ("optimiser and EMA", r"adam|foreach|multi_tensor|lerp"),
-    ("copies and layout", r"copy|memcpy|memset|transpose|contiguous|aten::cat|aten\.cat|to_copy|clone|fill"),
+    ("copies and layout", r"copy|memcpy|memset|transpose|contiguous|aten::cat|aten\.cat|to_copy|clone|fill|upsample"),
     ("pointwise", r"elementwise|silu|gelu|aten::add|aten::mul|aten::div|aten::sub|aten::where|aten::exp"),
 ]
 
@@ -142,7 +143,7 @@ def sampling(args, device: torch.device) -> dict:
     x = x.contiguous(memory_format=torch.channels_last) if args.layout == "channels_last" else x
     t = torch.randint(0, 1000, (args.sample_batch,), device=device)
     with torch.inference_mode():
-        flops = flops_by_kind(lambda: unet_forward(unet)(x[:1], t[:1]))
+        flops = flops_by_kind(lambda: unet(x[:1], t[:1]))
         flops = {label: count * args.sample_batch for label, count in flops.items()}
         forward = unet_forward(unet, args.compile, graphs=False)
 

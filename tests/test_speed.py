@@ -104,3 +104,50 @@ def test_chosen_levers_set_the_layout_and_compile_mode_inside_the_block_only(mon
     assert conv.weight.is_contiguous(memory_format=torch.channels_last) and not conv.weight.is_contiguous()
     assert acceleration.memory_format() == torch.contiguous_format
     assert acceleration.compile_mode() == "max-autotune"
+
+
+def _kernel_profile():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "kernel_profile.py"
+    spec = importlib.util.spec_from_file_location("kernel_profile", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_kernel_profile_sorts_kernels_by_kind_and_counts_the_work(tmp_path):
+    """benchmarks/kernel_profile.py explains the GPU figures; its grouping of CUDA kernel names (as
+    cuDNN, FlashAttention, cuBLAS, Triton and ATen name them) is checked here, and a CPU run of it."""
+    profile = _kernel_profile()
+    names = {
+        "sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nchw_tilesize128x128x64": "convolution",
+        "sm90_xmma_wgrad_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nchw": "convolution",
+        "void nchwToNhwcKernel<__nv_bfloat16, __nv_bfloat16, float, true, false>": "layout conversion",
+        "pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<256, 128, 64, 8>>": "attention",
+        "fmha_cutlassF_bf16_aligned_64x64_rf_sm80(PyTorchMemEffAttention::AttentionKernel)": "attention",
+        "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize64x128x64": "matrix product",
+        "triton_red_fused_native_group_norm_silu_12": "fused (torch.compile)",
+        "void at::native::vectorized_elementwise_kernel<4, at::native::silu_kernel_cuda>": "pointwise",
+        "void at::native::vectorized_elementwise_kernel<4, at::native::direct_copy_kernel_cuda>": "copies and layout",
+        "void at::native::(anonymous namespace)::RowwiseMomentsCUDAKernel<c10::BFloat16>": "normalisation",
+        "void at::native::multi_tensor_apply_kernel<FusedAdamMathFunctor<float, 4>>": "optimiser and EMA",
+        "aten::mkldnn_convolution": "convolution",
+    }
+    assert {name: profile.kind(name) for name in names} == names
+    out = tmp_path / "profile.json"
+    result = subprocess.run([sys.executable, str(profile.__file__), "--device", "cpu", "--sample-batch", "2",
+                             "--train-batch", "2", "--steps", "1", "--json", str(out)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    sample, train = json.loads(out.read_text())
+    # The tiny U-Net: about 0.19 GFLOP per evaluation, nearly all of it convolution; a training
+    # step (forward and backward) about 3 times that.
+    per_image = sum(sample["flops"].values()) / sample["units"]
+    assert 0.1e9 < per_image < 0.3e9 and sample["flops"]["convolution"] > 0.8 * per_image * sample["units"]
+    assert 2.5 < sum(train["flops"].values()) / train["units"] / per_image < 3.5
+    for task in (sample, train):
+        assert task["wall_ms"] > 0 and task["busy_ms"] > 0 and task["kinds"]["convolution"]["ms"] > 0
+        assert abs(sum(kind["ms"] for kind in task["kinds"].values()) - task["busy_ms"]) < 1e-6 * task["busy_ms"] + 1e-9
+    assert "| convolution |" in result.stdout and "TFLOP/s" in result.stdout
