@@ -128,6 +128,9 @@ def test_noise_is_the_same_whatever_the_number_of_threads():
         drawn = four()
         assert torch.equal(drawn, one())
         assert torch.equal(drawn[17], torch.randn((3, 4, 4), generator=generator))
+    # A draw of another shape (the SD upscaler's image noise) takes just that much from each generator.
+    assert torch.equal(four((2, 5))[17], torch.randn((2, 5), generator=generator))
+    assert torch.equal(four()[17], torch.randn((3, 4, 4), generator=generator))
 
 
 @pytest.mark.parametrize("steps", [10, 1000])

@@ -48,11 +48,12 @@ class SeededNoise:
 
     def _fill(self, out: torch.Tensor, rows: range) -> None:
         for row in rows:
-            torch.randn(self.shape, generator=self.generators[row], out=out[row])
+            torch.randn(out.shape[1:], generator=self.generators[row], out=out[row])
 
-    def __call__(self) -> torch.Tensor:
+    def __call__(self, shape: tuple[int, ...] | None = None) -> torch.Tensor:
+        """The next draw of every generator: rows of ``shape`` (default: the shape given at creation)."""
         pinned = self.device.type == "cuda"
-        out = torch.empty((len(self.seeds), *self.shape), pin_memory=pinned)
+        out = torch.empty((len(self.seeds), *(shape or self.shape)), pin_memory=pinned)
         if self.pool is None:
             self._fill(out, self.chunks[0])
         else:

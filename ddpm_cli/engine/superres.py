@@ -128,7 +128,7 @@ def upscale_batch(pipeline: Pipeline, seeds: list[int], settings: SamplerSetting
     if kind == "sd":  # diffusers' order: each seed's generator draws the image's noise, then the initial latents
         if not 0 <= options.noise_level <= (pipeline.max_noise_level or 1000):
             raise InputError(f"--noise-level must be between 0 and {pipeline.max_noise_level}, got {options.noise_level}")
-        image_noise = torch.cat([torch.randn((1, *low.shape), generator=g) for g in noise.generators]).to(pipeline.device)
+        image_noise = noise(tuple(low.shape))
         alpha_bar = pipeline.low_res_schedule.alpha_bar(options.noise_level)
         condition = alpha_bar**0.5 * image + (1.0 - alpha_bar) ** 0.5 * image_noise
         cond, uncond = pipeline.conditioning(len(seeds), Condition(prompt=options.prompt,
