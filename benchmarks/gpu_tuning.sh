@@ -28,10 +28,11 @@ trial() {  # NAME SECONDS BENCH-ARGS...
 }
 case " $trials " in *" profile "*)
   echo "== profile"
-  timeout 200 python3 benchmarks/kernel_profile.py --compile --json "$out/profile.json" 2> "$out/profile.log" \
-    | tee "$out/profile.txt" || echo "profile: stopped (rc $?); see $out/profile.log" ;;
+  timeout 180 python3 benchmarks/kernel_profile.py --compile --json "$out/profile.json" > "$out/profile.txt" \
+    2> "$out/profile.log"
+  rc=$?; cat "$out/profile.txt"; [ $rc = 0 ] || echo "profile: stopped (rc $rc) after 180 s; see $out/profile.log" ;;
 esac
-trial sample-layouts 160 --only sample --sample-batch 1024 --sample-steps 10 --rounds 3 \
+trial sample-layouts 180 --only sample --sample-batch 1024 --sample-steps 10 --rounds 3 \
   --layouts contiguous,channels_last
 trial train-1024 120 --only train --train-batch 1024 --train-steps 10 --rounds 1
 trial sample-autotune 180 --only sample --sample-batch 1024 --sample-steps 10 --rounds 3 \
