@@ -92,6 +92,8 @@ def profile(device: torch.device, step, steps: int) -> list[tuple[str, float, in
         if device.type == "cuda":  # the kernels; failing those, operators by the device time under them
             if kernels and event.device_type != torch.autograd.DeviceType.CUDA:
                 continue
+            if getattr(event, "is_user_annotation", False):  # a named range over kernels counted already
+                continue
             micros, calls = event.self_device_time_total, event.count
         else:  # an operator that mostly calls others (aten::conv2d) adds its own time but not its calls
             micros = event.self_cpu_time_total
