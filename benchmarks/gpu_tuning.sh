@@ -15,10 +15,10 @@ set -u
 . "$(dirname "$0")/gpu_env.sh"
 shift $(( $# > 0 ? 1 : 0 ))
 trials=${*:-profile sample-layouts train-1024}
+chosen() { case " $trials " in *" $1 "*) echo "== $1" ;; *) return 1 ;; esac; }
 trial() {  # NAME SECONDS BENCH-ARGS...
   local name=$1 limit=$2; shift 2
-  case " $trials " in *" $name "*) ;; *) return ;; esac
-  echo "== $name"
+  chosen "$name" || return
   if timeout "$limit" python3 -m ddpm_cli bench --model-size ddpm-cifar10 --compile --format json "$@" \
       > "$out/$name.json" 2> "$out/$name.log"; then
     python3 -c "import json, sys; from ddpm_cli.cli.bench import table; print(table(json.load(open(sys.argv[1]))))" "$out/$name.json"
@@ -26,12 +26,11 @@ trial() {  # NAME SECONDS BENCH-ARGS...
     echo "$name: stopped (rc $?) after ${limit} s; see $out/$name.log"; grep "ddpm: bench " "$out/$name.log" | tail -4
   fi
 }
-case " $trials " in *" profile "*)
-  echo "== profile"
+if chosen profile; then
   timeout 180 python3 benchmarks/kernel_profile.py --compile --json "$out/profile.json" > "$out/profile.txt" \
     2> "$out/profile.log"
-  rc=$?; cat "$out/profile.txt"; [ $rc = 0 ] || echo "profile: stopped (rc $rc) after 180 s; see $out/profile.log" ;;
-esac
+  rc=$?; cat "$out/profile.txt"; [ $rc = 0 ] || echo "profile: stopped (rc $rc); see $out/profile.log"
+fi
 trial sample-layouts 180 --only sample --sample-batch 1024 --sample-steps 10 --rounds 3 \
   --layouts contiguous,channels_last
 trial train-1024 120 --only train --train-batch 1024 --train-steps 10 --rounds 1

@@ -21,7 +21,6 @@ import json
 import os
 import re
 import sys
-import time
 from collections import defaultdict
 
 import torch
@@ -60,24 +59,18 @@ def flops_by_kind(work) -> dict[str, float]:
     return dict(totals)
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def wall_ms(device: torch.device, step, steps: int) -> float:
-    synchronize(device)
-    started = time.perf_counter()
-    for _ in range(steps):
-        step()
-    synchronize(device)
-    return (time.perf_counter() - started) * 1e3 / steps
+    from ddpm_cli.bench import timed
+
+    return timed(device, lambda: [step() for _ in range(steps)]) * 1e3 / steps
 
 
 def profile(device: torch.device, step, steps: int) -> list[tuple[str, float, int]]:
     """(name, milliseconds per step, calls per step) of every kernel (CUDA) or operator (CPU, self time)."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as profiler
+
+    from ddpm_cli.bench import synchronize
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     synchronize(device)
@@ -111,8 +104,9 @@ def report(title: str, device: torch.device, step, steps: int, flops: dict[str, 
     busy = sum(ms for _, ms, _ in kernels)
     kinds: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
     for name, ms, calls in kernels:
-        kinds[kind(name)][0] += ms
-        kinds[kind(name)][1] += calls
+        totals = kinds[kind(name)]
+        totals[0] += ms
+        totals[1] += calls
     total_flops = sum(flops.values())
     print(f"\n{title}")
     print(f"wall {wall:.2f} ms per step ({units / wall * 1e3:,.0f} per second); "
@@ -134,13 +128,10 @@ def report(title: str, device: torch.device, step, steps: int, flops: dict[str, 
 
 
 def sampling(args, device: torch.device) -> dict:
-    from ddpm_cli.bench import Plan
+    from ddpm_cli.bench import Plan, sampling as bench_sampling
     from ddpm_cli.engine.acceleration import prepare_module, unet_forward
-    from ddpm_cli.training.presets import build_unet
 
-    torch.manual_seed(0)
-    unet = build_unet(Plan(args.model_size).unet()).to(device, torch.bfloat16).eval().requires_grad_(False)
-    prepare_module(unet)
+    unet = prepare_module(bench_sampling.network(Plan(args.model_size), device, "bf16"))
     x = torch.randn(args.sample_batch, 3, 32, 32, device=device, dtype=torch.bfloat16)
     x = x.contiguous(memory_format=torch.channels_last) if args.layout == "channels_last" else x
     t = torch.randint(0, 1000, (args.sample_batch,), device=device)
@@ -194,10 +185,11 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=12)
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args()
+    from diffusers.utils import logging
+
+    from ddpm_cli.bench import release
     from ddpm_cli.engine.acceleration import chosen_levers
     from ddpm_cli.engine.device import describe, resolve_device
-
-    from diffusers.utils import logging
 
     logging.set_verbosity_error()  # its advice on casting a U-Net built in fp32 does not apply here
     device = resolve_device(args.device)
@@ -211,8 +203,7 @@ def main() -> None:
         for task, run in (("sample", sampling), ("train", training)):
             if args.only in (None, task):
                 results.append(run(args, device))
-                if gpu:
-                    torch.cuda.empty_cache()
+                release(device)
                 if args.json:  # after each task, so a time limit keeps what was finished
                     with open(args.json, "w") as handle:
                         json.dump(results, handle, indent=1)

@@ -23,7 +23,8 @@ def levers(implementation: str, device: torch.device, compile: bool) -> str:
     return ", ".join(names + ([f"torch.compile {compile_mode() or 'default'}"] if compile else []))
 
 
-def _unet(plan: Plan, device: torch.device, precision: str):
+def network(plan: Plan, device: torch.device, precision: str):
+    """The plan's U-Net in ``precision`` for inference, with the same weights every time."""
     from ddpm_cli.training.presets import build_unet
 
     torch.manual_seed(0)
@@ -47,7 +48,7 @@ def _ddpm(plan: Plan, device: torch.device, precision: str, compile: bool):
     from ddpm_cli.engine.schedule import NoiseSchedule
 
     schedule = NoiseSchedule.create("linear", 1000, 1e-4, 0.02, clip_sample=True)
-    pipeline = from_unet(_unet(plan, device, precision), schedule).accelerate(compile)
+    pipeline = from_unet(network(plan, device, precision), schedule).accelerate(compile)
     seeds = list(range(plan.sample_batch))
 
     def run(steps: int):
@@ -59,7 +60,7 @@ def _ddpm(plan: Plan, device: torch.device, precision: str, compile: bool):
 def _diffusers(plan: Plan, device: torch.device, precision: str, compile: bool):
     from diffusers import DDPMPipeline, DDPMScheduler
 
-    pipe = DDPMPipeline(unet=_unet(plan, device, precision), scheduler=DDPMScheduler(num_train_timesteps=1000))
+    pipe = DDPMPipeline(unet=network(plan, device, precision), scheduler=DDPMScheduler(num_train_timesteps=1000))
     pipe.set_progress_bar_config(disable=True)
 
     def run(steps: int):
