@@ -133,6 +133,17 @@ def test_noise_is_the_same_whatever_the_number_of_threads():
     assert torch.equal(four()[17], torch.randn((3, 4, 4), generator=generator))
 
 
+@pytest.mark.parametrize("grad_mode", ["inference_mode", "no_grad"])
+def test_threaded_noise_under_the_callers_grad_mode(grad_mode):
+    # Worker threads do not inherit the caller's inference mode, yet must fill its inference tensor.
+    seeds = list(range(40))
+    expected = SeededNoise(seeds, (2, 3), workers=1)()
+    with getattr(torch, grad_mode)():
+        drawn = SeededNoise(seeds, (2, 3), workers=3)()
+    assert drawn.is_inference() == (grad_mode == "inference_mode")
+    assert torch.equal(drawn, expected)
+
+
 @pytest.mark.parametrize("steps", [10, 1000])
 def test_ddpm_with_learned_range_variance_matches_diffusers(steps):
     from diffusers import DDPMScheduler

@@ -47,8 +47,11 @@ class SeededNoise:
         self.pool = ThreadPoolExecutor(self.workers, thread_name_prefix="ddpm-noise") if self.workers > 1 else None
 
     def _fill(self, out: torch.Tensor, rows: range) -> None:
-        for row in rows:
-            torch.randn(out.shape[1:], generator=self.generators[row], out=out[row])
+        # Inference mode is per thread: a worker must enter it to write into a buffer that a caller
+        # under torch.inference_mode() allocated (an inference tensor).
+        with torch.inference_mode(out.is_inference()):
+            for row in rows:
+                torch.randn(out.shape[1:], generator=self.generators[row], out=out[row])
 
     def __call__(self, shape: tuple[int, ...] | None = None) -> torch.Tensor:
         """The next draw of every generator: rows of ``shape`` (default: the shape given at creation)."""
