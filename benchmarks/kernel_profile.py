@@ -1,7 +1,8 @@
 """Where a U-Net forward pass and a training step spend their time, kernel by kernel.
 
     python benchmarks/kernel_profile.py [--device cuda] [--model-size ddpm-cifar10] [--compile]
-        [--sample-batch 1024] [--train-batch 512] [--layout contiguous|channels_last] [--only sample|train]
+        [--sample-batch 1024] [--train-batch 512] [--layout contiguous|channels_last|compiler_channels_last]
+        [--attention auto|cudnn|flash|efficient|math] [--only sample|train]
 
 For sampling it profiles the bf16 U-Net as the sampler calls it (``unet_forward``, without CUDA
 graphs, which would hide the kernels from the profiler); for training, ``Trainer.train_step`` in
@@ -26,6 +27,7 @@ from collections import defaultdict
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from ddpm_cli.engine.choices import ATTENTION_BACKENDS, MEMORY_LAYOUTS  # noqa: E402 - after the path
 
 # (kind, pattern on the lower-cased kernel or operator name), first match wins. torch.compile's
 # kernels are named triton_<kind>_fused_<ops> on CUDA: memory-bound fusions of the operators named.
@@ -145,7 +147,7 @@ def sampling(args, device: torch.device) -> dict:
         for _ in range(3):
             step()
         title = (f"sampling: one U-Net evaluation, {args.model_size}, batch {args.sample_batch}, bf16, "
-                 f"{args.layout}{', torch.compile' if args.compile else ''}")
+                 f"{levers(args)}")
         return report(title, device, step, args.steps, flops, args.sample_batch, args.top)
 
 
@@ -160,6 +162,11 @@ def training_flops(model_size: str, device: torch.device) -> dict[str, float]:
     return flops_by_kind(lambda: unet(x, t).sample.square().mean().backward())
 
 
+def levers(args) -> str:
+    attention = f", SDPA {args.attention}" if args.attention != "auto" else ""
+    return f"{args.layout}{attention}{', torch.compile' if args.compile else ''}"
+
+
 def training(args, device: torch.device) -> dict:
     from ddpm_cli.bench import Plan, training as bench_training
 
@@ -168,7 +175,7 @@ def training(args, device: torch.device) -> dict:
                                       device, "ddpm", precision, args.compile)
     flops = {label: count * args.train_batch for label, count in training_flops(args.model_size, device).items()}
     title = (f"training: one step, {args.model_size}, batch {args.train_batch}, {precision}"
-             f"{' autocast' if precision == 'bf16' else ''}, {args.layout}{', torch.compile' if args.compile else ''}")
+             f"{' autocast' if precision == 'bf16' else ''}, {levers(args)}")
     return report(title, device, prepared.work, args.steps, flops, args.train_batch, args.top)
 
 
@@ -180,7 +187,8 @@ def main() -> None:
     parser.add_argument("--train-batch", type=int, default=None, help="default: 512 on CUDA, 16 elsewhere")
     parser.add_argument("--steps", type=int, default=5, help="profiled (and timed) steps")
     parser.add_argument("--compile", action="store_true")
-    parser.add_argument("--layout", choices=["contiguous", "channels_last"], default="contiguous")
+    parser.add_argument("--layout", choices=MEMORY_LAYOUTS, default="contiguous")
+    parser.add_argument("--attention", choices=ATTENTION_BACKENDS, default="auto", help="the SDPA backend")
     parser.add_argument("--only", choices=["sample", "train"])
     parser.add_argument("--top", type=int, default=12)
     parser.add_argument("--json", help="also write the figures to this file")
@@ -199,7 +207,7 @@ def main() -> None:
     args.train_batch = args.train_batch or (512 if gpu else 16)
     print(describe(device, torch.float32).split(", dtype")[0] + f", torch {torch.__version__}")
     results = []
-    with chosen_levers(layout=args.layout):
+    with chosen_levers(layout=args.layout, attention=args.attention):
         for task, run in (("sample", sampling), ("train", training)):
             if args.only in (None, task):
                 results.append(run(args, device))

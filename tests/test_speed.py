@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from ddpm_cli.engine.generate import SamplerSettings, sample_batch
@@ -104,6 +105,97 @@ def test_chosen_levers_set_the_layout_and_compile_mode_inside_the_block_only(mon
     assert conv.weight.is_contiguous(memory_format=torch.channels_last) and not conv.weight.is_contiguous()
     assert acceleration.memory_format() == torch.contiguous_format
     assert acceleration.compile_mode() == "max-autotune"
+
+
+def test_pinned_attention_backend_runs_that_kernel_only(unet, monkeypatch):
+    """DDPM_ATTENTION pins one SDPA backend on every attention layer, eagerly and under torch.compile:
+    math gives torch's own choice's values; the efficient backend, which a CPU lacks, is refused."""
+    from diffusers.models.attention_processor import Attention
+
+    from ddpm_cli.engine import acceleration
+    from ddpm_cli.engine.attention import PinnedBackendProcessor, use_attention_backend
+
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor([10, 900])
+    with torch.no_grad():
+        expected = unet(x, t).sample
+        monkeypatch.setenv("DDPM_ATTENTION", "math")
+        acceleration.prepare_module(unet)
+        processors = [m.processor for m in unet.modules() if isinstance(m, Attention)]
+        assert processors and all(isinstance(p, PinnedBackendProcessor) and p.backend == "math" for p in processors)
+        torch.testing.assert_close(unet(x, t).sample, expected, atol=1e-5, rtol=0)
+        assert use_attention_backend(unet, "efficient") == len(processors)
+        for run in (unet, torch.compile(unet, fullgraph=True, dynamic=False)):
+            with pytest.raises(Exception, match="No viable backend for scaled_dot_product_attention"):
+                run(x, t)
+        use_attention_backend(unet, "auto")
+        assert not any(isinstance(m.processor, PinnedBackendProcessor) for m in unet.modules() if isinstance(m, Attention))
+        torch.testing.assert_close(unet(x, t).sample, expected, atol=0, rtol=0)
+
+
+def test_attention_backend_choice_through_the_cli(tiny_pipeline_dir, tmp_path, monkeypatch):
+    """`ddpm bench --attention-backends` times each kernel side by side (one a CPU lacks becomes a
+    failed row); a bad or unusable DDPM_ATTENTION is one line on stderr and exit 2."""
+    result = ddpm("bench", "--only", "sample", "--attention-backends", "auto,math,efficient", "--sample-batch", 2,
+                  "--sample-steps", 1, "--rounds", 1, "--device", "cpu", "--format", "json", "-q")
+    assert result.returncode == 0, result.stderr
+    ours = {r["levers"]: r for r in json.loads(result.stdout)["rows"] if r["implementation"] == "ddpm" and r["precision"] == "fp32"}
+    assert set(ours) == {"", "SDPA math", "SDPA efficient"}
+    assert ours[""]["value"] > 0 and ours["SDPA math"]["value"] > 0
+    assert "No viable backend" in ours["SDPA efficient"]["error"]
+    for value, words in (("bogus", "unknown DDPM_ATTENTION='bogus'"), ("efficient", "no attention kernel of backend efficient")):
+        out = tmp_path / value
+        monkeypatch.setenv("DDPM_ATTENTION", value)
+        bad = ddpm("sample", tiny_pipeline_dir, "-n", 1, "--steps", 2, "--device", "cpu", "-o", out)
+        errors = [line for line in bad.stderr.splitlines() if line.startswith("ddpm: error:")]
+        assert bad.returncode == 2 and len(errors) == 1 and words in errors[0], bad.stderr
+        assert not any(out.glob("*.png"))
+    monkeypatch.delenv("DDPM_ATTENTION")
+    assert ddpm("bench", "--attention-backends", "sdpa").returncode == 2
+
+
+def test_compiler_channels_last_forces_inductors_layout_choice_in_training(monkeypatch):
+    """Inductor's own heuristics (reached on a CPU with oneDNN off) keep this net's graphs NCHW;
+    DDPM_MEMORY_FORMAT=compiler_channels_last makes both training graphs (forward and backward)
+    channels-last, with the same gradients, while weights and inputs stay contiguous."""
+    from torch._inductor.graph import GraphLowering
+
+    from ddpm_cli.engine import acceleration
+
+    decisions = []
+    decide = GraphLowering.decide_layout_opt
+
+    def spy(gm, *, is_inference):
+        decisions.append(decide(gm, is_inference=is_inference))
+        return decisions[-1]
+    monkeypatch.setattr(GraphLowering, "decide_layout_opt", staticmethod(spy))
+    monkeypatch.setattr(torch.backends.mkldnn, "enabled", False)
+    monkeypatch.setattr(torch._inductor.config, "fx_graph_cache", False)  # a cached graph skips the decision
+    monkeypatch.setattr(torch._functorch.config, "enable_autograd_cache", False)
+    x = torch.randn(2, 3, 8, 8)
+
+    def gradients(layout: str | None) -> tuple[list[bool], list[torch.Tensor]]:
+        torch._dynamo.reset()
+        decisions.clear()
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.SiLU(), torch.nn.Conv2d(16, 3, 3, padding=1))
+        if layout is None:
+            run = net
+        else:
+            with acceleration.chosen_levers(layout=layout):
+                run = acceleration.compile_module(acceleration.prepare_module(net))
+        run(x).square().mean().backward()
+        assert all(p.is_contiguous() for p in net.parameters())
+        return list(decisions), [p.grad for p in net.parameters()]
+
+    eager = gradients(None)[1]
+    for layout, expected in (("contiguous", [False, False]), ("compiler_channels_last", [True, True])):
+        chosen, grads = gradients(layout)
+        assert chosen == expected, layout
+        for got, want in zip(grads, eager):
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    monkeypatch.setenv("DDPM_MEMORY_FORMAT", "nhwc")
+    with pytest.raises(Exception, match="unknown DDPM_MEMORY_FORMAT='nhwc'"):
+        acceleration.memory_format()
 
 
 def _kernel_profile():

@@ -38,11 +38,14 @@ class Row:
         return asdict(self)
 
 
-def layout() -> list[str]:
-    """The memory-layout lever, when it is on (``DDPM_MEMORY_FORMAT=channels_last``)."""
-    from ddpm_cli.engine.acceleration import memory_format
+def lever_names() -> list[str]:
+    """The memory-layout and attention-kernel levers, where they are on (``DDPM_MEMORY_FORMAT=channels_last``,
+    ``DDPM_ATTENTION`` other than auto)."""
+    from ddpm_cli.engine.acceleration import attention_backend, layout
 
-    return ["channels-last"] if memory_format() == torch.channels_last else []
+    backend = attention_backend()
+    names = {"channels_last": ["channels-last"], "compiler_channels_last": ["channels-last inside torch.compile"]}
+    return names.get(layout(), []) + ([f"SDPA {backend}"] if backend != "auto" else [])
 
 
 def synchronize(device: torch.device) -> None:
@@ -81,6 +84,7 @@ class Plan:
     rounds: int = 3
     layouts: tuple[str, ...] = ()  # memory layouts for this project's variants (none: the environment's)
     compile_modes: tuple[str, ...] = ()  # torch.compile modes for its compiled ones (none: the environment's)
+    attention_backends: tuple[str, ...] = ()  # attention kernels for this project's variants (none: the environment's)
 
     def unet(self) -> dict:
         return unet_config(self.model_size, 32, 3)
@@ -104,24 +108,28 @@ class Variant(NamedTuple):
     compile: bool = False
     layout: str | None = None  # a key of acceleration.LAYOUTS; None: the environment's
     mode: str | None = None  # a torch.compile mode; None: the environment's
+    attention: str | None = None  # one of choices.ATTENTION_BACKENDS; None: the environment's
 
 
 def variants(plan: Plan, device: torch.device) -> list[Variant]:
     """The variants in the order they are prepared: diffusers first, as the baseline, then this
-    project without and with torch.compile, once per layout of ``plan.layouts`` (and compiled, once
-    per mode of ``plan.compile_modes``)."""
+    project without and with torch.compile, once per layout of ``plan.layouts`` and attention kernel
+    of ``plan.attention_backends`` (and compiled, once per mode of ``plan.compile_modes``)."""
     gpu = device.type == "cuda"
-    layouts, modes = plan.layouts or (None,), plan.compile_modes or (None,)
+    modes = plan.compile_modes or (None,)
+    levers = [(layout, attention) for layout in plan.layouts or (None,) for attention in plan.attention_backends or (None,)]
     out = []
     for task in ("train", "sample"):
         if task not in plan.tasks:
             continue
         second = ("bf16" if task == "train" else "fp16") if gpu else None  # diffusers' fast precision
         out += [Variant(task, "diffusers", p) for p in ("fp32", second) if p]
-        out += [Variant(task, "ddpm", p, False, layout) for layout in layouts for p in ("fp32", "bf16")]
+        out += [Variant(task, "ddpm", p, False, layout, None, attention) for layout, attention in levers
+                if layout != "compiler_channels_last" for p in ("fp32", "bf16")]  # that one is compiled only
         if plan.compile:  # training compiles in bf16 autocast on a GPU, in fp32 on a CPU; sampling in bf16
             precision = "bf16" if gpu or task == "sample" else "fp32"
-            out += [Variant(task, "ddpm", precision, True, layout, mode) for layout in layouts for mode in modes]
+            out += [Variant(task, "ddpm", precision, True, layout, mode, attention) for layout, attention in levers
+                    for mode in modes]
     return out
 
 
@@ -162,7 +170,7 @@ def _measure_task(plan: Plan, device: torch.device, task_variants: list[Variant]
     for v in task_variants:
         module = training if v.task == "train" else sampling
         batch = plan.train_batch if v.task == "train" else plan.sample_batch
-        with chosen_levers(v.layout, v.mode):  # the layout and compile mode are fixed when a variant is built
+        with chosen_levers(v.layout, v.mode, v.attention):  # the levers are fixed when a variant is built
             row = Row(v.task, v.implementation, v.precision, module.levers(v.implementation, device, v.compile), batch)
             if log is not None:
                 log(f"preparing {v.task} {v.implementation} {v.precision}" + (f" ({row.levers})" if row.levers else ""))

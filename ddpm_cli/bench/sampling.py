@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ddpm_cli.bench import Plan, Prepared, layout as _layout
+from ddpm_cli.bench import Plan, Prepared, lever_names
 from ddpm_cli.engine.acceleration import compile_mode
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -19,7 +19,7 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 def levers(implementation: str, device: torch.device, compile: bool) -> str:
     if implementation == "diffusers":
         return "DDPMPipeline"
-    names = (["CUDA graphs"] if device.type == "cuda" else []) + _layout()
+    names = (["CUDA graphs"] if device.type == "cuda" else []) + lever_names()
     return ", ".join(names + ([f"torch.compile {compile_mode() or 'default'}"] if compile else []))
 
 

@@ -15,7 +15,7 @@ from contextlib import nullcontext
 import torch
 import torch.nn.functional as F
 
-from ddpm_cli.bench import Plan, Prepared, layout as _layout
+from ddpm_cli.bench import Plan, Prepared, lever_names
 from ddpm_cli.engine.acceleration import compile_mode
 
 DATA = "fashion-mnist"
@@ -24,7 +24,7 @@ DATA = "fashion-mnist"
 def levers(implementation: str, device: torch.device, compile: bool) -> str:
     if implementation == "diffusers":
         return "train_unconditional loop"
-    names = ["fused AdamW", "foreach EMA", "data on device", "no per-step sync"] + _layout()
+    names = ["fused AdamW", "foreach EMA", "data on device", "no per-step sync"] + lever_names()
     return ", ".join(names + ([f"torch.compile {compile_mode() or 'default'}"] if compile else []))
 
 

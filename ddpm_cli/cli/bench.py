@@ -10,7 +10,7 @@ import typer
 from ddpm_cli.cli.errors import EXIT_USAGE, fail, handle_errors
 from ddpm_cli.cli.options import DeviceOpt, FormatOpt, QuietOpt, complete, split_list
 from ddpm_cli.cli.progress import say
-from ddpm_cli.engine.choices import COMPILE_MODES, MEMORY_LAYOUTS
+from ddpm_cli.engine.choices import ATTENTION_BACKENDS, COMPILE_MODES, MEMORY_LAYOUTS
 from ddpm_cli.training.presets import PRESETS
 
 EXAMPLES = """
@@ -53,8 +53,9 @@ def bench(
     sample_steps: Annotated[int, typer.Option("--sample-steps", min=1, help="Timed sampling steps per variant and round.")] = 10,
     rounds: Annotated[int, typer.Option("--rounds", min=1, help="Timed rounds: the variants take turns, and each keeps its median round.")] = 3,
     compile: Annotated[bool, typer.Option("--compile", help="Also measure this project with torch.compile (compiles first: minutes on a CPU).")] = False,
-    layouts: Annotated[str | None, typer.Option("--layouts", autocompletion=complete(MEMORY_LAYOUTS), help="Comma-separated memory layouts to measure this project's variants in, side by side: contiguous, channels_last (default: DDPM_MEMORY_FORMAT's).")] = None,
+    layouts: Annotated[str | None, typer.Option("--layouts", autocompletion=complete(MEMORY_LAYOUTS), help="Comma-separated memory layouts to measure this project's variants in, side by side: contiguous, channels_last, compiler_channels_last (with --compile: contiguous weights and inputs, channels-last inside the compiled network) (default: DDPM_MEMORY_FORMAT's).")] = None,
     compile_modes: Annotated[str | None, typer.Option("--compile-modes", help="With --compile: comma-separated torch.compile modes to measure side by side, e.g. default,max-autotune-no-cudagraphs (default: DDPM_COMPILE_MODE's).")] = None,
+    attention_backends: Annotated[str | None, typer.Option("--attention-backends", autocompletion=complete(ATTENTION_BACKENDS), help="Comma-separated attention kernels to measure this project's variants with, side by side: auto (torch's choice), cudnn, flash, efficient, math (default: DDPM_ATTENTION's).")] = None,
     only: Annotated[str | None, typer.Option("--only", autocompletion=complete(TASKS), help="Measure only train or sample.")] = None,
     device: DeviceOpt = "auto",
     output_format: FormatOpt = "text",
@@ -69,13 +70,18 @@ def bench(
         raise fail(f"unknown --model-size {model_size!r}; choose one of {', '.join(PRESETS)}", EXIT_USAGE)
     chosen_layouts = split_list(layouts, "--layouts", choices=MEMORY_LAYOUTS) if layouts else []
     chosen_modes = split_list(compile_modes, "--compile-modes", choices=COMPILE_MODES) if compile_modes else []
+    chosen_attention = (split_list(attention_backends, "--attention-backends", choices=ATTENTION_BACKENDS)
+                        if attention_backends else [])
+    if "compiler_channels_last" in chosen_layouts and not compile:
+        raise fail("--layouts compiler_channels_last needs --compile", EXIT_USAGE)
     if chosen_modes and not compile:
         raise fail("--compile-modes needs --compile", EXIT_USAGE)
     from ddpm_cli.bench import Plan, run
 
     plan = Plan(model_size, device, train_batch, train_steps, sample_batch, sample_steps, compile,
                 (only,) if only else TASKS, rounds=rounds,
-                layouts=tuple(dict.fromkeys(chosen_layouts)), compile_modes=tuple(dict.fromkeys(chosen_modes)))
+                layouts=tuple(dict.fromkeys(chosen_layouts)), compile_modes=tuple(dict.fromkeys(chosen_modes)),
+                attention_backends=tuple(dict.fromkeys(chosen_attention)))
 
     def on_row(row) -> None:
         speed = f"{row.value:,.0f} {UNITS[row.task]}" if row.value else f"failed: {row.error}"

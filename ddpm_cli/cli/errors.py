@@ -18,6 +18,7 @@ import typer
 from ddpm_cli.engine.errors import DdpmError
 
 EXIT_USAGE, EXIT_MODEL, EXIT_RESOURCE, EXIT_NUMERICAL, EXIT_INTERRUPTED = 2, 3, 4, 5, 130
+NO_ATTENTION_KERNEL = "No viable backend for scaled_dot_product_attention"  # torch's error for a pinned backend
 
 
 def debug_enabled() -> bool:
@@ -48,6 +49,10 @@ def _classify(exc: BaseException) -> tuple[str, int] | None:
         return "interrupted; finished outputs were kept", EXIT_INTERRUPTED
     if type(exc).__name__ == "OutOfMemoryError" or isinstance(exc, MemoryError):
         return "out of memory; finished outputs were kept; try a smaller --batch-size", EXIT_RESOURCE
+    if NO_ATTENTION_KERNEL in str(exc):  # torch's words, also inside torch.compile's wrapping error
+        backend = os.environ.get("DDPM_ATTENTION", "auto")
+        return (f"no attention kernel of backend {backend} runs here (device, dtype or head size); "
+                "choose another DDPM_ATTENTION or unset it"), EXIT_USAGE
     if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return f"no space left on the device ({exc.filename or 'output'}); finished outputs were kept", EXIT_RESOURCE
     return None

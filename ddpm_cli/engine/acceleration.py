@@ -1,15 +1,15 @@
-"""Making the same network run faster: channels-last memory, torch.compile, CUDA graphs.
+"""Making the same network run faster: memory layout, attention kernel, torch.compile, CUDA graphs.
 
 :func:`unet_forward` turns a diffusers U-Net into the plain call ``forward(x, t, **kwargs) -> tensor``
 that samplers use, with the levers a device supports:
 
 - the memory layout (``DDPM_MEMORY_FORMAT``: contiguous by default, or channels-last), and cuDNN's
   autotuner on CUDA;
+- the attention kernel (``DDPM_ATTENTION``: torch's choice by default, or one SDPA backend; see
+  :mod:`ddpm_cli.engine.attention`);
 - ``compile``: ``torch.compile`` of the U-Net (fixed shapes, no graph breaks in diffusers' U-Nets);
 - ``graphs`` (CUDA only): :class:`GraphedForward` records the forward pass once per input shape and
   replays it, so a sampling step costs one launch instead of hundreds.
-
-Attention already goes through ``scaled_dot_product_attention`` (diffusers' default processor).
 """
 
 from __future__ import annotations
@@ -21,19 +21,27 @@ from contextlib import contextmanager
 
 import torch
 
+from ddpm_cli.engine.choices import ATTENTION_BACKENDS
+from ddpm_cli.engine.errors import InputError
+
 Forward = Callable[..., torch.Tensor]
 
-LAYOUTS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}  # choices.MEMORY_LAYOUTS
+# choices.MEMORY_LAYOUTS: the layout of the weights and inputs; under compiler_channels_last they stay
+# contiguous and torch.compile lays the network's own tensors out channels-last (compile_module).
+LAYOUTS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last,
+           "compiler_channels_last": torch.contiguous_format}
 _chosen: dict[str, str] = {}  # set by chosen_levers(); otherwise the environment decides
 
 
 @contextmanager
-def chosen_levers(layout: str | None = None, mode: str | None = None) -> Iterator[None]:
-    """Within the block, :func:`memory_format` and :func:`compile_mode` answer ``layout`` (a key of
-    LAYOUTS) and ``mode`` (one of choices.COMPILE_MODES) instead of the environment, where given: how
-    ``ddpm bench`` builds variants that differ only in these, to time them side by side."""
+def chosen_levers(layout: str | None = None, mode: str | None = None, attention: str | None = None) -> Iterator[None]:
+    """Within the block, :func:`memory_format`, :func:`compile_mode` and :func:`attention_backend`
+    answer ``layout`` (a key of LAYOUTS), ``mode`` (one of choices.COMPILE_MODES) and ``attention``
+    (one of choices.ATTENTION_BACKENDS) instead of the environment, where given: how ``ddpm bench``
+    builds variants that differ only in these, to time them side by side."""
     saved = dict(_chosen)
-    _chosen.update({key: value for key, value in (("layout", layout), ("mode", mode)) if value is not None})
+    chosen = (("layout", layout), ("mode", mode), ("attention", attention))
+    _chosen.update({key: value for key, value in chosen if value is not None})
     try:
         yield
     finally:
@@ -41,21 +49,39 @@ def chosen_levers(layout: str | None = None, mode: str | None = None) -> Iterato
         _chosen.update(saved)
 
 
+def layout() -> str:
+    """The memory layout: a key of LAYOUTS, from DDPM_MEMORY_FORMAT (default: contiguous)."""
+    name = _chosen.get("layout") or os.environ.get("DDPM_MEMORY_FORMAT") or "contiguous"
+    if name not in LAYOUTS:
+        raise InputError(f"unknown DDPM_MEMORY_FORMAT={name!r}; choose one of {', '.join(LAYOUTS)}")
+    return name
+
+
 def memory_format() -> torch.memory_format:
-    """The layout of U-Net weights and inputs: contiguous (NCHW), or channels-last with
-    DDPM_MEMORY_FORMAT=channels_last. Measured on an H200 with the DDPM CIFAR-10 U-Net, channels-last
-    was slower (eager bf16 training 2,543 against 3,289 images/s; compiled, 5,185 against 5,349): its
-    group norms run a slow path. Other networks and devices may differ, hence the switch."""
-    if "layout" in _chosen:
-        return LAYOUTS[_chosen["layout"]]
-    return torch.channels_last if os.environ.get("DDPM_MEMORY_FORMAT") == "channels_last" else torch.contiguous_format
+    """The layout of U-Net weights and inputs: contiguous (NCHW) unless DDPM_MEMORY_FORMAT=channels_last.
+    Measured on an H200 with the DDPM CIFAR-10 U-Net, channels-last was slower (eager bf16 training
+    2,543 against 3,289 images/s; compiled, 5,185 against 5,349). Other networks and devices may
+    differ, hence the switch."""
+    return LAYOUTS[layout()]
+
+
+def attention_backend() -> str:
+    """The attention kernel: "auto" (torch's choice), or the one SDPA backend DDPM_ATTENTION names."""
+    backend = _chosen.get("attention") or os.environ.get("DDPM_ATTENTION") or "auto"
+    if backend not in ATTENTION_BACKENDS:
+        raise InputError(f"unknown DDPM_ATTENTION={backend!r}; choose one of {', '.join(ATTENTION_BACKENDS)}")
+    return backend
 
 
 def prepare_module(module: torch.nn.Module) -> torch.nn.Module:
-    """Give the module's weights the chosen memory layout (in place), and on CUDA let cuDNN pick the
-    fastest convolution algorithm for each shape (a training run's and a sampling loop's are fixed)."""
+    """Give the module's weights the chosen memory layout (in place) and its attention layers the
+    chosen kernel, and on CUDA let cuDNN pick the fastest convolution algorithm for each shape (a
+    training run's and a sampling loop's are fixed)."""
+    from ddpm_cli.engine.attention import use_attention_backend
+
     if next(module.parameters()).device.type == "cuda":
         torch.backends.cudnn.benchmark = True
+    use_attention_backend(module, attention_backend())
     return module.to(memory_format=memory_format())
 
 
@@ -67,12 +93,28 @@ def compile_mode() -> str | None:
 
 
 def compile_module(module: torch.nn.Module) -> torch.nn.Module:
-    """``torch.compile`` with fixed shapes (a new shape compiles again rather than going dynamic)."""
+    """``torch.compile`` with fixed shapes (a new shape compiles again rather than going dynamic), in
+    the chosen mode; under DDPM_MEMORY_FORMAT=compiler_channels_last, with Inductor's channels-last
+    layout of the network's tensors forced on.
+
+    Inductor decides that layout per graph. For inference it weighs the convolutions' FLOPs and, for
+    the DDPM CIFAR-10 U-Net, lays them out channels-last. For training it refuses as soon as one 3x3
+    convolution has at least twice as many input channels as output ones, which a U-Net's decoder
+    has (skip connections concatenated: 512 to 256). Its convolutions then take NCHW
+    tensors, and cuDNN's NHWC kernels convert each input and output: a fifth of a compiled bf16
+    training step of the DDPM CIFAR-10 U-Net on an H200 (``benchmarks/kernel_profile.py``).
+    """
     # In bf16, diffusers' resampling blocks call is_torch_version(), an lru_cache-wrapped function of
     # the installed version: Dynamo traces through the cache and warns about it in 14 lines of
     # stderr. The function is pure, so the warning is nothing a user could act on.
     warnings.filterwarnings("ignore", r"Dynamo detected a call to a `functools\.lru_cache`-wrapped function")
-    return torch.compile(module, dynamic=False, mode=compile_mode())
+    if layout() != "compiler_channels_last":
+        return torch.compile(module, dynamic=False, mode=compile_mode())
+    from torch._inductor import list_mode_options
+
+    mode = compile_mode()  # torch.compile takes a mode or options, not both: the mode as its options
+    options = {**(list_mode_options(mode) if mode else {}), "force_layout_optimization": True}
+    return torch.compile(module, dynamic=False, options=options)
 
 
 class GraphedForward:
