@@ -35,11 +35,12 @@ class PinnedBackendProcessor(AttnProcessor2_0):
 
 def use_attention_backend(module: torch.nn.Module, backend: str) -> int:
     """Pin ``backend`` (a key of BACKENDS, or "auto" for torch's choice) on every attention layer of
-    ``module`` that runs diffusers' SDPA processor; returns how many layers it set. Layers with other
-    processors (added key/value projections, custom ones) are left as they are."""
+    ``module`` that runs diffusers' SDPA processor; returns how many layers run it now. Layers with
+    other processors (added key/value projections, custom ones) are left as they are."""
     count = 0
     for layer in module.modules():
         if isinstance(layer, Attention) and type(layer.processor) in (AttnProcessor2_0, PinnedBackendProcessor):
-            layer.set_processor(AttnProcessor2_0() if backend == "auto" else PinnedBackendProcessor(backend))
+            if getattr(layer.processor, "backend", "auto") != backend:
+                layer.set_processor(AttnProcessor2_0() if backend == "auto" else PinnedBackendProcessor(backend))
             count += 1
     return count
