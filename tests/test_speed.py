@@ -86,7 +86,8 @@ def test_bench_times_memory_layouts_side_by_side():
     ours = [(r["precision"], "channels-last" in r["levers"]) for r in rows if r["implementation"] == "ddpm"]
     assert sorted(ours) == [("bf16", False), ("bf16", True), ("fp32", False), ("fp32", True)]
     assert all(r["value"] > 0 and len(r["per_round"]) == 2 for r in rows)
-    for args in (["--layouts", "nchw"], ["--compile-modes", "default"], ["--compile", "--compile-modes", "fast"]):
+    for args in (["--layouts", "nchw"], ["--compile-modes", "default"], ["--compile", "--compile-modes", "fast"],
+                 ["--layouts", "compiler_channels_last"]):
         bad = ddpm("bench", *args)
         assert bad.returncode == 2 and bad.stderr.count("\n") == 1, (args, bad.stderr)
 
