@@ -38,14 +38,14 @@ class Row:
         return asdict(self)
 
 
-def lever_names() -> list[str]:
-    """The memory-layout and attention-kernel levers, where they are on (``DDPM_MEMORY_FORMAT=channels_last``,
-    ``DDPM_ATTENTION`` other than auto)."""
+def lever_names(compile: bool) -> list[str]:
+    """The memory-layout and attention-kernel levers, where they are on (``DDPM_MEMORY_FORMAT`` other
+    than contiguous, ``DDPM_ATTENTION`` other than auto) for a variant compiled or not."""
     from ddpm_cli.engine.acceleration import attention_backend, layout
 
     backend = attention_backend()
-    names = {"channels_last": ["channels-last"], "compiler_channels_last": ["channels-last inside torch.compile"]}
-    return names.get(layout(), []) + ([f"SDPA {backend}"] if backend != "auto" else [])
+    names = {"channels_last": "channels-last", "compiler_channels_last": "channels-last inside torch.compile" if compile else ""}
+    return [name for name in (names.get(layout(), ""), f"SDPA {backend}" if backend != "auto" else "") if name]
 
 
 def synchronize(device: torch.device) -> None:

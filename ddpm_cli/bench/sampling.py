@@ -19,7 +19,7 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 def levers(implementation: str, device: torch.device, compile: bool) -> str:
     if implementation == "diffusers":
         return "DDPMPipeline"
-    names = (["CUDA graphs"] if device.type == "cuda" else []) + lever_names()
+    names = (["CUDA graphs"] if device.type == "cuda" else []) + lever_names(compile)
     return ", ".join(names + ([f"torch.compile {compile_mode() or 'default'}"] if compile else []))
 
 

@@ -24,7 +24,7 @@ DATA = "fashion-mnist"
 def levers(implementation: str, device: torch.device, compile: bool) -> str:
     if implementation == "diffusers":
         return "train_unconditional loop"
-    names = ["fused AdamW", "foreach EMA", "data on device", "no per-step sync"] + lever_names()
+    names = ["fused AdamW", "foreach EMA", "data on device", "no per-step sync"] + lever_names(compile)
     return ", ".join(names + ([f"torch.compile {compile_mode() or 'default'}"] if compile else []))
 
 
