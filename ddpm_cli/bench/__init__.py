@@ -43,9 +43,14 @@ def lever_names(compile: bool) -> list[str]:
     than contiguous, ``DDPM_ATTENTION`` other than auto) for a variant compiled or not."""
     from ddpm_cli.engine.acceleration import attention_backend, layout
 
-    backend = attention_backend()
-    names = {"channels_last": "channels-last", "compiler_channels_last": "channels-last inside torch.compile" if compile else ""}
-    return [name for name in (names.get(layout(), ""), f"SDPA {backend}" if backend != "auto" else "") if name]
+    names = []
+    if layout() == "channels_last":
+        names.append("channels-last")
+    elif layout() == "compiler_channels_last" and compile:
+        names.append("channels-last inside torch.compile")
+    if attention_backend() != "auto":
+        names.append(f"SDPA {attention_backend()}")
+    return names
 
 
 def synchronize(device: torch.device) -> None:

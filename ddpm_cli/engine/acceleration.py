@@ -49,12 +49,18 @@ def chosen_levers(layout: str | None = None, mode: str | None = None, attention:
         _chosen.update(saved)
 
 
+def _lever(key: str, variable: str, default: str, choices) -> str:
+    """A lever's value: chosen_levers()'s, else the environment variable's, else ``default``;
+    a value outside ``choices`` is the user's error."""
+    value = _chosen.get(key) or os.environ.get(variable) or default
+    if value not in choices:
+        raise InputError(f"unknown {variable}={value!r}; choose one of {', '.join(choices)}")
+    return value
+
+
 def layout() -> str:
     """The memory layout: a key of LAYOUTS, from DDPM_MEMORY_FORMAT (default: contiguous)."""
-    name = _chosen.get("layout") or os.environ.get("DDPM_MEMORY_FORMAT") or "contiguous"
-    if name not in LAYOUTS:
-        raise InputError(f"unknown DDPM_MEMORY_FORMAT={name!r}; choose one of {', '.join(LAYOUTS)}")
-    return name
+    return _lever("layout", "DDPM_MEMORY_FORMAT", "contiguous", LAYOUTS)
 
 
 def memory_format() -> torch.memory_format:
@@ -67,10 +73,7 @@ def memory_format() -> torch.memory_format:
 
 def attention_backend() -> str:
     """The attention kernel: "auto" (torch's choice), or the one SDPA backend DDPM_ATTENTION names."""
-    backend = _chosen.get("attention") or os.environ.get("DDPM_ATTENTION") or "auto"
-    if backend not in ATTENTION_BACKENDS:
-        raise InputError(f"unknown DDPM_ATTENTION={backend!r}; choose one of {', '.join(ATTENTION_BACKENDS)}")
-    return backend
+    return _lever("attention", "DDPM_ATTENTION", "auto", ATTENTION_BACKENDS)
 
 
 def prepare_module(module: torch.nn.Module) -> torch.nn.Module:
