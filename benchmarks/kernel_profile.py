@@ -4,8 +4,9 @@
         [--sample-batch 1024] [--train-batch 512] [--layout contiguous|channels_last|compiler_channels_last]
         [--attention auto|cudnn|flash|efficient|math] [--only sample|train]
 
-For sampling it profiles the bf16 U-Net as the sampler calls it (``unet_forward``, without CUDA
-graphs, which would hide the kernels from the profiler); for training, ``Trainer.train_step`` in
+For sampling it profiles the U-Net as the sampler calls it (``unet_forward``, without CUDA graphs,
+which would hide the kernels from the profiler), in bf16 where the device computes it natively and
+in fp32 elsewhere; for training, ``Trainer.train_step`` in
 bf16 autocast, as ``ddpm bench`` builds it. Kernels (on a CPU: operators) are grouped by kind —
 convolution, matrix product, attention, normalisation, fused (torch.compile's Triton kernels),
 optimiser, copies — with the milliseconds each kind takes per step, its share, and, where the
@@ -132,9 +133,12 @@ def report(title: str, device: torch.device, step, steps: int, flops: dict[str, 
 def sampling(args, device: torch.device) -> dict:
     from ddpm_cli.bench import Plan, sampling as bench_sampling
     from ddpm_cli.engine.acceleration import prepare_module, unet_forward
+    from ddpm_cli.engine.device import native_bf16
 
-    unet = prepare_module(bench_sampling.network(Plan(args.model_size), device, "bf16"))
-    x = torch.randn(args.sample_batch, 3, 32, 32, device=device, dtype=torch.bfloat16)
+    precision = "bf16" if native_bf16(device) else "fp32"  # as `ddpm bench` samples
+    unet = prepare_module(bench_sampling.network(Plan(args.model_size), device, precision))
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    x = torch.randn(args.sample_batch, 3, 32, 32, device=device, dtype=dtype)
     x = x.contiguous(memory_format=torch.channels_last) if args.layout == "channels_last" else x
     t = torch.randint(0, 1000, (args.sample_batch,), device=device)
     with torch.inference_mode():
@@ -146,7 +150,7 @@ def sampling(args, device: torch.device) -> dict:
             forward(x, t)
         for _ in range(3):
             step()
-        title = (f"sampling: one U-Net evaluation, {args.model_size}, batch {args.sample_batch}, bf16, "
+        title = (f"sampling: one U-Net evaluation, {args.model_size}, batch {args.sample_batch}, {precision}, "
                  f"{levers(args)}")
         return report(title, device, step, args.steps, flops, args.sample_batch, args.top)
 
@@ -187,7 +191,8 @@ def main() -> None:
     parser.add_argument("--train-batch", type=int, default=None, help="default: 512 on CUDA, 16 elsewhere")
     parser.add_argument("--steps", type=int, default=5, help="profiled (and timed) steps")
     parser.add_argument("--compile", action="store_true")
-    parser.add_argument("--layout", choices=MEMORY_LAYOUTS, default="contiguous")
+    parser.add_argument("--layout", choices=MEMORY_LAYOUTS, default=None,
+                        help="default: DDPM_MEMORY_FORMAT's, else compiler_channels_last")
     parser.add_argument("--attention", choices=ATTENTION_BACKENDS, default="auto", help="the SDPA backend")
     parser.add_argument("--only", choices=["sample", "train"])
     parser.add_argument("--top", type=int, default=12)
@@ -196,7 +201,7 @@ def main() -> None:
     from diffusers.utils import logging
 
     from ddpm_cli.bench import release
-    from ddpm_cli.engine.acceleration import chosen_levers
+    from ddpm_cli.engine.acceleration import chosen_levers, layout
     from ddpm_cli.engine.device import describe, resolve_device
 
     logging.set_verbosity_error()  # its advice on casting a U-Net built in fp32 does not apply here
@@ -208,6 +213,7 @@ def main() -> None:
     print(describe(device, torch.float32).split(", dtype")[0] + f", torch {torch.__version__}")
     results = []
     with chosen_levers(layout=args.layout, attention=args.attention):
+        args.layout = layout()
         for task, run in (("sample", sampling), ("train", training)):
             if args.only in (None, task):
                 results.append(run(args, device))

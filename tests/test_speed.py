@@ -92,6 +92,20 @@ def test_bench_times_memory_layouts_side_by_side():
         assert bad.returncode == 2 and bad.stderr.count("\n") == 1, (args, bad.stderr)
 
 
+def test_bench_compiles_cpu_sampling_in_bf16_only_where_the_cpu_has_it(monkeypatch):
+    """A CPU without AVX512-bf16 or AMX emulates bf16 many times slower than fp32: there the compiled
+    sampling variant is fp32. Compiled training on a CPU is fp32 either way; on a GPU, both bf16."""
+    import ddpm_cli.bench as bench
+
+    def compiled(device: str, native: bool) -> dict[str, str]:
+        monkeypatch.setattr(bench, "native_bf16", lambda device: native)
+        return {v.task: v.precision for v in bench.variants(bench.Plan(compile=True), torch.device(device)) if v.compile}
+
+    assert compiled("cpu", False) == {"train": "fp32", "sample": "fp32"}
+    assert compiled("cpu", True) == {"train": "fp32", "sample": "bf16"}
+    assert compiled("cuda", True) == {"train": "bf16", "sample": "bf16"}
+
+
 def test_chosen_levers_set_the_layout_and_compile_mode_inside_the_block_only(monkeypatch):
     from ddpm_cli.engine import acceleration
 
@@ -154,10 +168,22 @@ def test_attention_backend_choice_through_the_cli(tiny_pipeline_dir, tmp_path, m
     assert ddpm("bench", "--attention-backends", "sdpa").returncode == 2
 
 
+def test_cuda_attention_kernel_refusal_is_one_usage_error_line(monkeypatch):
+    """On CUDA, a pinned backend with no kernel for the inputs (flash in fp32) raises torch's "No
+    available kernel"; it is the same exit-2 error as the CPU's "No viable backend"."""
+    from ddpm_cli.cli.errors import EXIT_USAGE, _classify
+
+    monkeypatch.setenv("DDPM_ATTENTION", "flash")
+    for words in ("No available kernel. Aborting execution.", "No viable backend for scaled_dot_product_attention"):
+        message, code = _classify(RuntimeError(f"wrapped: {words}"))
+        assert code == EXIT_USAGE and message.startswith("no attention kernel of backend flash"), words
+    assert _classify(RuntimeError("some other failure")) is None
+
+
 def test_compiler_channels_last_forces_inductors_layout_choice_in_training(monkeypatch):
     """Inductor's own heuristics (reached on a CPU with oneDNN off) keep this net's graphs NCHW;
-    DDPM_MEMORY_FORMAT=compiler_channels_last makes both training graphs (forward and backward)
-    channels-last, with the same gradients, while weights and inputs stay contiguous."""
+    DDPM_MEMORY_FORMAT=compiler_channels_last, the default, makes both training graphs (forward and
+    backward) channels-last, with the same gradients, while weights and inputs stay contiguous."""
     from torch._inductor.graph import GraphLowering
 
     from ddpm_cli.engine import acceleration
@@ -181,15 +207,16 @@ def test_compiler_channels_last_forces_inductors_layout_choice_in_training(monke
         net = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.SiLU(), torch.nn.Conv2d(16, 3, 3, padding=1))
         if layout is None:
             run = net
-        else:
-            with acceleration.chosen_levers(layout=layout):
+        else:  # "default": neither chosen nor in the environment
+            with acceleration.chosen_levers(layout=None if layout == "default" else layout):
                 run = acceleration.compile_module(acceleration.prepare_module(net))
         run(x).square().mean().backward()
         assert all(p.is_contiguous() for p in net.parameters())
         return list(decisions), [p.grad for p in net.parameters()]
 
     eager = gradients(None)[1]
-    for layout, expected in (("contiguous", [False, False]), ("compiler_channels_last", [True, True])):
+    monkeypatch.delenv("DDPM_MEMORY_FORMAT", raising=False)
+    for layout, expected in (("contiguous", [False, False]), ("compiler_channels_last", [True, True]), ("default", [True, True])):
         chosen, grads = gradients(layout)
         assert chosen == expected, layout
         for got, want in zip(grads, eager):

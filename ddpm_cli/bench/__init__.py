@@ -18,7 +18,7 @@ from typing import NamedTuple
 
 import torch
 
-from ddpm_cli.engine.device import describe, resolve_device
+from ddpm_cli.engine.device import describe, native_bf16, resolve_device
 from ddpm_cli.training.presets import unet_config
 
 
@@ -131,8 +131,8 @@ def variants(plan: Plan, device: torch.device) -> list[Variant]:
         out += [Variant(task, "diffusers", p) for p in ("fp32", second) if p]
         out += [Variant(task, "ddpm", p, False, layout, None, attention) for layout, attention in levers
                 if layout != "compiler_channels_last" for p in ("fp32", "bf16")]  # that one is compiled only
-        if plan.compile:  # training compiles in bf16 autocast on a GPU, in fp32 on a CPU; sampling in bf16
-            precision = "bf16" if gpu or task == "sample" else "fp32"
+        if plan.compile:  # bf16 on a GPU; on a CPU, sampling in bf16 where it is native, training in fp32
+            precision = "bf16" if gpu or (task == "sample" and native_bf16(device)) else "fp32"
             out += [Variant(task, "ddpm", precision, True, layout, mode, attention) for layout, attention in levers
                     for mode in modes]
     return out

@@ -18,7 +18,8 @@ import typer
 from ddpm_cli.engine.errors import DdpmError
 
 EXIT_USAGE, EXIT_MODEL, EXIT_RESOURCE, EXIT_NUMERICAL, EXIT_INTERRUPTED = 2, 3, 4, 5, 130
-NO_ATTENTION_KERNEL = "No viable backend for scaled_dot_product_attention"  # torch's error for a pinned backend
+# torch's errors for a pinned attention backend with no kernel for the inputs (CPU; CUDA, e.g. flash in fp32)
+NO_ATTENTION_KERNEL = ("No viable backend for scaled_dot_product_attention", "No available kernel. Aborting execution.")
 
 
 def debug_enabled() -> bool:
@@ -49,7 +50,7 @@ def _classify(exc: BaseException) -> tuple[str, int] | None:
         return "interrupted; finished outputs were kept", EXIT_INTERRUPTED
     if type(exc).__name__ == "OutOfMemoryError" or isinstance(exc, MemoryError):
         return "out of memory; finished outputs were kept; try a smaller --batch-size", EXIT_RESOURCE
-    if NO_ATTENTION_KERNEL in str(exc):  # torch's words, also inside torch.compile's wrapping error
+    if any(words in str(exc) for words in NO_ATTENTION_KERNEL):  # also inside torch.compile's wrapping error
         backend = os.environ.get("DDPM_ATTENTION", "auto")
         return (f"no attention kernel of backend {backend} runs here (device, dtype or head size); "
                 "choose another DDPM_ATTENTION or unset it"), EXIT_USAGE

@@ -3,8 +3,9 @@
 :func:`unet_forward` turns a diffusers U-Net into the plain call ``forward(x, t, **kwargs) -> tensor``
 that samplers use, with the levers a device supports:
 
-- the memory layout (``DDPM_MEMORY_FORMAT``: contiguous by default, or channels-last), and cuDNN's
-  autotuner on CUDA;
+- the memory layout (``DDPM_MEMORY_FORMAT``: by default contiguous weights and inputs, with
+  channels-last inside torch.compile's graphs; see :func:`compile_module`), and cuDNN's autotuner
+  on CUDA;
 - the attention kernel (``DDPM_ATTENTION``: torch's choice by default, or one SDPA backend; see
   :mod:`ddpm_cli.engine.attention`);
 - ``compile``: ``torch.compile`` of the U-Net (fixed shapes, no graph breaks in diffusers' U-Nets);
@@ -59,15 +60,17 @@ def _lever(key: str, variable: str, default: str, choices) -> str:
 
 
 def layout() -> str:
-    """The memory layout: a key of LAYOUTS, from DDPM_MEMORY_FORMAT (default: contiguous)."""
-    return _lever("layout", "DDPM_MEMORY_FORMAT", "contiguous", LAYOUTS)
+    """The memory layout: a key of LAYOUTS, from DDPM_MEMORY_FORMAT (default: compiler_channels_last,
+    which is contiguous where nothing is compiled)."""
+    return _lever("layout", "DDPM_MEMORY_FORMAT", "compiler_channels_last", LAYOUTS)
 
 
 def memory_format() -> torch.memory_format:
     """The layout of U-Net weights and inputs: contiguous (NCHW) unless DDPM_MEMORY_FORMAT=channels_last.
-    Measured on an H200 with the DDPM CIFAR-10 U-Net, channels-last was slower (eager bf16 training
-    2,543 against 3,289 images/s; compiled, 5,185 against 5,349). Other networks and devices may
-    differ, hence the switch."""
+    Measured on an H200 with the DDPM CIFAR-10 U-Net, channels-last weights and inputs were slower
+    (eager bf16 training 2,543 against 3,289 images/s; compiled, 5,185 against 5,349) than contiguous
+    ones, and channels-last inside the compiled graphs was faster (6,119 against 5,348, batch 512).
+    Other networks and devices may differ, hence the switch."""
     return LAYOUTS[layout()]
 
 
@@ -97,15 +100,18 @@ def compile_mode() -> str | None:
 
 def compile_module(module: torch.nn.Module) -> torch.nn.Module:
     """``torch.compile`` with fixed shapes (a new shape compiles again rather than going dynamic), in
-    the chosen mode; under DDPM_MEMORY_FORMAT=compiler_channels_last, with Inductor's channels-last
-    layout of the network's tensors forced on.
+    the chosen mode; under DDPM_MEMORY_FORMAT=compiler_channels_last (the default), with Inductor's
+    channels-last layout of the network's tensors forced on.
 
     Inductor decides that layout per graph. For inference it weighs the convolutions' FLOPs and, for
     the DDPM CIFAR-10 U-Net, lays them out channels-last. For training it refuses as soon as one 3x3
     convolution has at least twice as many input channels as output ones, which a U-Net's decoder
     has (skip connections concatenated: 512 to 256). Its convolutions then take NCHW
     tensors, and cuDNN's NHWC kernels convert each input and output: a fifth of a compiled bf16
-    training step of the DDPM CIFAR-10 U-Net on an H200 (``benchmarks/kernel_profile.py``).
+    training step of the DDPM CIFAR-10 U-Net on an H200 (``benchmarks/kernel_profile.py``). Forced
+    on, that step ran at 6,119 instead of 5,348 images/s (batch 512, median of 3 rounds), and on a
+    2-core CPU the tiny preset trained at 138 instead of 122. Sampling graphs were channels-last
+    already. DDPM_MEMORY_FORMAT=contiguous leaves the choice to Inductor.
     """
     # In bf16, diffusers' resampling blocks call is_torch_version(), an lru_cache-wrapped function of
     # the installed version: Dynamo traces through the cache and warns about it in 14 lines of

@@ -92,6 +92,18 @@ def resolve_dtype(spec: str | None, device: torch.device | str) -> torch.dtype:
     raise InputError(f"unknown dtype {spec!r}; choose one of {', '.join(DTYPE_CHOICES)}")
 
 
+def native_bf16(device: torch.device | str) -> bool:
+    """Whether the device computes in bf16 natively: a CUDA GPU that supports it, or a CPU with
+    AVX512-bf16 or AMX. Elsewhere a CPU emulates bf16, many times slower than fp32."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if dev.type == "cpu":
+        checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # torch's own CPU-feature queries
+        return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+    return False
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     """Short name of a dtype: fp32, fp16, bf16 (or torch's own name for others)."""
     return _SHORT_NAMES.get(dtype, str(dtype).replace("torch.", ""))
