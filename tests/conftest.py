@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # two workers share the cores: one thread each, CLI calls too
+    os.environ["OMP_NUM_THREADS"] = "1"
 
 import pytest
 import torch
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
 
 
 def tiny_unet(channels: int = 1, size: int = 8, seed: int = 0):

@@ -103,7 +103,7 @@ def test_read_idx_plain_and_gzip(tmp_path):
     b"\x00\x00\x07\x03garbage",                       # bad type code in the magic number
     b"PNG\x0d\x0a\x1a\x0a....",                        # not IDX at all
     _idx_bytes(np.zeros((2, 3), np.uint8))[:-1],       # truncated payload
-    gzip.compress(b"x" * 100)[:-8],                    # truncated gzip stream
+    gzip.compress(b"x" * 100, mtime=0)[:-8],           # truncated gzip stream
 ])
 def test_read_idx_rejects_corrupt(tmp_path, content):
     path = tmp_path / "bad.gz"

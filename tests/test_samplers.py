@@ -1,4 +1,4 @@
-"""The samplers agree with diffusers' schedulers on the same model, noise and steps (fp32, 1e-4)."""
+"""The samplers agree with diffusers' schedulers on the same model, noise and steps (fp32, 1e-4; DDIM 1e-3)."""
 
 import pytest
 import torch
@@ -64,7 +64,11 @@ def test_ddim_matches_diffusers(unet, eta, steps, spacing):
     timesteps = make_timesteps(1000, steps, spacing)
     assert timesteps == their_steps
     got = ours(sample_ddim, unet, NoiseSchedule.create(clip_sample=True), timesteps, eta=eta)
-    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    # Deterministic DDIM over 20+ steps of a random network amplifies float32 rounding (diffusers keeps
+    # alpha_bar in float32, this project in float64): up to 3.4e-4 on an AVX2 CPU, under 1e-4 on others.
+    # A wrong formula moves samples by 1e-2 or more (diffusers' own t - 1000 // steps rule for the
+    # previous trailing timestep, where steps does not divide 1000, moves them by 0.13 at 15 steps).
+    torch.testing.assert_close(got, expected, atol=1e-3, rtol=1e-3)
 
 
 def test_ddim_follows_stable_diffusion_config_ends(unet):
