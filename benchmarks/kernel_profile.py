@@ -133,12 +133,11 @@ def report(title: str, device: torch.device, step, steps: int, flops: dict[str, 
 def sampling(args, device: torch.device) -> dict:
     from ddpm_cli.bench import Plan, sampling as bench_sampling
     from ddpm_cli.engine.acceleration import prepare_module, unet_forward
-    from ddpm_cli.engine.device import native_bf16
+    from ddpm_cli.engine.device import native_bf16, resolve_dtype
 
     precision = "bf16" if native_bf16(device) else "fp32"  # as `ddpm bench` samples
     unet = prepare_module(bench_sampling.network(Plan(args.model_size), device, precision))
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    x = torch.randn(args.sample_batch, 3, 32, 32, device=device, dtype=dtype)
+    x = torch.randn(args.sample_batch, 3, 32, 32, device=device, dtype=resolve_dtype(precision, device))
     x = x.contiguous(memory_format=torch.channels_last) if args.layout == "channels_last" else x
     t = torch.randint(0, 1000, (args.sample_batch,), device=device)
     with torch.inference_mode():

@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 import os
 
-if os.environ.get("PYTEST_XDIST_WORKER"):  # two workers share the cores: one thread each, CLI calls too
+XDIST_WORKER = bool(os.environ.get("PYTEST_XDIST_WORKER"))
+if XDIST_WORKER:  # two workers share the cores: one thread each, the CLI calls they fork too
     os.environ["OMP_NUM_THREADS"] = "1"
 
 import pytest
 import torch
 
-if os.environ.get("PYTEST_XDIST_WORKER"):
+if XDIST_WORKER:  # in case torch was imported before the variable was set
     torch.set_num_threads(1)
 
 
