@@ -130,7 +130,7 @@ def _decode(inputs, model, output, batch_size, tile, device, dtype, revision, al
             images = decode_latents(vae, data.latents[[job.seed for job in batch]], tile or None).cpu().clamp(-1, 1)
             for job, image in zip(batch, images):
                 path = save_png(tensor_to_pil(image), job.path, {"vae": vae_name, "latents": str(inputs[0]),
-                                                                 "index": job.seed, **job.params}, overwrite=True)
+                                                                 "index": job.seed, **job.params}, overwrite=overwrite)
                 written.append(str(path))
                 if output_format == "text":
                     print(path, flush=True)

@@ -124,4 +124,4 @@ def inpaint(
 
     moves = len(repaint_levels(settings.steps, jump_length, jump_n_sample)) - 1 if resampling else None
     render(pipeline, todo, skipped, settings, scale, batch_size, params, output_format, quiet,
-           generate=generate, steps_per_batch=moves)
+           generate=generate, steps_per_batch=moves, overwrite=overwrite)

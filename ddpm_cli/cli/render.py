@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ddpm_cli.cli.errors import EXIT_USAGE, fail, writable_folder
-from ddpm_cli.cli.progress import StepProgress
+from ddpm_cli.cli.progress import StepProgress, say
 
 
 @dataclass
@@ -51,17 +51,36 @@ def _batches(jobs: list[Job], batch_size: int) -> list[list[Job]]:
     return batches
 
 
+PER_IMAGE_KEYS = ("seed", "prompt", "class", "class_name", "source", "image", "mask")
+
+
+def shared_settings(settings: list[dict], quiet: bool) -> dict:
+    """The settings every image of a grid shares, plus how many images it holds. Images kept by
+    --skip-existing may come from a run with other settings: the grid's metadata then names only
+    what they all share, and a warning says which settings differ."""
+    keys = [key for key in dict.fromkeys(k for s in settings for k in s) if key not in PER_IMAGE_KEYS]
+    shared = {key: settings[0].get(key) for key in keys if all(key in s and s[key] == settings[0][key] for s in settings)}
+    differing = [key for key in keys if key not in shared]
+    if differing:
+        say(f"ddpm: warning: the grid holds images made with other settings (kept by --skip-existing); "
+            f"they differ in {', '.join(differing)}, which the grid's metadata leaves out", quiet)
+    return {**shared, "images": len(settings)}
+
+
 def render(pipeline, jobs: list[Job], skipped: list[Job], settings, cfg: float, batch_size: int, params: dict,
            output_format: str, quiet: bool, size: tuple[int, int] | None = None, grid_path: Path | None = None,
-           generate: Callable | None = None, steps_per_batch: int | None = None) -> None:
+           generate: Callable | None = None, steps_per_batch: int | None = None, overwrite: bool = False) -> None:
     """Generate every job, writing and printing each image as soon as its batch is done.
+
+    Without ``overwrite`` no file is ever replaced, not even one that another process wrote after
+    ``plan`` checked: that job fails with one line (exit 2), keeping what was written before it.
 
     ``generate(seeds, on_step, condition) -> images`` makes one batch (default: sample_batch with
     ``settings``, ``cfg`` and ``size``); ``steps_per_batch`` is its step count for the progress bar.
     """
     from ddpm_cli.engine import distributed
     from ddpm_cli.engine.generate import sample_batch
-    from ddpm_cli.engine.imageio import load_image, make_grid, save_png, tensor_to_pil
+    from ddpm_cli.engine.imageio import load_image, make_grid, read_png_metadata, save_png, tensor_to_pil
 
     world = distributed.init(pipeline.device)  # under torchrun: this process makes every world.size-th image
     if world.distributed:
@@ -82,7 +101,7 @@ def render(pipeline, jobs: list[Job], skipped: list[Job], settings, cfg: float, 
             images = generate([job.seed for job in batch], on_step, batch[0].condition)
             for job, image in zip(batch, images):
                 meta = {**params, **job.params, "seed": job.seed}
-                path = save_png(tensor_to_pil(image), job.path, meta, overwrite=True)
+                path = save_png(tensor_to_pil(image), job.path, meta, overwrite=overwrite)
                 written.append({"path": str(path), **job.params, "seed": job.seed})
                 if output_format == "text":
                     print(path, flush=True)
@@ -91,8 +110,12 @@ def render(pipeline, jobs: list[Job], skipped: list[Job], settings, cfg: float, 
         return
     if grid_path is not None:
         everything = sorted({str(entry["path"]) for entry in written} | {str(job.path) for job in skipped})
+        settings_of = {entry["path"]: {**params, **{k: v for k, v in entry.items() if k != "path"}} for entry in written}
+        settings_of.update({str(job.path): read_png_metadata(job.path) for job in skipped})
         mode = "L" if pipeline.image_channels == 1 else "RGB"
-        save_png(make_grid([load_image(path, mode=mode) for path in everything]), grid_path, params, overwrite=True)
+        grid_params = shared_settings([settings_of.get(path, {}) for path in everything], quiet)
+        save_png(make_grid([load_image(path, mode=mode) for path in everything]), grid_path, grid_params,
+                 overwrite=overwrite)
         if output_format == "text":
             print(grid_path, flush=True)
     if output_format == "json":

@@ -84,4 +84,4 @@ def sample(
     params = {"model": model, **settings.describe(), **guidance, "size": f"{width}x{height}",
               "dtype": str(pipeline.dtype).removeprefix("torch."), "version": __version__}
     render(pipeline, todo, skipped, settings, cfg, batch_size, params, output_format, quiet,
-           grid_path=outdir / "grid.png" if grid else None)
+           grid_path=outdir / "grid.png" if grid else None, overwrite=overwrite)

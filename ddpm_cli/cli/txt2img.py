@@ -113,4 +113,4 @@ def txt2img(
     params = {"model": model, **settings.describe(), "cfg": cfg, "negative_prompt": negative_prompt or None,
               "size": f"{size[1]}x{size[0]}", "dtype": str(pipeline.dtype).removeprefix("torch."), "version": __version__}
     render(pipeline, todo, skipped, settings, cfg, batch_size, {k: v for k, v in params.items() if v is not None},
-           output_format, quiet, size=(size[0] // pipeline.latent_factor, size[1] // pipeline.latent_factor))
+           output_format, quiet, size=(size[0] // pipeline.latent_factor, size[1] // pipeline.latent_factor), overwrite=overwrite)

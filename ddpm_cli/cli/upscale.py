@@ -102,4 +102,4 @@ def upscale(
         return upscale_batch(pipeline, seeds, settings, picture, on_step, options)
 
     render(pipeline, todo, skipped, settings, 1.0, batch_size, {k: v for k, v in params.items() if v is not None},
-           output_format, quiet, generate=generate)
+           output_format, quiet, generate=generate, overwrite=overwrite)

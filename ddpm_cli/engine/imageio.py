@@ -9,11 +9,9 @@ the Automatic1111-style "parameters" text and as a "ddpm" JSON chunk.
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import math
 import os
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -21,14 +19,14 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, PngImagePlugin
 
-from ddpm_cli.engine.errors import InputError, NumericalError, ResourceError
+from ddpm_cli.engine.atomic import atomic_output
+from ddpm_cli.engine.errors import InputError, NumericalError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 DEFAULT_MAX_PIXELS = 64 * 1024 * 1024  # 64 megapixels
 
 _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
-_DISK_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
 
 
 # --------------------------------------------------------------------------- loading
@@ -266,62 +264,21 @@ def save_png(
     """Write ``image`` as a PNG at ``path`` atomically and return the path.
 
     With ``params``, embeds text chunks "parameters" (format_parameters) and "ddpm"
-    (``json.dumps(params, sort_keys=True)``). The PNG is written to a hidden ".tmp" file in
-    the same folder, flushed and fsynced, then renamed over the target with os.replace, so
-    readers never see a half-written file. The temp file is removed on any failure,
-    including KeyboardInterrupt. Parent folders are created as needed.
+    (``json.dumps(params, sort_keys=True)``). Written through ``atomic.atomic_output``: readers
+    never see a half-written file, the file gets the umask's ordinary permissions, and without
+    ``overwrite`` an existing file is never replaced, even one another process created meanwhile.
 
-    Raises InputError if the target exists and ``overwrite`` is False, or it cannot be
-    written; ResourceError when the disk is full or over quota.
+    Raises OutputExistsError (an InputError) if the target exists and ``overwrite`` is False,
+    InputError if it cannot be written, ResourceError when the disk is full or over quota.
     """
     path = Path(path)
-    exists_msg = f"{path}: exists; pass --overwrite to replace it or --skip-existing to keep it"
-    if path.exists() and not overwrite:
-        raise InputError(exists_msg)
     info = PngImagePlugin.PngInfo()
     if params is not None:
         info.add_text("parameters", format_parameters(params))  # falls back to iTXt if not latin-1
         info.add_text("ddpm", json.dumps(params, sort_keys=True, default=str))
-    tmp_name = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        with os.fdopen(fd, "wb") as f:
-            image.save(f, format="PNG", pnginfo=info)
-            f.flush()
-            os.fsync(f.fileno())
-        if path.exists() and not overwrite:  # created by someone else meanwhile
-            raise InputError(exists_msg)
-        os.replace(tmp_name, path)
-        tmp_name = None
-        _fsync_folder(path.parent)
-    except BaseException as e:
-        if tmp_name is not None:
-            try:
-                os.unlink(tmp_name)
-            except OSError:
-                pass
-        if isinstance(e, OSError) and e.errno in _DISK_FULL:
-            raise ResourceError(f"{path}: disk full or over quota while writing; free space and retry") from e
-        if isinstance(e, OSError):
-            reason = e.strerror or str(e)
-            raise InputError(f"{path}: cannot write ({reason}); check the output folder is writable") from e
-        raise
+    with atomic_output(path, overwrite) as tmp:
+        image.save(tmp, format="PNG", pnginfo=info)
     return path
-
-
-def _fsync_folder(folder: Path) -> None:
-    """Best-effort fsync of a folder so a completed rename survives a crash (POSIX only)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def read_png_metadata(path: str | os.PathLike) -> dict:
