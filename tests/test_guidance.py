@@ -65,7 +65,13 @@ def test_class_names_and_indices(pipeline):
 
 
 def test_unconditional_denoiser_ignores_guidance():
+    # A model with no unconditional branch has nothing to guide against: a guidance scale other
+    # than 1 must leave its output, and its one forward pass per image, as they are.
     unet = tiny_unet()
-    x = torch.randn(1, 1, 8, 8)
+    x = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
-        torch.testing.assert_close(UNetDenoiser(unet)(x, 10), unet(x, torch.tensor([10])).sample)
+        plain = unet(x, torch.full((2,), 10)).sample
+        for denoiser in (UNetDenoiser(unet, scale=3.0), from_unet(unet, NoiseSchedule.create()).denoiser(2, None, 3.0)):
+            assert denoiser.scale == 3.0
+            torch.testing.assert_close(denoiser(x, 10), plain)
+            assert denoiser.evaluations == 2  # 2 images, one branch
