@@ -90,7 +90,7 @@ def encode(
     with StepProgress("encoding", len(dataset), quiet) as bar:
         data = encode_set(dataset, sources, vae, _identity(model), resolution, batch_size, tile or None, parts,
                           on_batch=lambda done, total: bar.update(done))
-    save_latents(output, data)
+    save_latents(output, data, overwrite=overwrite)
     shutil.rmtree(parts, ignore_errors=True)
     summary = {"output": str(output), "images": len(sources), "latent_shape": list(data.latents.shape[1:]),
                "image_size": list(data.image_size), "vae": model, "scaling_factor": data.scaling_factor,

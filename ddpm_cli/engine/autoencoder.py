@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from ddpm_cli.engine import checkpoint as ckpt
+from ddpm_cli.engine.atomic import atomic_output
 from ddpm_cli.engine.errors import InputError, ModelError, ResourceError
 
 LATENTS_FORMAT = "ddpm-latents/1"
@@ -160,18 +161,14 @@ class LatentsFile:
         return {key: json.dumps(value) for key, value in fields.items()}
 
 
-def save_latents(path: str | os.PathLike, data: LatentsFile, dtype: torch.dtype = torch.float32) -> None:
-    """Write atomically (temporary file, then rename) as safetensors with JSON metadata."""
+def save_latents(path: str | os.PathLike, data: LatentsFile, dtype: torch.dtype = torch.float32,
+                 overwrite: bool = True) -> None:
+    """Write atomically (see ``atomic.atomic_output``) as safetensors with JSON metadata; without
+    ``overwrite`` an existing file is never replaced."""
     from safetensors.torch import save_file
 
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_output(path, overwrite) as tmp:
         save_file({"latents": data.latents.to(dtype).contiguous().cpu()}, tmp, metadata=data.metadata())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def is_latents_file(path: str | os.PathLike) -> bool:

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ddpm_cli.engine.atomic import atomic_output
 from ddpm_cli.engine.errors import InputError, ModelError
 
 WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
@@ -82,9 +83,8 @@ class Stats:
     weights: str
 
     def save(self, path: Path) -> None:
-        tmp = path.with_name(f".{path.name}.tmp.npz")
-        np.savez(tmp, mu=self.mu, sigma=self.sigma, count=self.count, weights=self.weights)
-        os.replace(tmp, path)
+        with atomic_output(path, overwrite=True) as tmp, open(tmp, "wb") as f:
+            np.savez(f, mu=self.mu, sigma=self.sigma, count=self.count, weights=self.weights)
 
     @classmethod
     def load(cls, path: Path) -> Stats:
