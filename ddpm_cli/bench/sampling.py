@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ddpm_cli.bench import Plan, Prepared, lever_names
+from ddpm_cli.bench.common import Plan, Prepared, lever_names
 from ddpm_cli.engine.acceleration import compile_mode
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}

@@ -15,7 +15,7 @@ from contextlib import nullcontext
 import torch
 import torch.nn.functional as F
 
-from ddpm_cli.bench import Plan, Prepared, lever_names
+from ddpm_cli.bench.common import Plan, Prepared, lever_names
 from ddpm_cli.engine.acceleration import compile_mode
 
 DATA = "fashion-mnist"
