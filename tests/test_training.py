@@ -9,6 +9,7 @@ from safetensors.torch import load_file
 from ddpm_cli.engine.errors import InputError, NumericalError
 from ddpm_cli.training import checkpoints
 from ddpm_cli.training.loop import Trainer, prepare, train
+from ddpm_cli.training.objectives import DiffusionObjective
 
 FAST = {"data": "fashion-mnist-subset", "batch_size": 16, "lr": 1e-3, "num_workers": 0}
 
@@ -82,20 +83,20 @@ def test_incomplete_checkpoint_is_ignored_by_resume(tmp_path):
 
 
 def test_nonfinite_losses_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
-    real_loss = Trainer._loss
+    real_loss = DiffusionObjective.loss
     calls = {"n": 0}
 
-    def sometimes_nan(self, x0, conditioning=None):
+    def sometimes_nan(self, network, batch, draws):
         calls["n"] += 1
-        loss = real_loss(self, x0, conditioning)
+        loss = real_loss(self, network, batch, draws)
         return loss * float("nan") if calls["n"] in (3, 4) else loss
 
-    monkeypatch.setattr(Trainer, "_loss", sometimes_nan)
+    monkeypatch.setattr(DiffusionObjective, "loss", sometimes_nan)
     summary = train(options(tmp_path / "a", max_steps=8, checkpoint_every=8))
     assert summary["nonfinite_steps"] == 2
     assert checkpoints.all_finite(torch.nn.Module()) is True
 
-    monkeypatch.setattr(Trainer, "_loss", lambda self, x0, conditioning=None: real_loss(self, x0, conditioning) * float("nan"))
+    monkeypatch.setattr(DiffusionObjective, "loss", lambda *args: real_loss(*args) * float("nan"))
     with pytest.raises(NumericalError, match="not finite for 5 steps in a row"):
         train(options(tmp_path / "b", max_steps=20, checkpoint_every=2))
     assert checkpoints.list_checkpoints(tmp_path / "b" / "run") == []

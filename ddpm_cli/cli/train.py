@@ -101,12 +101,13 @@ def train(
     quiet = quiet or not main
     from ddpm_cli.training.loop import make_trainer, prepare
 
-    config, checkpoint = prepare(options, resume, overwrite)
     bar: StepProgress | None = None
 
     def on_event(event: dict) -> None:
         kind = event["kind"]
-        if kind == "encode":
+        if kind == "warning":  # shown with --quiet too: it says what was not used
+            say(f"ddpm: warning: {event['message']}", not main)
+        elif kind == "encode":
             if event["done"] == 0:
                 say(f"ddpm: encoding {event['total']} images with the VAE (once, before training)", quiet)
         elif kind == "start":
@@ -120,6 +121,7 @@ def train(
         elif kind == "sample" and not bar.interactive:
             say(f"ddpm: sample grid {event['path']}", quiet)
 
+    config, checkpoint = prepare(options, resume, overwrite, on_event)
     trainer = make_trainer(config, checkpoint, on_event)
     bar = StepProgress("training", trainer.total, quiet)
     with bar:

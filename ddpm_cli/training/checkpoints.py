@@ -6,6 +6,12 @@ states, and ``state.json`` (step, loss, counters, the resolved options). It is w
 hidden temporary name and renamed into place only when complete; older checkpoints are pruned
 only after that. A run killed at any moment therefore leaves its previous checkpoints intact,
 and ``--resume`` sees only complete ones.
+
+A checkpoint damaged later (truncated by a full disk or an interrupted copy) is found by
+:func:`damage`, which reads every file's header and checks its size against it; ``--resume
+latest`` then falls back to the newest usable one and says which file it skipped. Damaged
+folders are never deleted: pruning counts and removes usable checkpoints only, and a new
+checkpoint of a damaged one's step moves the damaged folder aside (``checkpoint-NNNNNNN.damaged``).
 """
 
 from __future__ import annotations
@@ -13,16 +19,25 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
+import struct
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from ddpm_cli.engine.errors import InputError, NumericalError, ResourceError
+from ddpm_cli.engine.errors import InputError, ModelError, NumericalError, ResourceError
 
 PREFIX = "checkpoint-"
 STATE_FILE = "state.json"
+TENSOR_FILES = ("model.safetensors", "ema.safetensors", "optimizer.safetensors", "rng.safetensors")
+JSON_FILES = ("optimizer.json", STATE_FILE)
+_NAME = re.compile(rf"{PREFIX}(\d+)")
+_DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+                "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
 
 
 def _fsync_tree(folder: Path) -> None:
@@ -60,13 +75,76 @@ def all_finite(*modules: torch.nn.Module) -> bool:
     return all(bool(torch.isfinite(p).all()) for module in modules for p in module.parameters())
 
 
+def checkpoint_path(run_dir: Path, step: int) -> Path:
+    return Path(run_dir) / "checkpoints" / f"{PREFIX}{step:07d}"
+
+
 def list_checkpoints(run_dir: Path) -> list[Path]:
-    """Complete checkpoints of a run, oldest first."""
+    """Complete checkpoints of a run (renamed into place, with a state file), oldest first."""
     folder = Path(run_dir) / "checkpoints"
     if not folder.is_dir():
         return []
-    found = [p for p in folder.iterdir() if p.name.startswith(PREFIX) and (p / STATE_FILE).is_file()]
+    found = [p for p in folder.iterdir() if _NAME.fullmatch(p.name) and (p / STATE_FILE).is_file()]
     return sorted(found, key=lambda p: int(p.name.removeprefix(PREFIX)))
+
+
+def _safetensors_damage(path: Path) -> str | None:
+    """What is wrong with a safetensors file, read from its header and size alone; None if nothing."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            return f"{size} bytes, shorter than a safetensors header"
+        length = struct.unpack("<Q", head)[0]
+        if length > size - 8:
+            return f"header length {length} runs past the end of the file ({size} bytes)"
+        try:
+            header = json.loads(f.read(length))
+        except ValueError:
+            return "header is not valid JSON"
+    if not isinstance(header, dict):
+        return "header is not a JSON object"
+    end = 0
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            begin, stop = entry["data_offsets"]
+            count = 1
+            for dim in entry["shape"]:
+                count *= int(dim)
+            expected = count * _DTYPE_BYTES[entry["dtype"]]
+        except (KeyError, TypeError, ValueError):
+            return f"header entry {name!r} is malformed"
+        if not 0 <= begin <= stop or stop - begin != expected:
+            return f"tensor {name!r} has offsets {begin}..{stop} for {expected} bytes"
+        end = max(end, stop)
+    if size != 8 + length + end:
+        return f"{size} bytes where the header describes {8 + length + end}"
+    return None
+
+
+def damage(checkpoint: Path) -> str | None:
+    """The first damaged or missing file of a checkpoint and what is wrong with it, or None if the
+    checkpoint is usable. Reads headers and sizes only (milliseconds, whatever the model's size)."""
+    checkpoint = Path(checkpoint)
+    for name in (*TENSOR_FILES, *JSON_FILES):
+        path = checkpoint / name
+        try:
+            if name in TENSOR_FILES:
+                problem = _safetensors_damage(path)
+            else:
+                data = json.loads(path.read_text())
+                problem = None if isinstance(data, dict) else "not a JSON object"
+                if name == STATE_FILE and problem is None and not isinstance(data.get("config"), dict):
+                    problem = "no saved options"
+        except FileNotFoundError:
+            problem = "missing"
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            problem = f"unreadable ({getattr(exc, 'strerror', None) or exc})"
+        if problem is not None:
+            return f"{path} is damaged: {problem}"
+    return None
 
 
 def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, ema_model: torch.nn.Module,
@@ -75,8 +153,8 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, ema_model:
     """Write checkpoint ``step`` atomically, then prune to the newest ``keep``; return its path."""
     if not all_finite(model, ema_model):
         raise NumericalError(f"the weights at step {step} are not finite; no checkpoint was written")
-    folder = Path(run_dir) / "checkpoints"
-    final = folder / f"{PREFIX}{step:07d}"
+    final = checkpoint_path(run_dir, step)
+    folder = final.parent
     tmp = folder / f".{final.name}.tmp-{os.getpid()}"
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -92,7 +170,10 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, ema_model:
         (tmp / STATE_FILE).write_text(json.dumps(dict(state, step=step), indent=2))
         _fsync_tree(tmp)
         if final.exists():
-            shutil.rmtree(final)
+            if damage(final) is None:
+                shutil.rmtree(final)
+            else:
+                _move_aside(final)
         os.rename(tmp, final)
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -102,21 +183,49 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, ema_model:
         if isinstance(exc, OSError):
             raise InputError(f"cannot write checkpoint {final}: {exc.strerror or exc}") from exc
         raise
-    for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+    if damage(final) is None:  # the new checkpoint reads back whole: older usable ones may go
+        usable = [path for path in list_checkpoints(run_dir) if damage(path) is None]
+        for old in usable[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
     return final
 
 
-def resolve_resume(run_dir: Path, resume: str) -> Path:
-    """``latest`` (the newest complete checkpoint of the run) or a checkpoint folder."""
+def _move_aside(folder: Path) -> Path:
+    """Rename a damaged checkpoint out of the way of a new one of its step, keeping its files."""
+    for k in range(1000):
+        target = folder.with_name(f"{folder.name}.damaged" + (f"-{k}" if k else ""))
+        if not target.exists():
+            os.rename(folder, target)
+            return target
+    raise InputError(f"cannot move the damaged checkpoint {folder} aside; move or remove it yourself")
+
+
+def resolve_resume(run_dir: Path, resume: str, warn: Callable[[str], None] | None = None) -> Path:
+    """``latest`` (the newest usable checkpoint of the run) or a checkpoint folder.
+
+    ``latest`` skips damaged checkpoints, telling ``warn`` which file of each is damaged; when
+    none is usable, or a named checkpoint is damaged, it raises ModelError (exit 3).
+    """
     if resume == "latest":
         found = list_checkpoints(run_dir)
         if not found:
             raise InputError(f"--resume latest: no complete checkpoint under {Path(run_dir) / 'checkpoints'}")
-        return found[-1]
+        problems = []
+        for checkpoint in reversed(found):
+            problem = damage(checkpoint)
+            if problem is None:
+                return checkpoint
+            problems.append(problem)
+            if warn is not None:
+                warn(f"{problem}; skipped (the file is left as it is)")
+        raise ModelError(f"--resume latest: none of the {len(found)} checkpoints under {Path(run_dir) / 'checkpoints'} "
+                         f"is usable ({problems[0]}); start over with --overwrite")
     path = Path(resume)
     if not (path / STATE_FILE).is_file():
         raise InputError(f"--resume {resume}: not a complete checkpoint folder (no {STATE_FILE})")
+    problem = damage(path)
+    if problem is not None:
+        raise ModelError(f"--resume {resume}: {problem}; resume from another checkpoint of the run")
     return path
 
 
@@ -137,16 +246,21 @@ def _match_layouts(optimizer: torch.optim.Optimizer) -> None:
 
 def load_checkpoint(checkpoint: Path, model: torch.nn.Module, ema_model: torch.nn.Module,
                     optimizer: torch.optim.Optimizer, generators: dict[str, torch.Generator]) -> dict:
-    """Restore weights, optimiser and generators in place; return the saved state."""
+    """Restore weights, optimiser and generators in place; return the saved state. A checkpoint
+    that does not fit the model (or is damaged) raises ModelError."""
     device = next(model.parameters()).device
-    model.load_state_dict(load_file(checkpoint / "model.safetensors", device=str(device)))
-    ema_model.load_state_dict(load_file(checkpoint / "ema.safetensors", device=str(device)))
-    opt_meta = json.loads((checkpoint / "optimizer.json").read_text())
-    optimizer.load_state_dict(_unflatten_optimizer(load_file(checkpoint / "optimizer.safetensors"), opt_meta))
-    _match_layouts(optimizer)
-    for name, value in load_file(checkpoint / "rng.safetensors").items():
-        generators[name].set_state(value)
-    return read_state(checkpoint)
+    try:
+        model.load_state_dict(load_file(checkpoint / "model.safetensors", device=str(device)))
+        ema_model.load_state_dict(load_file(checkpoint / "ema.safetensors", device=str(device)))
+        opt_meta = json.loads((checkpoint / "optimizer.json").read_text())
+        optimizer.load_state_dict(_unflatten_optimizer(load_file(checkpoint / "optimizer.safetensors"), opt_meta))
+        _match_layouts(optimizer)
+        for name, value in load_file(checkpoint / "rng.safetensors").items():
+            generators[name].set_state(value)
+        return read_state(checkpoint)
+    except (OSError, RuntimeError, ValueError, KeyError, SafetensorError) as exc:  # a damaged or foreign checkpoint
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"cannot resume from {checkpoint}: {first}") from exc
 
 
 def export_files(run_dir: Path, writers: dict) -> None:

@@ -318,6 +318,15 @@ class _Loads(torch.utils.data.Dataset):
             return exc
 
 
+def _ignore_stop_signals(worker_id: int) -> None:
+    """Loader workers leave SIGINT and SIGTERM to the training process, which stops the run after the
+    step in progress (training/stop.py); a worker killed by a Ctrl-C meant for it would fail that step."""
+    import signal
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_IGN)
+
+
 def _raise_errors(items: list) -> list[torch.Tensor]:
     for item in items:
         if isinstance(item, DdpmError):
@@ -364,7 +373,7 @@ class BatchLoader:
         loader = torch.utils.data.DataLoader(
             _Loads(self.dataset), batch_sampler=_StepSampler(self.indices, start_step),
             num_workers=self.num_workers, collate_fn=list, prefetch_factor=2 if self.num_workers > 0 else None,
-            pin_memory=self.pin_memory)
+            pin_memory=self.pin_memory, worker_init_fn=_ignore_stop_signals if self.num_workers > 0 else None)
         for step, images in zip(itertools.count(start_step), loader):
             yield step, _raise_errors(images), self.labels(self.indices(step))
 

@@ -1,0 +1,143 @@
+"""``--task ddpm``: a denoising diffusion model, unconditional, class- or text-conditional, on pixels
+or on the latents of a VAE.
+
+L_simple (Ho et al. 2020, Algorithm 1) with t uniform and x_t ~ q(x_t | x_0); or L_vlb, the
+variational bound, or L_hybrid = L_simple + vlb_weight L_vlb for a learned variance (Nichol &
+Dhariwal 2021). The run exports a diffusers DDPMPipeline (EMA weights), with the VAE of a latent
+run in vae/, and previews a grid sampled with DPM-Solver++.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ddpm_cli.engine.acceleration import memory_format
+from ddpm_cli.engine.bound import vlb_terms
+from ddpm_cli.engine.errors import InputError
+from ddpm_cli.engine.generate import SamplerSettings, sample_batch
+from ddpm_cli.engine.imageio import make_grid, save_png
+from ddpm_cli.engine.pipeline import Condition, from_unet
+from ddpm_cli.engine.schedule import NoiseSchedule
+from ddpm_cli.training import checkpoints
+from ddpm_cli.training.config import TrainConfig
+from ddpm_cli.training.data import BUILTIN_DATASETS
+from ddpm_cli.training.objectives.base import Batch, Draws, Network, Objective, grid_path
+from ddpm_cli.training.presets import build_unet, text_unet_config, unet_config
+
+GRID_SEEDS = list(range(16))
+GRID_CFG = 2.0
+
+
+def make_schedule(config: TrainConfig) -> NoiseSchedule:
+    """The schedule a config trains with; scaled_linear uses Stable Diffusion's beta range."""
+    start, end = (0.00085, 0.012) if config.schedule == "scaled_linear" else (1e-4, 0.02)
+    return NoiseSchedule.create(config.schedule, config.num_train_timesteps, start, end,
+                                prediction_type=config.prediction_type, clip_sample=True)
+
+
+class DiffusionObjective(Objective):
+    name = "ddpm"
+
+    def __init__(self, config, dataset, device, vae=None, on_event=None):
+        super().__init__(config, dataset, device, vae, on_event)
+        self.encoder = None
+        self._setup_conditioning()
+        self.schedule = make_schedule(config)
+        self.memory_format = memory_format()
+
+    @property
+    def latent(self) -> bool:
+        return getattr(self.dataset, "latent", False)
+
+    @property
+    def variance(self) -> str:
+        """How the model's reverse variance is set: learned, or the posterior's beta_tilde."""
+        return "learned_range" if self.config.learn_variance else "fixed_small"
+
+    def _setup_conditioning(self) -> None:
+        """Class names, or the frozen text encoder and the embeddings of every caption (encoded once)."""
+        config, dataset = self.config, self.dataset
+        if config.conditioning == "text":
+            if dataset.captions is None:
+                raise InputError(f"--conditioning text needs captions: give {config.data} a metadata.jsonl "
+                                 "(file_name, text) or a .txt file beside each image, or use the built-in emoji set")
+            from ddpm_cli.engine.text import EmbeddingCache, TextEncoder
+
+            self.encoder = TextEncoder.load(config.text_encoder, self.device, max_length=config.text_max_length,
+                                            embedding=config.text_embedding)
+            config.text_max_length = self.encoder.max_length
+            self.captions = EmbeddingCache(self.encoder, dataset.captions)
+        elif config.conditioning == "class":
+            if dataset.labels is None:
+                raise InputError(f"--conditioning class needs labels: {config.data} has none (put each class's images "
+                                 "in a sub-folder named after it, or use a labelled built-in data set)")
+            self.class_names = list(dataset.class_names)
+
+    def build_model(self) -> torch.nn.Module:
+        """The U-Net: class-embedded, cross-attending to text, or plain; on latents when latent."""
+        config = self.config
+        size = self.dataset.images.shape[-1] if self.latent else config.resolution
+        channels = self.dataset.channels
+        if self.encoder is not None:
+            unet = text_unet_config(config.model_size, size, channels, self.encoder.hidden_size)
+        else:
+            unet = unet_config(config.model_size, size, channels, len(self.class_names) if self.class_names else None)
+        if config.learn_variance:  # the mean's channels, then the variance's (diffusers' "learned_range")
+            unet["out_channels"] = 2 * channels
+        return build_unet(unet)
+
+    def loss(self, network: Network, batch: Batch, draws: Draws) -> torch.Tensor:
+        """L_simple = || target - network(x_t, t) ||^2; L_vlb = T L_t, the bound's one-sample estimate in
+        bits/dim (engine/bound.py); L_hybrid = L_simple + vlb_weight L_vlb with the mean stopped from
+        L_vlb's gradient, so the bound trains only the variance (Nichol & Dhariwal 2021, sec. 3.1)."""
+        x0 = batch.images
+        T = self.schedule.num_train_timesteps
+        t = draws.timesteps(x0.shape[0], T)
+        noise = draws.normal(x0.shape)
+        xt = self.schedule.q_sample(x0, t, noise).contiguous(memory_format=self.memory_format)
+        output = network(xt, t, **batch.conditioning).sample.float()
+        channels, loss = x0.shape[1], self.config.loss
+        mse = F.mse_loss(output[:, :channels], self.schedule.training_target(x0, noise, t))
+        if loss == "simple":
+            return mse
+        if loss == "hybrid":
+            output = torch.cat([output[:, :channels].detach(), output[:, channels:]], dim=1)
+        vlb = vlb_terms(self.schedule, x0, xt, t, output, self.variance).mean() * T
+        return mse + self.config.vlb_weight * vlb if loss == "hybrid" else vlb
+
+    def export(self, run_dir: Path, ema_model: torch.nn.Module) -> None:
+        """The run folder's diffusers pipeline (EMA weights), with the VAE of a latent run in vae/."""
+        info = {"conditioning": self.config.conditioning, "class_names": self.class_names,
+                "data": self._data_spec(), "resolution": self.config.resolution}
+        if self.encoder is not None:
+            info.update(text_encoder=self.config.text_encoder, max_length=self.encoder.max_length,
+                        text_embedding=self.encoder.embedding)
+        if self.vae is not None:
+            info.update(latent=self.dataset.vae_name, image_size=[self.config.resolution] * 2)
+        checkpoints.export_pipeline(run_dir, ema_model, self.schedule.to_config(self.variance), info, self.vae)
+
+    def _data_spec(self) -> str:
+        """The training data as `ddpm eval nll` can reopen it: a built-in's name or a folder's absolute path."""
+        spec = str(self.config.data)
+        return spec if spec in BUILTIN_DATASETS else str(Path(spec).expanduser().resolve())
+
+    def preview(self, run_dir: Path, ema_model: torch.nn.Module, step: int) -> Path:
+        pipeline = from_unet(ema_model, self.schedule, variance=self.variance, class_names=self.class_names,
+                             text_encoder=self.encoder, vae=self.vae)
+        # A conditional grid cycles through the classes or the first captions, guided with w = GRID_CFG.
+        if self.class_names:
+            condition = Condition([seed % len(self.class_names) for seed in GRID_SEEDS])
+        elif self.captions is not None:
+            prompts = self.captions.captions[1:] or [""]
+            condition = Condition(prompt=[prompts[seed % len(prompts)] for seed in GRID_SEEDS])
+        else:
+            condition = None
+        images = sample_batch(pipeline, GRID_SEEDS, SamplerSettings("dpmpp-2m", 20), condition=condition,
+                              cfg=GRID_CFG if condition else 1.0)
+        path = grid_path(run_dir, step)
+        save_png(make_grid(images), path, {"model": str(run_dir), "step": step, "sampler": "dpmpp-2m",
+                                           "steps": 20, "seeds": f"{GRID_SEEDS[0]}-{GRID_SEEDS[-1]}"}, overwrite=True)
+        return path
