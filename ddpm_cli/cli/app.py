@@ -8,12 +8,15 @@ import sys
 import typer
 
 from ddpm_cli import __version__
-from ddpm_cli.cli import bench, encode, evaluate, inpaint, sample, train, txt2img, upscale
+from ddpm_cli.cli import bench, encode, evaluate, inpaint, models, sample, train, txt2img, upscale
 from ddpm_cli.cli.errors import EXIT_INTERRUPTED, EXIT_USAGE
+from ddpm_cli.cli.options import RULE
 
-HELP = """Train denoising diffusion models and sample them.
+HELP = f"""Train denoising diffusion models and sample them.
 
 Results go to stdout (paths, or JSON with --format json); progress and messages go to stderr.
+The same flag means the same thing in every command (docs/cli.md): MODEL is the first argument,
+-o/--output where results go, -n/--num-images how many. {RULE}
 
 Exit codes: 0 ok, 2 bad usage or input, 3 model missing/corrupt/refused, 4 out of memory or disk,
 5 numerical failure, 130 interrupted. --debug (or DDPM_DEBUG=1) shows tracebacks.
@@ -22,16 +25,17 @@ Exit codes: 0 ok, 2 bad usage or input, 3 model missing/corrupt/refused, 4 out o
 app = typer.Typer(help=HELP, no_args_is_help=True, add_completion=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   context_settings={"help_option_names": ["-h", "--help"]})
 app.command("train", epilog=train.EXAMPLES)(train.train)
-app.command("sample", epilog=sample.EXAMPLES)(sample.sample)
-app.command("txt2img", epilog=txt2img.EXAMPLES)(txt2img.txt2img)
-app.command("inpaint", epilog=inpaint.EXAMPLES)(inpaint.inpaint)
-app.command("upscale", epilog=upscale.EXAMPLES)(upscale.upscale)
-app.command("encode", epilog=encode.EXAMPLES)(encode.encode)
-evaluate.eval_app.command("nll", epilog=evaluate.EXAMPLES)(evaluate.nll)
-evaluate.eval_app.command("fid", epilog=evaluate.EXAMPLES)(evaluate.fid)
-evaluate.eval_app.command("sweep", epilog=evaluate.EXAMPLES)(evaluate.sweep)
+app.command("sample", epilog=sample.EXAMPLES + "\n" + RULE)(sample.sample)
+app.command("txt2img", epilog=txt2img.EXAMPLES + "\n" + RULE)(txt2img.txt2img)
+app.command("inpaint", epilog=inpaint.EXAMPLES + "\n" + RULE)(inpaint.inpaint)
+app.command("upscale", epilog=upscale.EXAMPLES + "\n" + RULE)(upscale.upscale)
+app.command("encode", epilog=encode.EXAMPLES + "\n" + RULE)(encode.encode)
+evaluate.eval_app.command("nll", epilog=evaluate.EXAMPLES + "\n" + RULE)(evaluate.nll)
+evaluate.eval_app.command("fid", epilog=evaluate.EXAMPLES + "\n" + RULE)(evaluate.fid)
+evaluate.eval_app.command("sweep", epilog=evaluate.EXAMPLES + "\n" + RULE)(evaluate.sweep)
 app.add_typer(evaluate.eval_app, name="eval")
 app.command("bench", epilog=bench.EXAMPLES)(bench.bench)
+app.command("models", epilog=models.EXAMPLES)(models.models)
 
 
 def _version(value: bool) -> None:
@@ -42,7 +46,7 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def root(
-    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+    version: bool = typer.Option(False, "--version", "-V", callback=_version, is_eager=True, help="Print the version."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks instead of one-line errors."),
 ) -> None:
     """ddpm: denoising diffusion probabilistic models from the command line."""
@@ -52,7 +56,7 @@ def root(
 
 def _usage_line(exc: typer.TyperException) -> str:
     """Click's usage error as one line, with the command to ask for help."""
-    message = " ".join(exc.format_message().split())
+    message = " ".join(exc.format_message().replace("Value error, ", "").split())
     ctx = getattr(exc, "ctx", None)
     where = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
     return f"ddpm: error: {message}{where}"

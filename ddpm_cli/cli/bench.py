@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 
 from ddpm_cli.cli.errors import EXIT_USAGE, fail, handle_errors
-from ddpm_cli.cli.options import DeviceOpt, FormatOpt, QuietOpt, complete, split_list
+from ddpm_cli.cli.options import DeviceOpt, QuietOpt, complete, format_option, split_list
 from ddpm_cli.cli.progress import say
 from ddpm_cli.engine.choices import ATTENTION_BACKENDS, COMPILE_MODES, MEMORY_LAYOUTS
 from ddpm_cli.training.presets import PRESETS
@@ -23,6 +23,7 @@ Examples:
 """
 TASKS = ("train", "sample")
 UNITS = {"train": "images/s", "sample": "U-Net evals/s"}
+TableFormatOpt = format_option("an aligned table")
 
 
 def table(result: dict) -> str:
@@ -46,7 +47,7 @@ def table(result: dict) -> str:
 
 @handle_errors
 def bench(
-    model_size: Annotated[str, typer.Option("--model-size", autocompletion=complete(tuple(PRESETS)), help=f"The U-Net, at 32x32 RGB: {', '.join(PRESETS)} (ddpm-cifar10: the DDPM paper's 35.7M network).")] = "tiny",
+    model_size: Annotated[Literal[tuple(PRESETS)], typer.Option("--model-size", autocompletion=complete(tuple(PRESETS)), help=f"The U-Net, at 32x32 RGB: {', '.join(PRESETS)} (ddpm-cifar10: the DDPM paper's 35.7M network).")] = "tiny",
     train_batch: Annotated[int, typer.Option("--train-batch", min=1, help="Training batch.")] = 64,
     train_steps: Annotated[int, typer.Option("--train-steps", min=1, help="Timed training steps per variant and round.")] = 10,
     sample_batch: Annotated[int, typer.Option("--sample-batch", min=1, help="Sampling batch.")] = 64,
@@ -56,18 +57,12 @@ def bench(
     layouts: Annotated[str | None, typer.Option("--layouts", autocompletion=complete(MEMORY_LAYOUTS), help="Comma-separated memory layouts to measure this project's variants in, side by side: contiguous, channels_last, compiler_channels_last (with --compile: contiguous weights and inputs, channels-last inside the compiled network) (default: DDPM_MEMORY_FORMAT's).")] = None,
     compile_modes: Annotated[str | None, typer.Option("--compile-modes", help="With --compile: comma-separated torch.compile modes to measure side by side, e.g. default,max-autotune-no-cudagraphs (default: DDPM_COMPILE_MODE's).")] = None,
     attention_backends: Annotated[str | None, typer.Option("--attention-backends", autocompletion=complete(ATTENTION_BACKENDS), help="Comma-separated attention kernels to measure this project's variants with, side by side: auto (torch's choice), cudnn, flash, efficient, math (default: DDPM_ATTENTION's).")] = None,
-    only: Annotated[str | None, typer.Option("--only", autocompletion=complete(TASKS), help="Measure only train or sample.")] = None,
+    only: Annotated[Literal[TASKS] | None, typer.Option("--only", autocompletion=complete(TASKS), help="Measure only train or sample.")] = None,
     device: DeviceOpt = "auto",
-    output_format: FormatOpt = "text",
+    output_format: TableFormatOpt = "text",
     quiet: QuietOpt = False,
 ) -> None:
     """Measure training images/s and sampling U-Net evaluations/s against diffusers on the same network."""
-    if only is not None and only not in TASKS:
-        raise fail(f"unknown --only {only!r}; choose train or sample", EXIT_USAGE)
-    if output_format not in ("text", "json"):
-        raise fail(f"unknown --format {output_format!r}; choose text or json", EXIT_USAGE)
-    if model_size not in PRESETS:
-        raise fail(f"unknown --model-size {model_size!r}; choose one of {', '.join(PRESETS)}", EXIT_USAGE)
     chosen_layouts = split_list(layouts, "--layouts", choices=MEMORY_LAYOUTS) if layouts else []
     chosen_modes = split_list(compile_modes, "--compile-modes", choices=COMPILE_MODES) if compile_modes else []
     chosen_attention = (split_list(attention_backends, "--attention-backends", choices=ATTENTION_BACKENDS)

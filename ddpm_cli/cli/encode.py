@@ -1,4 +1,4 @@
-"""``ddpm encode INPUTS... -m VAE -o latents.safetensors``: images to VAE latents, and ``--decode`` back."""
+"""``ddpm encode MODEL INPUTS... -o latents.safetensors``: images to a VAE's latents, and ``--decode`` back."""
 
 from __future__ import annotations
 
@@ -12,19 +12,30 @@ from typing import Annotated
 import typer
 
 from ddpm_cli.cli.errors import EXIT_USAGE, fail, handle_errors, writable_folder
-from ddpm_cli.cli.options import (AllowPickleOpt, DeviceOpt, DtypeOpt, FormatOpt, OverwriteOpt, QuietOpt, RevisionOpt,
-                                  SkipExistingOpt)
+from ddpm_cli.cli.options import (AllowPickleOpt, DeviceOpt, DtypeOpt, ModelAlias, OverwriteOpt, QuietOpt, RevisionOpt,
+                                  SkipExistingOpt, either, format_option)
 from ddpm_cli.cli.progress import StepProgress, say
 
 EXAMPLES = """
 Examples:
 
 \b
-  ddpm encode ./photos -m runs/vae --resolution 128 -o photos.safetensors
-  ddpm encode fashion-mnist -m runs/vae -o fmnist.safetensors            # a built-in data set, labels kept
-  ddpm encode a.png b.jpg -m stabilityai/sd-vae-ft-mse -o two.safetensors
-  ddpm encode --decode photos.safetensors -o decoded/                   # VAE from the file's metadata
+  ddpm encode runs/vae ./photos --resolution 128 -o photos.safetensors
+  ddpm encode runs/vae fashion-mnist -o fmnist.safetensors            # a built-in data set, labels kept
+  ddpm encode stabilityai/sd-vae-ft-mse a.png b.jpg -o two.safetensors
+  ddpm encode --decode photos.safetensors -o decoded/                # VAE from the file's metadata
 """
+FormatOpt = format_option("the latents file's path; with --decode one image path per line")
+
+
+def split_positionals(words: list[str], model: str | None, decode: bool) -> tuple[str | None, list[str]]:
+    """(MODEL, INPUTS) from ``MODEL INPUTS...``, or with --decode ``[MODEL] LATENTS`` (MODEL may come from -m)."""
+    if model is None and words and (len(words) > 1 or not decode):
+        model, words = words[0], words[1:]
+    if not words:
+        expected = "[MODEL] LATENTS" if decode else "MODEL INPUTS..."
+        raise fail(f"encode{' --decode' if decode else ''} takes {expected}", EXIT_USAGE)
+    return model, words
 
 
 def parts_folder(output: Path) -> Path:
@@ -34,14 +45,14 @@ def parts_folder(output: Path) -> Path:
 
 @handle_errors
 def encode(
-    inputs: Annotated[list[str], typer.Argument(metavar="INPUTS...", help="Image files, folders (recursive) or one built-in data set; with --decode, one latents file.", show_default=False)],
-    model: Annotated[str | None, typer.Option("--model", "-m", help="The VAE: a Stable Diffusion-format or run folder (its vae/), a VAE folder, or a Hub id [--decode default: the one that encoded the file].", show_default=False)] = None,
+    words: Annotated[list[str], typer.Argument(metavar="MODEL INPUTS...", show_default=False, help="MODEL: the VAE, a Stable Diffusion-format or run folder (its vae/), a VAE folder, or a Hub id (optional with --decode: the one that encoded the file). INPUTS: image files, folders (recursive) or one built-in data set; with --decode, one latents file.")],
+    model_alias: ModelAlias = None,
     output: Annotated[Path, typer.Option("--output", "-o", help="The latents file (.safetensors), or with --decode the folder for the images.", show_default=False)] = None,
     decode: Annotated[bool, typer.Option("--decode", help="Turn a latents file back into PNG images.")] = False,
     resolution: Annotated[int | None, typer.Option("--resolution", min=8, help="Resize each image's shorter side to R and center-crop R×R [default: keep sizes, which must then be equal; 32 for built-ins].")] = None,
     channels: Annotated[int | None, typer.Option("--channels", help="1 or 3 [default: the VAE's].")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Images per VAE call.")] = 16,
-    tile: Annotated[int, typer.Option("--tile", min=0, help="Images larger than this (pixels) go through the VAE in overlapping tiles with blended seams; 0: never.")] = 512,
+    tile: Annotated[int, typer.Option("--tile", min=0, help="Tile side in pixels of the full-resolution image: larger images go through the VAE in overlapping tiles with blended seams; 0: never.")] = 512,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     revision: RevisionOpt = None,
@@ -52,18 +63,14 @@ def encode(
     quiet: QuietOpt = False,
 ) -> None:
     """Encode images into a VAE's latents (scaled by its scaling factor), or decode them back."""
+    model, inputs = split_positionals(list(words), either(None, model_alias, "MODEL", "-m"), decode)
     if output is None:
         raise fail("pass -o: the latents file to write (or with --decode, the folder for the images)", EXIT_USAGE)
-    if output_format not in ("text", "json"):
-        raise fail(f"unknown --format {output_format!r}; choose text or json", EXIT_USAGE)
     if overwrite and skip_existing:
         raise fail("--overwrite and --skip-existing cannot be given together", EXIT_USAGE)
     if decode:
         return _decode(inputs, model, output, batch_size, tile, device, dtype, revision, allow_pickle, overwrite,
                        skip_existing, output_format, quiet)
-    if model is None:
-        raise fail("pass the VAE with -m (a Stable Diffusion-format folder, a `ddpm train --task autoencoder` run, "
-                   "a VAE folder or a Hub id)", EXIT_USAGE)
     if output.suffix != ".safetensors":
         raise fail(f"-o {output}: the latents file must end in .safetensors", EXIT_USAGE)
     if output.exists() and not overwrite:

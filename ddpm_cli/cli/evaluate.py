@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 
 from ddpm_cli.cli.errors import EXIT_USAGE, fail, handle_errors, writable_folder
-from ddpm_cli.cli.options import (AllowPickleOpt, DeviceOpt, DtypeOpt, FormatOpt, QuietOpt, RevisionOpt, SeedOpt,
-                                  VarianceOpt, check_choices, complete, split_list)
+from ddpm_cli.cli.options import (AllowPickleOpt, DataAlias, DeviceOpt, DtypeOpt, ImagesAlias, QuietOpt, RevisionOpt,
+                                  SamplerOpt, SeedOpt, VarianceOpt, complete, dtype_option, either, format_option,
+                                  split_list)
 from ddpm_cli.cli.progress import StepProgress, say
 from ddpm_cli.engine.choices import SAMPLERS
 
@@ -18,10 +19,10 @@ EXAMPLES = """
 Examples:
 
 \b
-  ddpm eval nll runs/fashion --images 1000
-  ddpm eval nll runs/fashion --exact --images 256 --format json | jq .bits_per_dim
+  ddpm eval nll fashion-mnist -n 1000                     # the built-in model on Fashion-MNIST's test split
+  ddpm eval nll runs/fashion --exact -n 256 --format json | jq .bits_per_dim
   ddpm eval fid runs/cifar --ref ./cifar-train -n 10000 --inception pt_inception-2015-12-05-6726825d.pth
-  ddpm eval sweep runs/fashion --metric nll --samplers ddpm --steps 10,20,50,100,1000 --chart sweep.png
+  ddpm eval sweep runs/fashion --metric nll --samplers ddpm --steps 10,20,50,100,1000 -o sweep.png
 """
 
 eval_app = typer.Typer(help="Measure models: the variational bound in bits/dim, FID, and either against steps.",
@@ -31,6 +32,12 @@ ModelArg = Annotated[str, typer.Argument(metavar="MODEL", help="A model folder, 
 InceptionOpt = Annotated[str | None, typer.Option("--inception", help="pytorch-fid's Inception weights (pt_inception-2015-12-05-6726825d.pth) [default: $DDPM_INCEPTION_WEIGHTS, else torch's hub cache].")]
 RefOpt = Annotated[str | None, typer.Option("--ref", help="Reference images: a folder, a built-in data set (its training split), or an .npz of statistics from an earlier run.")]
 RefImagesOpt = Annotated[int, typer.Option("--ref-images", min=2, help="Reference images to use at most.")]
+DataArg = Annotated[str | None, typer.Argument(metavar="[DATA]", show_default=False, help="Held-out images: a folder or a built-in data set [default: the held-out split of the data the model records, as runs of ddpm train and the built-in models do].")]
+NllDtypeOpt = dtype_option("fp32, which the bound needs")
+SweepDtypeOpt = dtype_option("fp32 with --metric nll; fp32 on cpu, bf16/fp16 on gpu with fid")
+NllFormatOpt = format_option("one line: bits/dim and its terms")
+FidFormatOpt = format_option("one line: the FID")
+SweepFormatOpt = format_option("a table, then the chart's path")
 BatchOpt = Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Images per network call.")]
 
 
@@ -60,26 +67,27 @@ def _bound(pipeline, images, batch_size: int, samples: int | None, seed: int, st
 @handle_errors
 def nll(
     model: ModelArg,
-    data: Annotated[str | None, typer.Argument(metavar="[DATA]", help="Held-out images: a folder or a built-in data set [default: the held-out split of the model's training data].", show_default=False)] = None,
-    images: Annotated[int, typer.Option("--images", "-n", min=0, help="Images to evaluate (0: all).")] = 1000,
+    data: DataArg = None,
+    num_images: Annotated[int | None, typer.Option("--num-images", "-n", min=0, show_default=False, help="Images to evaluate (0: all) [default: 1000].")] = None,
+    images: ImagesAlias = None,
     exact: Annotated[bool, typer.Option("--exact", help="Sum every timestep's term (T network calls per image) instead of sampling them.")] = False,
     timesteps: Annotated[int, typer.Option("--timesteps", min=1, help="Without --exact: KL terms sampled per image (stratified), plus the decoder term.")] = 100,
     steps: Annotated[int | None, typer.Option("--steps", min=1, help="Bound of the model respaced to this many steps (the ddpm sampler's chain) [default: all training steps].")] = None,
     variance: VarianceOpt = None,
     batch_size: BatchOpt = 128,
     seed: SeedOpt = 0,
-    output_format: FormatOpt = "text",
+    output_format: NllFormatOpt = "text",
     device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "fp32",
+    dtype: NllDtypeOpt = "auto",
     revision: RevisionOpt = None,
     allow_pickle: AllowPickleOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     """The variational bound on -log p(x) in bits/dim (prior + KL terms + discretised decoder)."""
-    check_choices("ddpm", output_format)
+    images = either(num_images, images, "-n/--num-images", "--images", 1000)
     from ddpm_cli.evaluation.nll import check_pixel_model, held_out_images
 
-    pipeline = _load(model, device, dtype, revision, allow_pickle)
+    pipeline = _load(model, device, "fp32" if dtype == "auto" else dtype, revision, allow_pickle)
     check_pixel_model(pipeline)
     x, source = held_out_images(pipeline, data, images or None)
     mode = "exact" if exact else f"{timesteps} sampled timesteps"
@@ -137,11 +145,11 @@ def fid(
     num_images: Annotated[int, typer.Option("--num-images", "-n", min=2, help="Images to sample from MODEL, or to read from SAMPLES at most.")] = 1000,
     ref_images: RefImagesOpt = 10_000,
     inception: InceptionOpt = None,
-    sampler: Annotated[str, typer.Option("--sampler", autocompletion=complete(SAMPLERS), help="Sampler for MODEL.")] = "dpmpp-2m",
+    sampler: SamplerOpt = "dpmpp-2m",
     steps: Annotated[int | None, typer.Option("--steps", min=1, help="Steps for MODEL [default: the sampler's].")] = None,
     batch_size: BatchOpt = 64,
     seed: SeedOpt = 0,
-    output_format: FormatOpt = "text",
+    output_format: FidFormatOpt = "text",
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     revision: RevisionOpt = None,
@@ -149,7 +157,6 @@ def fid(
     quiet: QuietOpt = False,
 ) -> None:
     """FID of generated images against reference images (Inception-v3 pool features)."""
-    check_choices(sampler, output_format)
     if ref is None:
         raise fail("eval fid needs --ref: a folder, a built-in data set or a statistics .npz", EXIT_USAGE)
     from ddpm_cli.evaluation.fid import feature_stats, frechet_distance, image_stats
@@ -192,32 +199,38 @@ def fid(
 @handle_errors
 def sweep(
     model: ModelArg,
-    metric: Annotated[str, typer.Option("--metric", autocompletion=complete(("nll", "fid")), help="nll (the bound of the ddpm sampler's respaced chain) or fid.")] = "nll",
+    data: DataArg = None,
+    metric: Annotated[Literal["nll", "fid"], typer.Option("--metric", autocompletion=complete(("nll", "fid")), help="nll (the bound of the ddpm sampler's respaced chain) or fid.")] = "nll",
     samplers: Annotated[str, typer.Option("--samplers", help="Comma-separated samplers.")] = "ddpm",
     steps: Annotated[str, typer.Option("--steps", help="Comma-separated step counts.")] = "10,20,50,100",
-    images: Annotated[int, typer.Option("--images", "-n", min=2, help="Held-out images (nll) or generated images per point (fid).")] = 500,
-    data: Annotated[str | None, typer.Option("--data", help="nll: held-out images, a folder or a built-in [default: the held-out split of the model's training data].")] = None,
+    num_images: Annotated[int | None, typer.Option("--num-images", "-n", min=2, show_default=False, help="Held-out images (nll) or generated images per point (fid) [default: 500].")] = None,
+    images: ImagesAlias = None,
+    data_alias: DataAlias = None,
     timesteps: Annotated[int | None, typer.Option("--timesteps", min=1, help="nll: sample this many KL terms per image when a chain is longer [default: every term].")] = None,
     ref: RefOpt = None,
     ref_images: RefImagesOpt = 10_000,
     inception: InceptionOpt = None,
     variance: VarianceOpt = None,
-    chart: Annotated[Path, typer.Option("--chart", help="The PNG chart to write.")] = Path("sweep.png"),
+    output: Annotated[Path | None, typer.Option("--output", "-o", show_default=False, help="The PNG chart to write [default: sweep.png].")] = None,
+    chart: Annotated[Path | None, typer.Option("--chart", hidden=True)] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the chart if it exists.")] = False,
     batch_size: BatchOpt = 128,
     seed: SeedOpt = 0,
-    output_format: FormatOpt = "text",
+    output_format: SweepFormatOpt = "text",
     device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "auto",
+    dtype: SweepDtypeOpt = "auto",
     revision: RevisionOpt = None,
     allow_pickle: AllowPickleOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     """A metric against step count, one line per sampler: a table on stdout and a PNG chart."""
-    check_choices("ddpm", output_format)
-    sampler_list, step_list = split_list(samplers, "--samplers"), split_list(steps, "--steps", int)
-    for name in sampler_list:
-        check_choices(name, output_format)
+    images = either(num_images, images, "-n/--num-images", "--images", 500)
+    data = either(data, data_alias, "DATA", "--data")
+    chart = Path(either(output, chart, "-o/--output", "--chart", Path("sweep.png")))
+    if data is not None and metric != "nll":
+        raise fail("DATA (held-out images) applies to --metric nll; fid takes --ref", EXIT_USAGE)
+    sampler_list = split_list(samplers, "--samplers", choices=SAMPLERS)
+    step_list = split_list(steps, "--steps", int)
     from ddpm_cli.evaluation.sweep import check_sweep, draw_chart, run_sweep
 
     check_sweep(metric, sampler_list, step_list)
@@ -226,6 +239,8 @@ def sweep(
     if metric == "fid" and ref is None:
         raise fail("--metric fid needs --ref: a folder, a built-in data set or a statistics .npz", EXIT_USAGE)
     writable_folder(chart.parent if str(chart.parent) else Path("."))
+    if dtype == "auto" and metric == "nll":
+        dtype = "fp32"
     pipeline = _load(model, device, dtype, revision, allow_pickle)
     evaluate = _nll_point(pipeline, data, images, timesteps, variance, batch_size, seed, quiet) if metric == "nll" else \
         _fid_point(pipeline, images, ref, ref_images, inception, batch_size, seed, device, quiet)

@@ -8,11 +8,11 @@ from typing import Annotated
 import typer
 
 from ddpm_cli.cli.errors import EXIT_USAGE, fail, handle_errors
-from ddpm_cli.cli.options import (AllowPickleOpt, CompileOpt, BatchSizeOpt, DeviceOpt, DtypeOpt, EtaOpt, FormatOpt, NumImagesOpt,
-                                  OutdirOpt, OverwriteOpt, QuietOpt, RevisionOpt, SamplerOpt, SeedOpt, SkipExistingOpt,
-                                  SpacingOpt, StepsOpt, VarianceOpt, check_choices)
-from ddpm_cli.cli.progress import say
-from ddpm_cli.cli.render import Job, plan, render
+from ddpm_cli.cli.generation import Generation
+from ddpm_cli.cli.options import (AllowPickleOpt, BatchSizeOpt, ClassOpt, CompileOpt, DeviceOpt, DtypeOpt, EtaOpt,
+                                  FormatOpt, NumImagesOpt, OutdirAlias, OutputOpt, OverwriteOpt, QuietOpt, RevisionOpt,
+                                  SamplerOpt, SeedOpt, SkipExistingOpt, SpacingOpt, StepsOpt, VarianceOpt, one)
+from ddpm_cli.cli.render import Job
 
 EXAMPLES = """
 Examples:
@@ -41,7 +41,7 @@ def inpaint(
     preserve_known: Annotated[bool, typer.Option("--preserve-known", help="Latent models: paste the original pixels back outside the mask after decoding.")] = False,
     prompt: Annotated[str | None, typer.Option("--prompt", help="Text-conditional models: what to draw in the hole.")] = None,
     negative_prompt: Annotated[str, typer.Option("--negative-prompt", help="Text-conditional models: what to steer away from.")] = "",
-    class_spec: Annotated[str | None, typer.Option("--class", help="Class-conditional models: index or name.")] = None,
+    class_spec: ClassOpt = None,
     cfg: Annotated[float | None, typer.Option("--cfg", min=0.0, help="Guidance scale [default: 7.5 with --prompt, 2 with --class].", show_default=False)] = None,
     jump_length: Annotated[int, typer.Option("--jump-length", min=1, help="RePaint: steps between jumps back up.")] = 10,
     jump_n_sample: Annotated[int, typer.Option("--jump-n-sample", min=1, help="RePaint: times each stretch is denoised (1: no resampling; >1 needs --sampler ddpm).")] = 1,
@@ -54,7 +54,8 @@ def inpaint(
     num_images: NumImagesOpt = 1,
     batch_size: BatchSizeOpt = 8,
     name: Annotated[str | None, typer.Option("--name", help="File name prefix [default: the image's name]: NAME-{seed:06d}.png.")] = None,
-    outdir: OutdirOpt = Path("samples"),
+    output: OutputOpt = None,
+    outdir: OutdirAlias = None,
     output_format: FormatOpt = "text",
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
@@ -65,63 +66,51 @@ def inpaint(
     skip_existing: SkipExistingOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Fill the white region of a mask in an image, with any model; one PNG per seed."""
-    check_choices(sampler, output_format)
+    """Fill the white region of a mask in an image, with any model; one PNG per seed ({name}-{seed:06d}.png)."""
+    run = Generation.of(locals())
+    class_spec = one(class_spec, "--class")
     if image is None or mask is None:
         raise fail("pass the image with --image and the region to fill with --mask", EXIT_USAGE)
     if prompt is not None and class_spec is not None:
         raise fail("--prompt and --class cannot be given together", EXIT_USAGE)
+    run.check_guidance(cfg, ("--prompt", prompt), ("--class", class_spec))
+    if negative_prompt and prompt is None:
+        raise fail("--negative-prompt goes with --prompt; give --prompt too or drop it", EXIT_USAGE)
     from ddpm_cli.engine.imageio import load_image
     from ddpm_cli.engine.inpaint import read_mask, repaint_levels
 
     known = load_image(image, mode="RGB")  # read now: a bad image fails before the model loads
     region = read_mask(mask, (known.height, known.width), invert_mask, resize_mask)
     stem = _slug(name or image.stem)
-    jobs = [Job(s, outdir / f"{stem}-{s:06d}.png") for s in range(seed, seed + num_images)]
-    todo, skipped = plan(jobs, outdir, overwrite, skip_existing, grid=False)
+    todo, skipped = run.plan([Job(s, run.path(f"{stem}-{s:06d}.png")) for s in run.seeds])
 
-    from ddpm_cli import __version__
-    from ddpm_cli.engine.device import describe
-    from ddpm_cli.engine.generate import SamplerSettings
     from ddpm_cli.engine.imageio import pil_to_tensor
     from ddpm_cli.engine.inpaint import inpaint_batch
-    from ddpm_cli.engine.pipeline import Condition, load_pipeline
 
-    pipeline = load_pipeline(model, revision, device, dtype, allow_pickle, compile)
-    settings = SamplerSettings(sampler, steps, eta, spacing, variance).resolved(pipeline)
+    pipeline, settings = run.load()
     factor = pipeline.unet_factor * pipeline.latent_factor
     if known.width % factor or known.height % factor:
         raise fail(f"{image} is {known.width}x{known.height}; {model} needs sides that are multiples of {factor} "
                    "(crop or resize the image and its mask)", EXIT_USAGE)
-    condition, guidance = None, {}
-    if prompt is not None:
-        condition, cfg = Condition(prompt=prompt, negative_prompt=negative_prompt), 7.5 if cfg is None else cfg
-        guidance = {"prompt": prompt, "negative_prompt": negative_prompt or None, "cfg": cfg}
-    elif class_spec is not None:
-        label = pipeline.class_index(class_spec)
-        condition, cfg = Condition(label), 2.0 if cfg is None else cfg
-        guidance = {"class": label, "class_name": pipeline.class_name(label), "cfg": cfg}
-    elif pipeline.text_encoder is not None:
+    if prompt is None and class_spec is None and pipeline.text_encoder is not None:
         raise fail(f"{model} is text-conditional; pass --prompt (\"\" for unconditional)", EXIT_USAGE)
+    condition, scale, guidance = run.condition(pipeline, cfg, class_spec, prompt, negative_prompt)
     for job in todo:
         job.condition = condition
     picture = pil_to_tensor(known.convert("L") if pipeline.image_channels == 1 else known)
     resampling = settings.sampler == "ddpm" and jump_n_sample > 1
-    say(f"ddpm: {model}: {describe(pipeline.device, pipeline.dtype)}; {settings.sampler}, {settings.steps} steps"
-        + (f", RePaint jump length {jump_length} x {jump_n_sample}" if resampling else "")
-        + f"; filling {int(region.sum())} of {region.numel()} pixels", quiet)
-    params = {"model": model, "task": "inpaint", "image": str(image), "mask": str(mask), **settings.describe(),
-              **{k: v for k, v in guidance.items() if v is not None}, "size": f"{known.width}x{known.height}",
-              "dtype": str(pipeline.dtype).removeprefix("torch."), "version": __version__}
+    if jump_n_sample > 1 and not resampling:
+        raise fail(f"--jump-n-sample (RePaint resampling) needs --sampler ddpm, not {settings.sampler}", EXIT_USAGE)
+    run.announce(pipeline, settings, (f", RePaint jump length {jump_length} x {jump_n_sample}" if resampling else "")
+                 + f"; filling {int(region.sum())} of {region.numel()} pixels")
+    params = run.params(pipeline, settings, (known.height, known.width), task="inpaint", image=str(image),
+                        mask=str(mask), **guidance)
     if resampling:
         params.update(jump_length=jump_length, jump_n_sample=jump_n_sample)
-
-    scale = 1.0 if cfg is None else cfg
 
     def generate(seeds, on_step, condition):
         return inpaint_batch(pipeline, seeds, settings, picture, region, on_step, condition, scale,
                              jump_length, jump_n_sample, preserve_known)
 
     moves = len(repaint_levels(settings.steps, jump_length, jump_n_sample)) - 1 if resampling else None
-    render(pipeline, todo, skipped, settings, scale, batch_size, params, output_format, quiet,
-           generate=generate, steps_per_batch=moves, overwrite=overwrite)
+    run.render(pipeline, settings, todo, skipped, params, scale, generate=generate, steps_per_batch=moves)

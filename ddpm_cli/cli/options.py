@@ -1,10 +1,15 @@
-"""Options shared by several commands, defined once, with shell completion of their choices."""
+"""The CLI's vocabulary: options shared by several commands, defined once (docs/cli.md lists them).
+
+Choices are ``Literal`` types, so Typer checks them while parsing: a typo fails before torch is
+imported. Completion of those choices never imports torch either. A renamed flag keeps its old
+spelling as a hidden option (``*_ALIAS``), merged into the new one by ``either``.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 
@@ -12,6 +17,17 @@ from ddpm_cli.cli.errors import EXIT_USAGE, fail
 from ddpm_cli.engine.choices import DTYPES, SAMPLERS, SPACINGS, VARIANCES
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
+FORMATS = ("text", "json")
+DEFAULT_OUTPUT = Path("samples")
+
+Sampler = Literal[SAMPLERS]
+Spacing = Literal[SPACINGS]
+Variance = Literal[VARIANCES]
+Dtype = Literal[DTYPES]
+Format = Literal[FORMATS]
+
+RULE = ("An option that does not apply to the chosen model or sampler is refused (exit 2), never silently "
+        "ignored; so is an option given twice where it takes one value.")
 
 
 def complete(values: tuple[str, ...]) -> Callable[[str], list[str]]:
@@ -23,27 +39,67 @@ def complete(values: tuple[str, ...]) -> Callable[[str], list[str]]:
     return completions
 
 
+def format_option(text: str):
+    """--format: ``text`` (described by ``text``, what this command prints) or json."""
+    return Annotated[Format, typer.Option("--format", autocompletion=complete(FORMATS),
+                                          help=f"stdout: text ({text}) or json (one JSON document).")]
+
+
+def dtype_option(auto: str = "fp32 on cpu, bf16/fp16 on gpu"):
+    """--dtype, whose ``auto`` means ``auto`` for this command."""
+    return Annotated[Dtype, typer.Option("--dtype", autocompletion=complete(DTYPES),
+                                         help=f"One of {', '.join(DTYPES)} (auto: {auto}).")]
+
+
+def steps_option(default: str):
+    """--steps with its default stated once, in words (``default``)."""
+    return Annotated[int | None, typer.Option("--steps", min=1, show_default=False,
+                                              help=f"Denoising steps [default: {default}].")]
+
+
 DeviceOpt = Annotated[str, typer.Option("--device", autocompletion=complete(DEVICES),
                                         help="auto, cpu, cuda, cuda:N or mps (auto: cuda, then mps, then cpu).")]
-DtypeOpt = Annotated[str, typer.Option("--dtype", autocompletion=complete(DTYPES),
-                                       help=f"One of {', '.join(DTYPES)} (auto: fp32 on cpu, bf16/fp16 on gpu).")]
+DtypeOpt = dtype_option()
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or log lines on stderr (errors still print).")]
 SeedOpt = Annotated[int, typer.Option("--seed", min=0, help="Seed of the first image; image i uses seed + i.")]
-FormatOpt = Annotated[str, typer.Option("--format", autocompletion=complete(("text", "json")),
-                                        help="stdout format: text (one path per line) or json.")]
+FormatOpt = format_option("one path per line")
 RevisionOpt = Annotated[str | None, typer.Option("--revision", help="Hub revision (branch, tag or commit) of MODEL.")]
 CompileOpt = Annotated[bool, typer.Option("--compile", help="torch.compile the U-Net first (worth it for many images).")]
 AllowPickleOpt = Annotated[bool, typer.Option("--allow-pickle", help="Load pickle (.bin/.ckpt) weights. They can run code: only for sources you trust.")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace output files that exist.")]
 SkipExistingOpt = Annotated[bool, typer.Option("--skip-existing", help="Keep output files that exist and do not redo them.")]
-NumImagesOpt = Annotated[int, typer.Option("--num-images", "-n", min=1, help="How many images (per prompt).")]
+NumImagesOpt = Annotated[int, typer.Option("--num-images", "-n", min=1, help="Images to make, with seeds SEED, SEED+1, ...")]
+PerPromptOpt = Annotated[int, typer.Option("--num-images", "-n", min=1, help="Images per prompt, with seeds SEED, SEED+1, ...")]
 BatchSizeOpt = Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Images sampled together.")]
-SamplerOpt = Annotated[str, typer.Option("--sampler", autocompletion=complete(SAMPLERS), help=f"One of {', '.join(SAMPLERS)}.")]
-StepsOpt = Annotated[int | None, typer.Option("--steps", min=1, help="Denoising steps [default: ddpm every training step, ddim 50, dpmpp-2m 20].")]
-EtaOpt = Annotated[float, typer.Option("--eta", min=0.0, help="DDIM noise: 0 deterministic, 1 like DDPM.")]
-SpacingOpt = Annotated[str | None, typer.Option("--spacing", autocompletion=complete(SPACINGS), help=f"Timestep spacing: {', '.join(SPACINGS)} [default: the sampler's usual].")]
-VarianceOpt = Annotated[str | None, typer.Option("--variance", autocompletion=complete(VARIANCES), help=f"DDPM variance: {', '.join(VARIANCES)} [default: the model's].")]
-OutdirOpt = Annotated[Path, typer.Option("--outdir", "-o", help="Folder for the images.")]
+SamplerOpt = Annotated[Sampler, typer.Option("--sampler", autocompletion=complete(SAMPLERS), help=f"One of {', '.join(SAMPLERS)}.")]
+StepsOpt = steps_option("ddpm every training step, ddim 50, dpmpp-2m 20")
+EtaOpt = Annotated[float, typer.Option("--eta", min=0.0, help="ddim sampler only: noise, 0 deterministic, 1 like DDPM.")]
+SpacingOpt = Annotated[Spacing | None, typer.Option("--spacing", autocompletion=complete(SPACINGS), show_default=False, help=f"Timestep spacing: {', '.join(SPACINGS)} [default: the sampler's usual].")]
+VarianceOpt = Annotated[Variance | None, typer.Option("--variance", autocompletion=complete(VARIANCES), show_default=False, help=f"ddpm sampler only: variance {', '.join(VARIANCES)} [default: the model's].")]
+OutputOpt = Annotated[Path | None, typer.Option("--output", "-o", show_default=False, help=f"Folder for the images, or a .png file for a single image [default: {DEFAULT_OUTPUT}].")]
+ClassOpt = Annotated[list[str] | None, typer.Option("--class", metavar="CLASS", show_default=False, help="Class-conditional models: the class, by index or name (once) [default: none, unconditional].")]
+
+# Old spellings, still accepted and hidden from --help.
+OutdirAlias = Annotated[Path | None, typer.Option("--outdir", hidden=True)]
+ImagesAlias = Annotated[int | None, typer.Option("--images", hidden=True, min=0)]
+ModelAlias = Annotated[str | None, typer.Option("--model", "-m", hidden=True)]
+DataAlias = Annotated[str | None, typer.Option("--data", hidden=True)]
+
+
+def either(value, alias, name: str, old: str, default=None):
+    """The value of an option given as ``name`` or by its old spelling ``old``; refuses both."""
+    if value is not None and alias is not None:
+        raise fail(f"{name} and {old} are the same option; give it once", EXIT_USAGE)
+    if value is not None:
+        return value
+    return alias if alias is not None else default
+
+
+def one(values: list[str] | None, name: str) -> str | None:
+    """The single value of an option Click would otherwise let repeat (the last one winning)."""
+    if values and len(values) > 1:
+        raise fail(f"{name} takes one value, got {len(values)} ({', '.join(values)}); run once per value", EXIT_USAGE)
+    return values[0] if values else None
 
 
 def split_list(values: str, name: str, cast: Callable = str, choices: tuple[str, ...] | None = None) -> list:
@@ -59,11 +115,3 @@ def split_list(values: str, name: str, cast: Callable = str, choices: tuple[str,
     if unknown:
         raise fail(f"unknown {name} {unknown[0]!r}; choose from {', '.join(choices)}", EXIT_USAGE)
     return items
-
-
-def check_choices(sampler: str, output_format: str) -> None:
-    """Refuse unknown choices before any model is loaded."""
-    if sampler not in SAMPLERS:
-        raise fail(f"unknown --sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}", EXIT_USAGE)
-    if output_format not in ("text", "json"):
-        raise fail(f"unknown --format {output_format!r}; choose text or json", EXIT_USAGE)

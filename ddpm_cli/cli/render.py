@@ -1,4 +1,4 @@
-"""Shared by the generating commands (sample, txt2img, inpaint): plan the output files, run the engine batch by
+"""Shared by the generating commands (through cli/generation.py) and encode --decode: plan the output files, run the engine batch by
 batch, write each PNG as it is finished, and print the results.
 
 One job is one image: a seed, its file, and what conditions it. Jobs that share a condition are
@@ -26,9 +26,18 @@ class Job:
 
 
 def plan(jobs: list[Job], outdir: Path, overwrite: bool, skip_existing: bool, grid: bool) -> tuple[list[Job], list[Job]]:
-    """(to do, skipped): refuses existing outputs unless --overwrite or --skip-existing; creates outdir."""
+    """(to do, skipped): refuses two jobs with one file, and existing outputs unless --overwrite or
+    --skip-existing; creates outdir."""
     if overwrite and skip_existing:
         raise fail("--overwrite and --skip-existing cannot be given together", EXIT_USAGE)
+    first_of: dict[Path, Job] = {}
+    for job in jobs:
+        other = first_of.setdefault(job.path, job)
+        if other is not job:
+            what = "".join(f" ({key}s {other.params[key]!r} and {job.params[key]!r})" for key in ("prompt",)
+                           if key in job.params and key in other.params)
+            raise fail(f"two images of this run would both be written to {job.path}{what}; "
+                       "nothing was written", EXIT_USAGE)
     if grid and (outdir / "grid.png").exists() and not overwrite:
         raise fail(f"{outdir / 'grid.png'} exists; pass --overwrite to replace it", EXIT_USAGE)
     existing = [job for job in jobs if job.path.exists()]

@@ -1,37 +1,53 @@
-"""``ddpm txt2img PROMPT -m MODEL``: images from a text-conditional diffusion model."""
+"""``ddpm txt2img [MODEL] PROMPT``: images from a text-conditional diffusion model."""
 
 from __future__ import annotations
 
+import hashlib
 import re
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from ddpm_cli.cli.errors import EXIT_USAGE, fail, handle_errors
-from ddpm_cli.cli.options import (AllowPickleOpt, CompileOpt, BatchSizeOpt, DeviceOpt, DtypeOpt, EtaOpt, FormatOpt, NumImagesOpt,
-                                  OutdirOpt, OverwriteOpt, QuietOpt, RevisionOpt, SamplerOpt, SeedOpt, SkipExistingOpt,
-                                  SpacingOpt, StepsOpt, VarianceOpt, check_choices)
+from ddpm_cli.cli.generation import Generation
+from ddpm_cli.cli.models import builtin_names
+from ddpm_cli.cli.options import (AllowPickleOpt, BatchSizeOpt, CompileOpt, DeviceOpt, DtypeOpt, EtaOpt, FormatOpt,
+                                  ModelAlias, OutdirAlias, OutputOpt, OverwriteOpt, PerPromptOpt, QuietOpt, RevisionOpt,
+                                  SamplerOpt, SeedOpt, SkipExistingOpt, SpacingOpt, VarianceOpt, either, steps_option)
 from ddpm_cli.cli.progress import say
-from ddpm_cli.cli.render import Job, plan, render
+from ddpm_cli.cli.render import Job
 
 DEFAULT_MODEL = "emoji"  # built in: trained by `ddpm train emoji --conditioning text` (see its MODEL_CARD.md)
+DEFAULT_STEPS = 30
+StepsOpt = steps_option(str(DEFAULT_STEPS))
 
 EXAMPLES = """
 Examples:
 
 \b
   ddpm txt2img "a cat" --cfg 7.5 --steps 30                        # the built-in emoji model
-  ddpm txt2img "a cat face" -m runs/emoji --cfg 7.5 --steps 30
-  ddpm txt2img "red apple" -m runs/emoji --negative-prompt "green" -n 4 --seed 10
-  ddpm txt2img --from-file prompts.txt -m runs/emoji -o out/       # one prompt per line; - reads stdin
+  ddpm txt2img runs/emoji "a cat face" --cfg 7.5 --steps 30
+  ddpm txt2img runs/emoji "red apple" --negative-prompt "green" -n 4 --seed 10
+  ddpm txt2img runs/emoji --from-file prompts.txt -o out/          # one prompt per line; - reads stdin
 """
 
 
 def slug(prompt: str, limit: int = 40) -> str:
-    """A file-name-safe form of a prompt: "A red apple!" -> "a-red-apple"."""
-    return re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:limit].strip("-") or "prompt"
+    """A file-name-safe form of a prompt: "A red apple!" -> "a-red-apple" ("" when nothing is left)."""
+    return re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:limit].strip("-")
+
+
+def file_stems(prompts: list[str]) -> dict[str, str]:
+    """Each prompt's file-name stem: its slug, unique within the run. Prompts whose slugs collide
+    ("a cat", "A Cat!") or that have none ("🐱") get 8 hex digits of the prompt's SHA-256 too."""
+    slugs = {prompt: slug(prompt) for prompt in prompts}
+    counts = Counter(slugs.values())
+    return {prompt: name if name and counts[name] == 1
+            else f"{name or 'prompt'}-{hashlib.sha256(prompt.encode()).hexdigest()[:8]}"
+            for prompt, name in slugs.items()}
 
 
 def read_prompts(prompt: str | None, from_file: str | None) -> list[str]:
@@ -43,31 +59,52 @@ def read_prompts(prompt: str | None, from_file: str | None) -> list[str]:
         text = sys.stdin.read() if from_file == "-" else Path(from_file).read_text()
     except OSError as exc:
         raise fail(f"cannot read --from-file {from_file} ({exc.strerror or exc})", EXIT_USAGE) from None
-    prompts = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
-    if not prompts:
+    line_of: dict[str, int] = {}
+    for number, line in enumerate(text.splitlines(), 1):
+        prompt = line.strip()
+        if not prompt or prompt.startswith("#"):
+            continue
+        if prompt in line_of:
+            raise fail(f"--from-file {from_file}: lines {line_of[prompt]} and {number} hold the same prompt "
+                       f"{prompt!r}; keep one and use -n for more images", EXIT_USAGE)
+        line_of[prompt] = number
+    if not line_of:
         raise fail(f"--from-file {from_file} holds no prompt", EXIT_USAGE)
-    return prompts
+    return list(line_of)
+
+
+def split_positionals(words: list[str], model: str | None, from_file: str | None) -> tuple[str, str | None]:
+    """(MODEL, PROMPT) from ``[MODEL] PROMPT`` (just ``[MODEL]`` with --from-file; MODEL may come from -m)."""
+    prompts = 0 if from_file is not None else 1
+    if model is None and len(words) == prompts + 1:
+        model, words = words[0], words[1:]
+    if len(words) > prompts:
+        expected = "[MODEL]" if from_file is not None else "[MODEL] PROMPT"
+        raise fail(f"txt2img takes {expected}, got {len(words)} words ({' '.join(map(repr, words))}); "
+                   "quote a prompt that has spaces", EXIT_USAGE)
+    return model or DEFAULT_MODEL, (words[0] if words else None)
 
 
 @handle_errors
 def txt2img(
-    prompt: Annotated[str | None, typer.Argument(metavar="PROMPT", help="What to draw.", show_default=False)] = None,
-    model: Annotated[str, typer.Option("--model", "-m", help="A text-conditional model: the built-in emoji, a run folder, a Stable Diffusion-format folder or Hub id.")] = DEFAULT_MODEL,
+    words: Annotated[list[str] | None, typer.Argument(metavar="[MODEL] PROMPT", show_default=False, help=f"MODEL: a text-conditional model, a run folder, a Stable Diffusion-format folder or Hub id [default: the built-in {DEFAULT_MODEL}; `ddpm models` lists the built-ins ({', '.join(builtin_names())})]. PROMPT: what to draw (none with --from-file).")] = None,
+    model_alias: ModelAlias = None,
     negative_prompt: Annotated[str, typer.Option("--negative-prompt", help="What to steer away from (replaces the empty prompt of the unconditional branch).")] = "",
     cfg: Annotated[float, typer.Option("--cfg", min=0.0, help="Guidance scale w: eps_uncond + w (eps_cond - eps_uncond).")] = 7.5,
-    steps: StepsOpt = 30,
+    steps: StepsOpt = None,
     sampler: SamplerOpt = "dpmpp-2m",
     eta: EtaOpt = 0.0,
     spacing: SpacingOpt = None,
     variance: VarianceOpt = None,
     seed: SeedOpt = 0,
-    num_images: NumImagesOpt = 1,
+    num_images: PerPromptOpt = 1,
     batch_size: BatchSizeOpt = 8,
-    width: Annotated[int | None, typer.Option("--width", min=8, help="Width in pixels [default: the model's].")] = None,
-    height: Annotated[int | None, typer.Option("--height", min=8, help="Height in pixels [default: the model's].")] = None,
+    width: Annotated[int | None, typer.Option("--width", min=8, show_default=False, help="Width in pixels [default: the model's].")] = None,
+    height: Annotated[int | None, typer.Option("--height", min=8, show_default=False, help="Height in pixels [default: the model's].")] = None,
     from_file: Annotated[str | None, typer.Option("--from-file", help="Prompts, one per line ('-': stdin).")] = None,
     name: Annotated[str | None, typer.Option("--name", help="File name prefix instead of the prompt's slug: NAME-{seed:06d}.png (one prompt only).")] = None,
-    outdir: OutdirOpt = Path("samples"),
+    output: OutputOpt = None,
+    outdir: OutdirAlias = None,
     output_format: FormatOpt = "text",
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
@@ -78,26 +115,21 @@ def txt2img(
     skip_existing: SkipExistingOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Generate images from text prompts; write one PNG per prompt and seed and print their paths."""
-    check_choices(sampler, output_format)
+    """Generate images from text prompts; write one PNG per prompt and seed ({slug}-{seed:06d}.png) and print their paths."""
+    model, prompt = split_positionals(list(words or []), either(None, model_alias, "MODEL", "-m"), from_file)
+    steps = steps or DEFAULT_STEPS
+    run = Generation.of(locals())
     prompts = read_prompts(prompt, from_file)
     if name is not None and (len(prompts) > 1 or slug(name) != name):
-        raise fail("--name takes one prompt and a plain name (letters, digits and -)", EXIT_USAGE)
-    jobs = [Job(s, outdir / f"{name or slug(p)}-{s:06d}.png", params={"prompt": p}) for p in prompts
-            for s in range(seed, seed + num_images)]
-    todo, skipped = plan(jobs, outdir, overwrite, skip_existing, grid=False)
+        raise fail("--name takes one prompt and a plain name (lower-case letters, digits and -)", EXIT_USAGE)
+    stems = {prompts[0]: name} if name is not None else file_stems(prompts)
+    jobs = [Job(s, run.path(f"{stems[p]}-{s:06d}.png"), params={"prompt": p}) for p in prompts for s in run.seeds]
+    todo, skipped = run.plan(jobs)
 
-    from ddpm_cli import __version__
-    from ddpm_cli.engine.device import describe
-    from ddpm_cli.engine.generate import SamplerSettings
-    from ddpm_cli.engine.pipeline import Condition, load_pipeline
-
-    pipeline = load_pipeline(model, revision, device, dtype, allow_pickle, compile)
+    pipeline, settings = run.load()
     if pipeline.text_encoder is None:
         raise fail(f"{model} is not text-conditional; use `ddpm sample {model}`", EXIT_USAGE)
-    settings = SamplerSettings(sampler, steps, eta, spacing, variance).resolved(pipeline)
-    say(f"ddpm: {model}: {describe(pipeline.device, pipeline.dtype)}; {settings.sampler}, {settings.steps} steps, "
-        f"cfg {cfg}", quiet)
+    run.announce(pipeline, settings, f", cfg {cfg}")
     for text in dict.fromkeys([*prompts, negative_prompt]):
         dropped = pipeline.text_encoder.truncated_words(text)
         if dropped:
@@ -109,8 +141,7 @@ def txt2img(
     if size[0] % factor or size[1] % factor:
         raise fail(f"--width and --height must be multiples of {factor} for {model}, got {size[1]}x{size[0]}", EXIT_USAGE)
     for job in todo:
-        job.condition = Condition(prompt=job.params["prompt"], negative_prompt=negative_prompt)
-    params = {"model": model, **settings.describe(), "cfg": cfg, "negative_prompt": negative_prompt or None,
-              "size": f"{size[1]}x{size[0]}", "dtype": str(pipeline.dtype).removeprefix("torch."), "version": __version__}
-    render(pipeline, todo, skipped, settings, cfg, batch_size, {k: v for k, v in params.items() if v is not None},
-           output_format, quiet, size=(size[0] // pipeline.latent_factor, size[1] // pipeline.latent_factor), overwrite=overwrite)
+        job.condition, _, _ = run.condition(pipeline, cfg, prompt=job.params["prompt"], negative_prompt=negative_prompt)
+    params = run.params(pipeline, settings, size, cfg=cfg, negative_prompt=negative_prompt or None)
+    run.render(pipeline, settings, todo, skipped, params, cfg,
+               size=(size[0] // pipeline.latent_factor, size[1] // pipeline.latent_factor))

@@ -183,11 +183,14 @@ def resolve_model(model: str, revision: str | None = None) -> Path:
     if local.exists():
         raise ModelError(f"{local} is a file, not a model folder; pass the folder that holds model_index.json")
     names = builtin_models()
+    listed = ", ".join(names) if names else "none installed"
+    if text.startswith(("./", "../", "/", "~", ".\\", "..\\")):  # a local path, never a Hub id
+        raise ModelError(f"no such folder: {text} is not an existing folder (built-in models: {listed}; "
+                         "Hub ids: owner/name)")
     if text in names:
         return _checked_folder(Path(BUILTIN_DIR) / text)
     if is_hub_id(text):
         return _download(text, revision)
-    listed = ", ".join(names) if names else "none installed"
     raise ModelError(
         f"model {text!r} is not an existing folder, a built-in model ({listed}) or a Hub id (owner/name); "
         "pass one of those"

@@ -1,0 +1,137 @@
+"""The setup every generating command (sample, txt2img, inpaint, upscale) shares, in one place:
+where the images go (-o, a folder or one .png), loading the model with its sampler settings, the
+conditioning (--class, --prompt, --cfg), the metadata, and rendering. The commands declare their
+options and build their jobs; ``Generation`` does the rest. Imports no torch until ``load``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+from ddpm_cli.cli.errors import EXIT_USAGE, fail
+from ddpm_cli.cli.options import DEFAULT_OUTPUT, either
+from ddpm_cli.cli.progress import say
+from ddpm_cli.cli.render import Job, plan, render
+
+DEFAULT_CFG = {"class": 2.0, "prompt": 7.5}  # guidance scale when --cfg is not given
+
+
+@dataclass
+class Generation:
+    """The options the generating commands share, and the steps they take with them."""
+
+    model: str
+    sampler: str = "dpmpp-2m"
+    steps: int | None = None
+    eta: float = 0.0
+    spacing: str | None = None
+    variance: str | None = None
+    seed: int = 0
+    num_images: int = 1
+    batch_size: int = 8
+    output: Path | None = None
+    outdir: Path | None = None  # the hidden old spelling of --output
+    output_format: str = "text"
+    device: str = "auto"
+    dtype: str = "auto"
+    revision: str | None = None
+    allow_pickle: bool = False
+    compile: bool = False
+    overwrite: bool = False
+    skip_existing: bool = False
+    quiet: bool = False
+
+    @classmethod
+    def of(cls, options: dict) -> Generation:
+        """From a command's parameters (its ``locals()``): the ones named like a field."""
+        names = {field.name for field in fields(cls)}
+        return cls(**{key: value for key, value in options.items() if key in names})
+
+    def __post_init__(self) -> None:
+        from ddpm_cli.engine.distributed import world
+
+        self.model = str(self.model)
+        self.output = Path(either(self.output, self.outdir, "-o/--output", "--outdir", DEFAULT_OUTPUT))
+        self.quiet = self.quiet or not world().main  # under torchrun, rank 0 reports
+
+    @property
+    def one_file(self) -> bool:
+        """-o names a PNG file rather than a folder."""
+        return self.output.suffix.lower() == ".png"
+
+    @property
+    def folder(self) -> Path:
+        return self.output.parent if self.one_file else self.output
+
+    @property
+    def seeds(self) -> range:
+        return range(self.seed, self.seed + self.num_images)
+
+    def path(self, name: str) -> Path:
+        """The output file ``name`` in the output folder."""
+        return self.folder / name
+
+    def plan(self, jobs: list[Job], grid: bool = False) -> tuple[list[Job], list[Job]]:
+        """(to do, skipped), checked before any work: -o FILE.png takes exactly one image, no two
+        jobs share a file, and existing files are refused, replaced or kept as the user said."""
+        if self.one_file:
+            if len(jobs) != 1 or grid:
+                what = "--grid" if grid else f"{len(jobs)} images"
+                raise fail(f"-o {self.output} names one file but this run makes {what}; pass a folder to -o",
+                           EXIT_USAGE)
+            jobs[0].path = self.output
+        return plan(jobs, self.folder, self.overwrite, self.skip_existing, grid)
+
+    def load(self):
+        """(pipeline, resolved sampler settings)."""
+        from ddpm_cli.engine.generate import SamplerSettings
+        from ddpm_cli.engine.pipeline import load_pipeline
+
+        pipeline = load_pipeline(self.model, self.revision, self.device, self.dtype, self.allow_pickle, self.compile)
+        settings = SamplerSettings(self.sampler, self.steps, self.eta, self.spacing, self.variance).resolved(pipeline)
+        return pipeline, settings
+
+    def announce(self, pipeline, settings, extra: str = "") -> None:
+        from ddpm_cli.engine.device import describe
+
+        say(f"ddpm: {self.model}: {describe(pipeline.device, pipeline.dtype)}; {settings.sampler}, "
+            f"{settings.steps} steps{extra}", self.quiet)
+
+    @staticmethod
+    def check_guidance(cfg: float | None, *conditions: tuple[str, object]) -> None:
+        """Refuse --cfg when none of ``conditions`` ((flag, value) pairs, e.g. ("--class", None))
+        is given: guidance has nothing to steer towards."""
+        if cfg is not None and all(value is None for _, value in conditions):
+            flags = " or ".join(flag for flag, _ in conditions)
+            raise fail(f"--cfg guides towards {flags}; give {flags} or drop --cfg", EXIT_USAGE)
+
+    @staticmethod
+    def condition(pipeline, cfg: float | None, class_spec: str | None = None, prompt: str | None = None,
+                  negative_prompt: str = ""):
+        """(Condition or None, guidance scale, metadata) of --class or --prompt with --cfg."""
+        from ddpm_cli.engine.pipeline import Condition
+
+        if prompt is not None:
+            cfg = DEFAULT_CFG["prompt"] if cfg is None else cfg
+            meta = {"prompt": prompt, "negative_prompt": negative_prompt or None, "cfg": cfg}
+            return Condition(prompt=prompt, negative_prompt=negative_prompt), cfg, meta
+        if class_spec is not None:
+            label = pipeline.class_index(class_spec)
+            cfg = DEFAULT_CFG["class"] if cfg is None else cfg
+            return Condition(label), cfg, {"class": label, "class_name": pipeline.class_name(label), "cfg": cfg}
+        return None, 1.0, {}
+
+    def params(self, pipeline, settings, size: tuple[int, int], **extra) -> dict:
+        """The metadata every image carries: model, settings, size (height, width), dtype, version, and ``extra``."""
+        from ddpm_cli import __version__
+
+        params = {"model": self.model, **settings.describe(), **extra, "size": f"{size[1]}x{size[0]}",
+                  "dtype": str(pipeline.dtype).removeprefix("torch."), "version": __version__}
+        return {key: value for key, value in params.items() if value is not None}
+
+    def render(self, pipeline, settings, todo: list[Job], skipped: list[Job], params: dict, cfg: float = 1.0,
+               grid: bool = False, **kwargs) -> None:
+        """Generate ``todo``, writing and printing each image (render.render, with this run's options)."""
+        render(pipeline, todo, skipped, settings, cfg, self.batch_size, params, self.output_format, self.quiet,
+               grid_path=self.path("grid.png") if grid else None, overwrite=self.overwrite, **kwargs)

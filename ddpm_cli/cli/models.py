@@ -1,0 +1,138 @@
+"""``ddpm models``: the built-in models and the models in the Hugging Face cache, described from
+their config files alone (no weights are read, torch is not imported)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from ddpm_cli.cli.errors import handle_errors
+from ddpm_cli.cli.options import format_option
+
+BUILTIN_DIR = Path(__file__).resolve().parent.parent / "data" / "models"
+MODEL_INFO_FILE = "ddpm_model.json"  # as engine/pipeline.py names it
+
+EXAMPLES = """
+Examples:
+
+\b
+  ddpm models
+  ddpm models --format json | jq -r '.[] | select(.conditioning == "text") | .name'
+"""
+
+
+def builtin_names() -> list[str]:
+    """Names of the models shipped in ddpm_cli/data/models."""
+    if not BUILTIN_DIR.is_dir():
+        return []
+    return sorted(p.name for p in BUILTIN_DIR.iterdir() if p.is_dir() and not p.name.startswith((".", "_")))
+
+
+def _json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _bytes(folder: Path) -> int:
+    """Bytes on disk under ``folder``, following the Hub cache's links to their blobs."""
+    total = 0
+    for path in folder.rglob("*"):
+        try:
+            if path.is_file():
+                total += path.stat().st_size
+        except OSError:
+            pass
+    return total
+
+
+def _human(size: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1000 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
+    return ""
+
+
+def describe(name: str, source: str, folder: Path) -> dict | None:
+    """What a model folder's configs say (None when it holds no U-Net config)."""
+    unet = _json(folder / "unet" / "config.json") or _json(folder / "config.json")
+    if "sample_size" not in unet:
+        return None
+    index, info = _json(folder / "model_index.json"), _json(folder / MODEL_INFO_FILE)
+    vae = _json(folder / "vae" / "config.json") or _json(folder / "vqvae" / "config.json")
+    factor = 2 ** (len(vae.get("block_out_channels", [])) - 1) if vae else 1
+    size = unet["sample_size"]
+    height, width = (size, size) if isinstance(size, int) else tuple(size)
+    pipeline = index.get("_class_name") or "UNet"
+    if info.get("task") == "superres" or "Upscale" in pipeline or "SuperResolution" in pipeline:
+        kind = f"upscaler x{info.get('scale') or factor}"
+    elif "Inpaint" in pipeline:
+        kind = "inpainting"
+    else:
+        kind = "latent diffusion" if vae else "pixel diffusion"
+    classes = unet.get("num_class_embeds")
+    if info.get("conditioning") in ("class", "text"):
+        conditioning = info["conditioning"]
+    elif unet.get("_class_name") == "UNet2DConditionModel":
+        conditioning = "text"
+    else:
+        conditioning = "class" if classes else "none"
+    if conditioning == "class" and classes:
+        conditioning = f"class ({classes - 1})"
+    channels = (vae or unet).get("out_channels") or unet.get("out_channels")
+    return {"name": name, "source": source, "kind": kind, "conditioning": conditioning,
+            "resolution": f"{width * factor}x{height * factor}", "channels": channels, "bytes": _bytes(folder),
+            "path": str(folder)}
+
+
+def hub_cache() -> Path:
+    """The Hugging Face Hub cache folder, as huggingface_hub finds it."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base).expanduser() / "huggingface" / "hub"
+
+
+def _snapshot(repo: Path) -> Path | None:
+    """The snapshot refs/main points to, else the newest one."""
+    main = repo / "refs" / "main"
+    if main.is_file():
+        folder = repo / "snapshots" / main.read_text().strip()
+        if folder.is_dir():
+            return folder
+    snapshots = sorted((repo / "snapshots").glob("*"), key=lambda p: p.stat().st_mtime) if (repo / "snapshots").is_dir() else []
+    return snapshots[-1] if snapshots else None
+
+
+def list_models() -> list[dict]:
+    rows = [describe(name, "built-in", BUILTIN_DIR / name) for name in builtin_names()]
+    cache = hub_cache()
+    for repo in sorted(cache.glob("models--*")) if cache.is_dir() else []:
+        snapshot = _snapshot(repo)
+        if snapshot is not None:
+            rows.append(describe(repo.name.removeprefix("models--").replace("--", "/", 1), "hub cache", snapshot))
+    return [row for row in rows if row is not None]
+
+
+TableFormatOpt = format_option("a table")
+
+
+@handle_errors
+def models(output_format: TableFormatOpt = "text") -> None:
+    """List the built-in models and the Hub cache's: kind, conditioning, resolution, size on disk."""
+    rows = list_models()
+    if output_format == "json":
+        print(json.dumps(rows, indent=2))
+        return
+    head = ("name", "source", "kind", "conditioning", "resolution", "size")
+    lines = [head] + [(r["name"], r["source"], r["kind"], r["conditioning"], r["resolution"], _human(r["bytes"]))
+                      for r in rows]
+    widths = [max(len(line[k]) for line in lines) for k in range(len(head))]
+    for line in lines:
+        print("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip())
