@@ -1,6 +1,7 @@
 """Faults injected through the CLI: each gives its documented exit code and a one-line message,
 and no earlier output is lost or changed."""
 
+import json
 import os
 import pty
 import random
@@ -163,28 +164,71 @@ def test_stdout_stays_clean_with_stderr_on_a_terminal(tiny_pipeline_dir, tmp_pat
     assert b"sampling" in b"".join(terminal)  # the progress bar went to the terminal
 
 
-def test_kill_9_during_training_then_resume_matches_an_uninterrupted_run(tmp_path):
-    common = ["fashion-mnist-subset", "--max-steps", 40, "--checkpoint-every", 4, "--sample-every", 1000,
-              "-b", 8, "--lr", 1e-3, "--num-workers", 0, "-q"]
-    straight = ddpm("train", *common, "-o", tmp_path / "straight")
-    assert straight.returncode == 0, straight.stderr
-    run = tmp_path / "killed"
-    proc = subprocess.Popen([PY, "-m", "ddpm_cli", "train", *map(str, common), "-o", str(run)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while not (run / "checkpoints" / "checkpoint-0000004" / "state.json").exists():
-        assert time.time() < deadline and proc.poll() is None
+RESUME_TEST_RUN = ["fashion-mnist-subset", "--max-steps", 40, "--checkpoint-every", 4, "--sample-every", 1000,
+                   "-b", 8, "--lr", 1e-3, "--num-workers", 0, "-q"]
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory):
+    """RESUME_TEST_RUN trained without interruption: what a stopped or killed and resumed run must equal."""
+    run = tmp_path_factory.mktemp("straight") / "run"
+    result = ddpm("train", *RESUME_TEST_RUN, "-o", run)
+    assert result.returncode == 0, result.stderr
+    return run
+
+
+def start_training(run, *extra, **popen):
+    """RESUME_TEST_RUN (with ``extra`` options) in its own process, as a user starts it."""
+    return subprocess.Popen([PY, "-m", "ddpm_cli", "train", *map(str, RESUME_TEST_RUN), *map(str, extra), "-o", str(run)],
+                            **popen)
+
+
+def wait_for(path, proc, timeout=120):
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert time.time() < deadline and proc.poll() is None, f"no {path}"
         time.sleep(0.02)
-    time.sleep(random.uniform(0.0, 1.0))
-    proc.kill()
-    assert proc.wait() == -signal.SIGKILL
+
+
+def assert_resumes_to_the_straight_run(run, straight, step=40):
+    """``--resume latest`` finishes the run, whose final weights equal the straight run's bit for bit."""
     resumed = ddpm("train", "-o", run, "--resume", "latest", "-q")
     assert resumed.returncode == 0, resumed.stderr
     for name in ("model", "ema"):
-        a = load_file(tmp_path / "straight" / "checkpoints" / "checkpoint-0000040" / f"{name}.safetensors")
-        b = load_file(run / "checkpoints" / "checkpoint-0000040" / f"{name}.safetensors")
-        assert all(torch.equal(a[k], b[k]) for k in a), name
+        a = load_file(straight / "checkpoints" / f"checkpoint-{step:07d}" / f"{name}.safetensors")
+        b = load_file(run / "checkpoints" / f"checkpoint-{step:07d}" / f"{name}.safetensors")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
     assert not list((run / "checkpoints").glob(".*"))  # no temporary folder left behind
+
+
+def test_kill_9_during_training_then_resume_matches_an_uninterrupted_run(tmp_path, straight_run):
+    run = tmp_path / "killed"
+    proc = start_training(run, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for(run / "checkpoints" / "checkpoint-0000004" / "state.json", proc)
+    time.sleep(random.uniform(0.0, 1.0))
+    proc.kill()
+    assert proc.wait() == -signal.SIGKILL
+    assert_resumes_to_the_straight_run(run, straight_run)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_ctrl_c_or_sigterm_checkpoints_the_step_then_resume_matches_an_uninterrupted_run(tmp_path, straight_run, signum):
+    run = tmp_path / "stopped"
+    # No checkpoint falls due before the end: without the stop's own, every step would be lost.
+    proc = start_training(run, "--checkpoint-every", 1000, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          # a suite started in the background inherits an ignored SIGINT; a user's terminal does not
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    wait_for(run / "log.jsonl", proc)  # step 10 is logged
+    proc.send_signal(signum)
+    _, stderr = proc.communicate(timeout=120)
+    assert_one_line_error(subprocess.CompletedProcess(proc.args, proc.returncode, "", stderr), 128 + signum,
+                          f"stopped by {signal.Signals(signum).name} after step", "--resume latest")
+    saved = [p.name for p in (run / "checkpoints").iterdir()]
+    assert len(saved) == 1 and saved[0].startswith("checkpoint-"), saved
+    step = int(saved[0].removeprefix("checkpoint-"))
+    assert 10 <= step < 40 and str(run / "checkpoints" / saved[0]) in stderr
+    assert json.loads((run / "checkpoints" / saved[0] / "state.json").read_text())["step"] == step
+    assert_resumes_to_the_straight_run(run, straight_run)
 
 
 def test_full_disk_during_checkpoint_keeps_the_previous_one_and_exits_4(tmp_path):
