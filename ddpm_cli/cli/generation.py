@@ -24,7 +24,7 @@ class Generation:
     model: str
     sampler: str = "dpmpp-2m"
     steps: int | None = None
-    eta: float = 0.0
+    eta: float | None = None
     spacing: str | None = None
     variance: str | None = None
     seed: int = 0

@@ -47,7 +47,7 @@ def inpaint(
     jump_n_sample: Annotated[int, typer.Option("--jump-n-sample", min=1, help="RePaint: times each stretch is denoised (1: no resampling; >1 needs --sampler ddpm).")] = 1,
     steps: StepsOpt = None,
     sampler: SamplerOpt = "dpmpp-2m",
-    eta: EtaOpt = 0.0,
+    eta: EtaOpt = None,
     spacing: SpacingOpt = None,
     variance: VarianceOpt = None,
     seed: SeedOpt = 0,

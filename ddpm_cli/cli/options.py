@@ -73,9 +73,9 @@ PerPromptOpt = Annotated[int, typer.Option("--num-images", "-n", min=1, help="Im
 BatchSizeOpt = Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Images sampled together.")]
 SamplerOpt = Annotated[Sampler, typer.Option("--sampler", autocompletion=complete(SAMPLERS), help=f"One of {', '.join(SAMPLERS)}.")]
 StepsOpt = steps_option("ddpm every training step, ddim 50, dpmpp-2m 20")
-EtaOpt = Annotated[float, typer.Option("--eta", min=0.0, help="ddim sampler only: noise, 0 deterministic, 1 like DDPM.")]
+EtaOpt = Annotated[float | None, typer.Option("--eta", min=0.0, show_default=False, help="Samplers that take it (ddim): noise added at each step, 0 deterministic, 1 like DDPM [default: 0].")]
 SpacingOpt = Annotated[Spacing | None, typer.Option("--spacing", autocompletion=complete(SPACINGS), show_default=False, help=f"Timestep spacing: {', '.join(SPACINGS)} [default: the sampler's usual].")]
-VarianceOpt = Annotated[Variance | None, typer.Option("--variance", autocompletion=complete(VARIANCES), show_default=False, help=f"ddpm sampler only: variance {', '.join(VARIANCES)} [default: the model's].")]
+VarianceOpt = Annotated[Variance | None, typer.Option("--variance", autocompletion=complete(VARIANCES), show_default=False, help=f"Samplers that take it (ddpm): the reverse-step variance, {', '.join(VARIANCES)} [default: the model's].")]
 OutputOpt = Annotated[Path | None, typer.Option("--output", "-o", show_default=False, help=f"Folder for the images, or a .png file for a single image [default: {DEFAULT_OUTPUT}].")]
 ClassOpt = Annotated[list[str] | None, typer.Option("--class", metavar="CLASS", show_default=False, help="Class-conditional models: the class, by index or name (once) [default: none, unconditional].")]
 

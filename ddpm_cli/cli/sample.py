@@ -38,7 +38,7 @@ def sample(
     batch_size: BatchSizeOpt = 16,
     sampler: SamplerOpt = "dpmpp-2m",
     steps: StepsOpt = None,
-    eta: EtaOpt = 0.0,
+    eta: EtaOpt = None,
     spacing: SpacingOpt = None,
     variance: VarianceOpt = None,
     class_spec: ClassOpt = None,
@@ -68,8 +68,8 @@ def sample(
     todo, skipped = run.plan([Job(s, run.path(f"{s:06d}.png")) for s in run.seeds], grid)
 
     pipeline, settings = run.load()
-    run.announce(pipeline, settings)
     condition, scale, guidance = run.condition(pipeline, cfg, class_spec=class_spec)
+    run.announce(pipeline, settings)
     for job in todo:
         job.condition = condition
     params = run.params(pipeline, settings, pipeline.image_size, **guidance)

@@ -93,7 +93,7 @@ def txt2img(
     cfg: Annotated[float, typer.Option("--cfg", min=0.0, help="Guidance scale w: eps_uncond + w (eps_cond - eps_uncond).")] = 7.5,
     steps: StepsOpt = None,
     sampler: SamplerOpt = "dpmpp-2m",
-    eta: EtaOpt = 0.0,
+    eta: EtaOpt = None,
     spacing: SpacingOpt = None,
     variance: VarianceOpt = None,
     seed: SeedOpt = 0,

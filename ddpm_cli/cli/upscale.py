@@ -43,7 +43,7 @@ def upscale(
     noise_level: Annotated[int | None, typer.Option("--noise-level", min=0, show_default=False, help="Stable Diffusion upscalers: noise added to the input (its low_res_scheduler's timestep) [default: 20].")] = None,
     steps: UpscaleStepsOpt = None,
     sampler: SamplerOpt = "ddpm",  # ancestral: on a real photograph the ODE samplers left grain it does not (README)
-    eta: EtaOpt = 0.0,
+    eta: EtaOpt = None,
     spacing: SpacingOpt = None,
     variance: VarianceOpt = None,
     seed: SeedOpt = 0,
