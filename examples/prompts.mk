@@ -23,7 +23,7 @@ IMAGES := $(foreach n,$(LINES),$(OUT)/line-$(n)-$(SEED6).png)
 all: $(IMAGES)
 
 $(OUT)/line-%-$(SEED6).png: $(PROMPTS)
-	$(DDPM) txt2img "$$(sed -n '$*p' $(PROMPTS))" -m $(MODEL) --name line-$* --seed $(SEED) --steps $(STEPS) --cfg $(CFG) -o $(OUT) --overwrite -q
+	$(DDPM) txt2img $(MODEL) "$$(sed -n '$*p' $(PROMPTS))" --name line-$* --seed $(SEED) --steps $(STEPS) --cfg $(CFG) -o $(OUT) --overwrite -q
 
 clean:
 	rm -f $(IMAGES)
