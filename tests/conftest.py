@@ -16,6 +16,17 @@ if XDIST_WORKER:  # in case torch was imported before the variable was set
     torch.set_num_threads(1)
 
 
+# Tests that train a model (through a shared fixture or themselves) or compile one carry the `slow`
+# marker; `python -m pytest -m "not slow"` is the fast inner loop, plain `python -m pytest` runs all.
+TRAINING_FIXTURES = {"fashion_class_run"}  # defined here; any test that asks for one is slow
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if TRAINING_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
 def tiny_unet(channels: int = 1, size: int = 8, seed: int = 0):
     from diffusers import UNet2DModel
 

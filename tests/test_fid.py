@@ -63,6 +63,7 @@ def write_images(folder, seed, count, size=16, bright=False):
     return folder
 
 
+@pytest.mark.slow
 def test_eval_fid_cli_with_a_random_network(random_inception, tiny_pipeline_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     dark, bright = write_images(tmp_path / "dark", 0, 6), write_images(tmp_path / "bright", 1, 6, bright=True)

@@ -76,6 +76,7 @@ def test_known_region_is_kept_exactly_through_the_cli(tmp_path):
     assert refused.returncode == 2 and "--resize-mask" in refused.stderr and refused.stderr.count("\n") == 1
 
 
+@pytest.mark.slow
 def test_filled_holes_are_closer_to_the_truth_than_a_mean_fill(fashion_class_run):
     pipeline = load_pipeline(str(fashion_class_run), device="cpu")
     test = open_dataset("fashion-mnist", 16, split="test")

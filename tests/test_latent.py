@@ -53,6 +53,7 @@ def round_trip_psnr(vae_dir, folder, tmp_path, name: str) -> float:
     return psnr(np.stack(decoded), np.stack(originals))
 
 
+@pytest.mark.slow
 def test_trained_autoencoder_round_trips_held_out_images(trained_vae, held_out_folder, tmp_path):
     config = json.loads((trained_vae / "vae" / "config.json").read_text())
     untrained = tmp_path / "untrained"
@@ -66,6 +67,7 @@ def test_trained_autoencoder_round_trips_held_out_images(trained_vae, held_out_f
     assert 0.05 < config["scaling_factor"] < 50  # 1 / std of the training latents, set at export
 
 
+@pytest.mark.slow
 def test_latents_file_holds_shapes_scaling_and_sources(trained_vae, held_out_folder, tmp_path):
     out = tmp_path / "held.safetensors"
     result = ddpm("encode", held_out_folder, "-m", trained_vae, "-o", out, "--format", "json")
@@ -89,6 +91,7 @@ def test_latents_file_holds_shapes_scaling_and_sources(trained_vae, held_out_fol
     assert refused.returncode == 2 and "exists" in refused.stderr and out.read_bytes() == before
 
 
+@pytest.mark.slow
 def test_tiled_round_trip_is_close_to_the_whole_image(trained_vae):
     vae = load_autoencoder(str(trained_vae), "cpu", torch.float32)
     images = open_dataset("fashion-mnist-subset", 64, split="test").images[:4].float() / 127.5 - 1
@@ -101,6 +104,7 @@ def test_tiled_round_trip_is_close_to_the_whole_image(trained_vae):
     assert psnr(to_uint8(tiled), to_uint8(images)) > psnr(to_uint8(whole), to_uint8(images)) - 3
 
 
+@pytest.mark.slow
 def test_latent_ddpm_trains_and_samples_images_of_the_model_size(trained_vae, tmp_path):
     latents = tmp_path / "train.safetensors"
     result = ddpm("encode", "fashion-mnist-subset", "-m", trained_vae, "-o", latents, "-b", 256, "-q")
@@ -193,6 +197,7 @@ def test_half_precision_failure_is_redone_in_fp32():
     assert torch.equal(out, torch.full((3,), 2.0))
 
 
+@pytest.mark.slow
 def test_encode_refuses_bad_input_with_one_line(tmp_path, trained_vae):
     missing = ddpm("encode", tmp_path / "nope", "-m", trained_vae, "-o", tmp_path / "x.safetensors")
     assert missing.returncode == 2 and missing.stderr.count("\n") == 1 and "not found" in missing.stderr

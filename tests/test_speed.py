@@ -28,6 +28,7 @@ def test_bf16_samples_match_fp32_within_tolerance():
     assert (fp32 - other).abs().mean() > 0.2  # the tolerance tells different images apart
 
 
+@pytest.mark.slow
 def test_compiled_sampling_agrees_with_eager(tiny_pipeline_dir):
     settings = SamplerSettings("ddpm", 5)
     eager = sample_batch(load_pipeline(str(tiny_pipeline_dir), device="cpu", dtype="fp32"), SEEDS[:4], settings)
@@ -37,6 +38,7 @@ def test_compiled_sampling_agrees_with_eager(tiny_pipeline_dir):
     torch.testing.assert_close(compiled, eager, atol=1e-4, rtol=0)
 
 
+@pytest.mark.slow
 def test_compiled_bf16_sampling_keeps_stderr_quiet(tiny_pipeline_dir, tmp_path):
     """torch.compile of diffusers' U-Net in bf16 makes Dynamo warn, in 14 lines, about a cached version
     check it traces through; `-q` must still mean nothing on stderr but errors."""

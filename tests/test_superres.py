@@ -31,6 +31,7 @@ def edge_energy(images: torch.Tensor) -> float:
     return float((images[..., 1:, :] - images[..., :-1, :]).abs().mean() + (images[..., 1:] - images[..., :-1]).abs().mean())
 
 
+@pytest.mark.slow
 def test_upscaled_held_out_images_are_consistent_and_as_sharp_as_real_ones(superres_run):
     pipeline = load_pipeline(str(superres_run), device="cpu")
     assert pipeline.upscale == 2 and pipeline.unet.config.in_channels == 2
@@ -46,6 +47,7 @@ def test_upscaled_held_out_images_are_consistent_and_as_sharp_as_real_ones(super
     assert abs(ours - real) < abs(blurred - real)  # edge energy closer to the real images than bicubic's
 
 
+@pytest.mark.slow
 def test_upscale_cli_tiles_large_images_and_refuses_other_models(superres_run, tmp_path):
     test = open_dataset("fashion-mnist", 28, split="test").images[:4, 0].numpy()
     quilt = np.concatenate([np.concatenate(test[:2], 1), np.concatenate(test[2:], 1)], 0)  # 56x56: tiles needed
@@ -67,6 +69,7 @@ def test_upscale_cli_tiles_large_images_and_refuses_other_models(superres_run, t
     assert sample.returncode == 2 and "ddpm upscale" in sample.stderr
 
 
+@pytest.mark.slow
 def test_tiles_in_one_pass_equal_tiles_one_by_one(superres_run, monkeypatch):
     import ddpm_cli.engine.superres as superres
 

@@ -5,6 +5,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 from PIL import Image, ImageDraw
 
@@ -53,6 +54,7 @@ def test_text_guidance_uses_the_negative_prompt_as_the_unconditional_branch(tiny
     torch.testing.assert_close(plain, cond)
 
 
+@pytest.mark.slow
 def test_train_on_captions_then_txt2img(tmp_path, tiny_bert_dir):
     data = captioned_folder(tmp_path / "data")
     run = tmp_path / "run"

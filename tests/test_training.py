@@ -18,6 +18,7 @@ def options(tmp_path, **kw):
     return {**FAST, "output": str(tmp_path / "run"), **kw}
 
 
+@pytest.mark.slow
 def test_short_run_lowers_loss_and_exports_a_diffusers_pipeline(tmp_path):
     summary = train(options(tmp_path, max_steps=60, checkpoint_every=30))
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
@@ -41,6 +42,7 @@ def test_short_run_lowers_loss_and_exports_a_diffusers_pipeline(tmp_path):
     assert all(torch.equal(ema[k], exported[k]) for k in ema)
 
 
+@pytest.mark.slow
 def test_resume_after_a_crash_continues_exactly(tmp_path):
     straight = train(options(tmp_path / "a", max_steps=12, checkpoint_every=6))
 

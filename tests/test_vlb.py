@@ -11,6 +11,8 @@ from ddpm_cli.engine.pipeline import load_pipeline
 from ddpm_cli.evaluation.nll import bound_of, held_out_images
 from ddpm_cli.training.loop import train
 
+pytestmark = pytest.mark.slow  # every test trains a model or uses the module's trained run
+
 RUN = {"data": "fashion-mnist", "resolution": 16, "max_steps": 300, "batch_size": 64, "lr": 2e-3,
        "checkpoint_every": 300, "num_workers": 0}
 
