@@ -14,6 +14,8 @@ from safetensors.torch import load_file
 
 from tests.test_cli import ddpm
 
+pytestmark = pytest.mark.slow  # every test trains or samples in several processes
+
 TRAIN = ["train", "fashion-mnist-subset", "--max-steps", 4, "-b", 8, "--lr", "1e-3", "--checkpoint-every", 4,
          "--random-flip", "--conditioning", "class", "--device", "cpu"]
 
