@@ -1,4 +1,5 @@
-"""The samplers agree with diffusers' schedulers on the same model, noise and steps (fp32, 1e-4; DDIM 1e-3)."""
+"""The samplers agree with diffusers' schedulers on the same model, noise and steps (fp32, 1e-4; DDIM 1e-3).
+Each is called by its registry name with the one sampler signature."""
 
 import pytest
 import torch
@@ -7,7 +8,8 @@ from diffusers.utils.torch_utils import randn_tensor
 from ddpm_cli.engine.denoiser import UNetDenoiser
 from ddpm_cli.engine.errors import InputError
 from ddpm_cli.engine.noise import SeededNoise
-from ddpm_cli.engine.samplers import make_timesteps, sample_ddim, sample_ddpm, sample_dpmpp_2m
+from ddpm_cli.engine.sampler_registry import sampler_entry
+from ddpm_cli.engine.samplers import make_timesteps
 from ddpm_cli.engine.schedule import NoiseSchedule
 
 SEEDS = [3, 4]
@@ -25,12 +27,10 @@ def diffusers_loop(unet, scheduler, steps, step_kwargs=None):
     return x, [int(t) for t in scheduler.timesteps]
 
 
-def ours(sampler, unet, schedule, timesteps, **kwargs):
+def ours(sampler, unet, schedule, timesteps, **options):
     noise = SeededNoise(SEEDS, SHAPE)
     x = noise()
-    if sampler is sample_dpmpp_2m:
-        return sampler(UNetDenoiser(unet), x, schedule, timesteps, **kwargs)
-    return sampler(UNetDenoiser(unet), x, schedule, timesteps, noise=noise, **kwargs)
+    return sampler_entry(sampler).load()(UNetDenoiser(unet), x, schedule, timesteps, noise, None, **options)
 
 
 @pytest.mark.parametrize("variance", ["fixed_small", "fixed_large"])
@@ -43,7 +43,7 @@ def test_ddpm_matches_diffusers(unet, variance, steps, prediction):
     schedule = NoiseSchedule.from_config(config)
     timesteps = make_timesteps(1000, steps, "leading")
     assert timesteps == their_steps
-    got = ours(sample_ddpm, unet, schedule, timesteps, variance=variance)
+    got = ours("ddpm", unet, schedule, timesteps, variance=variance)
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
 
 
@@ -51,7 +51,7 @@ def test_ddpm_full_chain_matches_diffusers(unet):
     from diffusers import DDPMScheduler
 
     expected, _ = diffusers_loop(unet, DDPMScheduler(), 1000)
-    got = ours(sample_ddpm, unet, NoiseSchedule.create(), make_timesteps(1000, 1000))
+    got = ours("ddpm", unet, NoiseSchedule.create(), make_timesteps(1000, 1000))
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
 
 
@@ -63,7 +63,7 @@ def test_ddim_matches_diffusers(unet, eta, steps, spacing):
     expected, their_steps = diffusers_loop(unet, scheduler, steps, {"eta": eta})
     timesteps = make_timesteps(1000, steps, spacing)
     assert timesteps == their_steps
-    got = ours(sample_ddim, unet, NoiseSchedule.create(clip_sample=True), timesteps, eta=eta)
+    got = ours("ddim", unet, NoiseSchedule.create(clip_sample=True), timesteps, eta=eta)
     # Deterministic DDIM over 20+ steps of a random network amplifies float32 rounding (diffusers keeps
     # alpha_bar in float32, this project in float64): up to 3.4e-4 on an AVX2 CPU, under 1e-4 on others.
     # A wrong formula moves samples by 1e-2 or more (diffusers' own t - 1000 // steps rule for the
@@ -82,8 +82,8 @@ def test_ddim_follows_stable_diffusion_config_ends(unet):
     timesteps = make_timesteps(1000, 10, "leading", schedule.steps_offset)
     assert timesteps == their_steps and timesteps[-1] == 1
     assert schedule.final_alpha_bar == pytest.approx(1 - 0.00085)
-    torch.testing.assert_close(ours(sample_ddim, unet, schedule, timesteps), expected, atol=1e-4, rtol=1e-4)
-    clean_end = ours(sample_ddim, unet, NoiseSchedule.from_config({**config, "set_alpha_to_one": True}), timesteps)
+    torch.testing.assert_close(ours("ddim", unet, schedule, timesteps), expected, atol=1e-4, rtol=1e-4)
+    clean_end = ours("ddim", unet, NoiseSchedule.from_config({**config, "set_alpha_to_one": True}), timesteps)
     assert (clean_end - expected).abs().max() > 1e-3  # the end point matters, so the match above is not by chance
 
 
@@ -99,7 +99,7 @@ def test_dpmpp_2m_matches_diffusers(unet, steps, prediction, kind):
     schedule = NoiseSchedule.create(kind, prediction_type=prediction, clip_sample=False)
     timesteps = make_timesteps(1000, steps, "trailing")
     assert timesteps == their_steps
-    got = ours(sample_dpmpp_2m, unet, schedule, timesteps)
+    got = ours("dpmpp-2m", unet, schedule, timesteps)
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
 
 
@@ -161,5 +161,5 @@ def test_ddpm_with_learned_range_variance_matches_diffusers(steps):
     with torch.no_grad():
         learned.conv_out.weight.mul_(0.1)
     expected, _ = diffusers_loop(learned, DDPMScheduler(variance_type="learned_range"), steps)
-    got = ours(sample_ddpm, learned, NoiseSchedule.create(), make_timesteps(1000, steps), variance="learned_range")
+    got = ours("ddpm", learned, NoiseSchedule.create(), make_timesteps(1000, steps), variance="learned_range")
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)

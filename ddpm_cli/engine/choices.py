@@ -1,8 +1,9 @@
 """The names users choose from, kept free of torch so the CLI can list them without importing it."""
 
+from ddpm_cli.engine.sampler_registry import SAMPLERS  # noqa: F401 - the registry's names, in its order
+
 BETA_SCHEDULES = ("linear", "cosine", "scaled_linear")
 PREDICTION_TYPES = ("epsilon", "v", "sample")
-SAMPLERS = ("ddpm", "ddim", "dpmpp-2m")
 SPACINGS = ("leading", "trailing", "linspace")
 VARIANCES = ("fixed_small", "fixed_large", "learned_range", "learned")
 LEARNED_VARIANCES = ("learned_range", "learned")

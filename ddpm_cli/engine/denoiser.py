@@ -42,30 +42,28 @@ class UNetDenoiser:
         return {key: value.repeat(rows // value.shape[0], *([1] * (value.dim() - 1)))
                 if value.shape[0] != rows else value for key, value in kwargs.items()}
 
-    def _forward(self, x: torch.Tensor, t: int | torch.Tensor, kwargs: Conditioning,
-                 concat: torch.Tensor | None) -> torch.Tensor:
+    def _forward(self, x: torch.Tensor, t: int | torch.Tensor, kwargs: Conditioning) -> torch.Tensor:
         if torch.is_tensor(t):  # one timestep per image (likelihood evaluation); repeated for guidance's 2 branches
             timestep = t.to(x.device, torch.long).repeat(x.shape[0] // t.shape[0])
         else:
             timestep = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
         self.evaluations += x.shape[0]
-        if concat is not None:  # image conditioning (super-resolution) rides along as extra input channels
-            x_in = torch.cat([x, concat.to(x.dtype).repeat(x.shape[0] // concat.shape[0], 1, 1, 1)], dim=1)
-        else:
-            x_in = x
-        return self.forward(x_in.to(self.dtype), timestep, **kwargs).to(x.dtype)
+        return self.forward(x.to(self.dtype), timestep, **kwargs).to(x.dtype)
 
-    def __call__(self, x: torch.Tensor, t: int | torch.Tensor, concat: torch.Tensor | None = None) -> torch.Tensor:
-        """The (guided) network output at x and timestep t (an int, or one per image); ``concat``
-        (B×C'×H×W) is appended to x's channels."""
+    def __call__(self, x: torch.Tensor, t: int | torch.Tensor) -> torch.Tensor:
+        """The (guided) network output at x and timestep t (an int, or one per image). x is the
+        network's whole input: image conditioning, if any, is already among its channels
+        (``wrappers.with_channels``)."""
         cond = self._fit(self.cond, x.shape[0])
         if self.uncond is None or self.scale == 1.0:
-            return self._forward(x, t, cond, concat)
+            return self._forward(x, t, cond)
         uncond = self._fit(self.uncond, x.shape[0])
         if self.scale == 0.0:
-            return self._forward(x, t, uncond, concat)
+            return self._forward(x, t, uncond)
         both = {key: torch.cat([uncond[key], cond[key]]) for key in cond}
-        out_uncond, out_cond = self._forward(torch.cat([x, x]), t, both, concat).chunk(2)
+        out_uncond, out_cond = self._forward(torch.cat([x, x]), t, both).chunk(2)
+        # Output channels past the input's are a learned variance. (Models with extra input channels
+        # output fewer channels than they take, and no learned variance: every output channel is guided.)
         channels = x.shape[1]
         guided = out_uncond[:, :channels] + self.scale * (out_cond[:, :channels] - out_uncond[:, :channels])
         # A learned variance (extra channels) is taken from the conditional branch, unguided.

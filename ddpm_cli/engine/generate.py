@@ -1,5 +1,6 @@
 """Generation driver: a batch of seeds in, images out, with any sampler.
 
+Settings name a sampler from ``sampler_registry`` and its options; :func:`run_sampler` calls it.
 Image i of a run uses seed + i through its own CPU generator (``noise.SeededNoise``), so the
 same seed gives the same image whatever the batch size or device. The caller batches and decides
 what to do with each finished batch (the CLI writes files as they come, so an interrupt keeps them).
@@ -7,62 +8,87 @@ what to do with each finished batch (the CLI writes files as they come, so an in
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 
 import torch
 
+from ddpm_cli.engine.choices import LEARNED_VARIANCES
 from ddpm_cli.engine.errors import InputError, NumericalError
 from ddpm_cli.engine.noise import SeededNoise
 from ddpm_cli.engine.pipeline import Condition, Pipeline
-from ddpm_cli.engine.choices import LEARNED_VARIANCES, SAMPLERS
-from ddpm_cli.engine.samplers import DEFAULT_SPACING, make_timesteps, sample_ddim, sample_ddpm, sample_dpmpp_2m
+from ddpm_cli.engine.sampler_registry import OPTIONS, check_options, sampler_entry
+from ddpm_cli.engine.samplers import make_timesteps
 
-DEFAULT_STEPS = {"ddpm": None, "ddim": 50, "dpmpp-2m": 20}  # None: every training timestep
+
+def resolve_option(name: str, value, pipeline: Pipeline):
+    """An option's value for ``pipeline``: the given one checked, or the default (``OPTIONS``) when
+    None; a default of None is the model's own (the variance its scheduler names)."""
+    if name == "variance":
+        variance = value or pipeline.variance
+        if variance in LEARNED_VARIANCES and variance != pipeline.variance:
+            raise InputError(f"--variance {variance} needs a model that outputs its variance ({pipeline.name}'s "
+                             f"variance is {pipeline.variance}); choose fixed_small or fixed_large")
+        return variance
+    if name == "eta" and value is not None and value < 0:
+        raise InputError(f"--eta must be >= 0, got {value}")
+    return OPTIONS[name].default if value is None else value
 
 
 @dataclass(frozen=True)
 class SamplerSettings:
-    """How to run the reverse process; unset fields take each sampler's usual value."""
+    """How to run the reverse process; unset fields take each sampler's usual value.
+
+    ``options`` holds sampler options by name (``sampler_registry.OPTIONS``); ``eta`` and
+    ``variance`` are shorthands for options["eta"] and options["variance"]. Resolved settings keep
+    every option of their sampler in ``options``, defaults filled in, and None in the shorthands.
+    """
 
     sampler: str = "dpmpp-2m"
     steps: int | None = None
-    eta: float = 0.0
+    eta: float | None = None
     spacing: str | None = None
     variance: str | None = None
+    options: Mapping[str, object] = field(default_factory=dict)
+
+    def given(self) -> dict:
+        """The options given (not None), shorthands included."""
+        given = {name: value for name, value in self.options.items() if value is not None}
+        # Transitional: the CLI still passes --eta's default 0.0 when --eta is absent, so through the
+        # shorthand 0.0 means "not given" until it passes None.
+        eta = None if self.eta == 0.0 else self.eta
+        for name, value in (("eta", eta), ("variance", self.variance)):
+            if value is not None:
+                if given.get(name, value) != value:
+                    raise ValueError(f"{name} given twice: {value} and options[{name!r}] = {given[name]}")
+                given[name] = value
+        return given
 
     def resolved(self, pipeline: Pipeline) -> SamplerSettings:
-        if self.sampler not in SAMPLERS:
-            raise InputError(f"unknown sampler {self.sampler!r}; choose one of {', '.join(SAMPLERS)}")
-        if self.eta and self.sampler != "ddim":
-            raise InputError(f"--eta applies to the ddim sampler only, not {self.sampler}")
-        steps = self.steps or DEFAULT_STEPS[self.sampler] or pipeline.schedule.num_train_timesteps
-        variance = (self.variance or pipeline.variance) if self.sampler == "ddpm" else None
-        if variance in LEARNED_VARIANCES and variance != pipeline.variance:
-            raise InputError(f"--variance {variance} needs a model that outputs its variance ({pipeline.name}'s "
-                             f"variance is {pipeline.variance}); choose fixed_small or fixed_large")
-        spacing = self.spacing or DEFAULT_SPACING[self.sampler]
+        entry = sampler_entry(self.sampler)
+        given = self.given()
+        check_options(entry.name, given)
+        options = {name: resolve_option(name, given.get(name), pipeline) for name in entry.options}
+        steps = self.steps or entry.steps or pipeline.schedule.num_train_timesteps
+        spacing = self.spacing or entry.spacing
         make_timesteps(pipeline.schedule.num_train_timesteps, steps, spacing)  # validates steps and spacing
-        eta = self.eta if self.sampler == "ddim" else None
-        return SamplerSettings(self.sampler, steps, eta, spacing, variance)
+        return SamplerSettings(entry.name, steps, spacing=spacing, options=options)
 
     def timesteps(self, schedule) -> list[int]:
         """The decreasing timesteps of these (resolved) settings on ``schedule``, with its steps_offset."""
         return make_timesteps(schedule.num_train_timesteps, self.steps, self.spacing, schedule.steps_offset)
 
     def describe(self) -> dict:
-        return {key: value for key, value in asdict(self).items() if value is not None}
+        """The settings as recorded with an image: sampler, steps, spacing and each option."""
+        fields = {"sampler": self.sampler, "steps": self.steps, "spacing": self.spacing, **self.given()}
+        return {key: value for key, value in fields.items() if value is not None}
 
 
 def run_sampler(settings: SamplerSettings, model, x: torch.Tensor, schedule, timesteps: list[int], noise: SeededNoise,
-                callback: Callable[[dict], None] | None = None, project=None) -> torch.Tensor:
-    """Run the settings' sampler from x_T (resolved settings); ``project`` as in samplers.py."""
-    if settings.sampler == "ddpm":
-        return sample_ddpm(model, x, schedule, timesteps, noise, variance=settings.variance, callback=callback,
-                           project=project)
-    if settings.sampler == "ddim":
-        return sample_ddim(model, x, schedule, timesteps, noise, eta=settings.eta, callback=callback, project=project)
-    return sample_dpmpp_2m(model, x, schedule, timesteps, callback=callback, project=project)
+                callback: Callable[[dict], torch.Tensor | None] | None = None) -> torch.Tensor:
+    """Run the (resolved) settings' sampler from x at ``timesteps[0]``, as samplers.py describes."""
+    sample = sampler_entry(settings.sampler).load()
+    return sample(model, x, schedule, timesteps, noise, callback, **settings.given())
 
 
 def sample_batch(pipeline: Pipeline, seeds: list[int], settings: SamplerSettings,
@@ -74,10 +100,7 @@ def sample_batch(pipeline: Pipeline, seeds: list[int], settings: SamplerSettings
     guidance scale w. ``size`` (height, width, in the model's own units: latents for latent models)
     overrides the model's sample size. Latent models are decoded by their VAE at the end.
     """
-    if pipeline.upscale:
-        raise InputError(f"{pipeline.name} is a super-resolution model; use `ddpm upscale {pipeline.name} IMAGE`")
-    if pipeline.inpainting:
-        raise InputError(f"{pipeline.name} is an inpainting model; use `ddpm inpaint {pipeline.name} --image --mask`")
+    pipeline.require("image")
     settings = settings.resolved(pipeline)
     timesteps = settings.timesteps(pipeline.schedule)
     channels, height, width = pipeline.sample_shape

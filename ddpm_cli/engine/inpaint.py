@@ -8,7 +8,8 @@ q(x_s | x_0) of the known image, and the unknown region keeps what the model mad
 
 (m = 1 where the mask says "generate"). At the clean end (alpha_bar = 1) the known region is the
 known image itself, so in pixel space the output's known region equals the input up to 8-bit
-rounding. Every sampler takes this through its ``project`` hook. RePaint's resampling harmonises
+rounding. Every sampler takes this as a step callback (:class:`KnownRegion`), which returns the
+replaced x. RePaint's resampling harmonises
 the border: after each ``jump_length`` steps down, the chain is diffused ``jump_length`` steps back
 up with q(x_t | x_s) and denoised again, ``jump_n_sample`` times in all (ancestral DDPM steps).
 
@@ -18,8 +19,8 @@ latent resolution: a latent is generated if any of its pixels is) and decode at 
 Stable Diffusion inpainting checkpoints (a 9-channel U-Net: 4 latent channels, the mask, and the
 4 latents of the image with the hole set to grey) were trained to fill holes, so nothing is
 replaced during sampling: the mask (nearest-neighbour at latent size) and the masked image's
-latents ride along as extra input channels at every step, as in diffusers'
-StableDiffusionInpaintPipeline. The masked image is encoded to the mean of the VAE's posterior
+latents ride along as extra input channels at every step (``wrappers.with_channels``), as in
+diffusers' StableDiffusionInpaintPipeline. The masked image is encoded to the mean of the VAE's posterior
 (diffusers draws a sample from it), so a seed gives the same image on every run and device.
 """
 
@@ -37,7 +38,8 @@ from ddpm_cli.engine.errors import InputError
 from ddpm_cli.engine.generate import SamplerSettings, run_sampler
 from ddpm_cli.engine.noise import SeededNoise
 from ddpm_cli.engine.pipeline import Condition, Pipeline
-from ddpm_cli.engine.samplers import ddpm_step
+from ddpm_cli.engine.samplers import after_step, ddpm_step
+from ddpm_cli.engine.wrappers import chain, with_channels
 
 MASK_THRESHOLD = 128  # mask pixels (0-255, after flattening to grey) at or above this are generated
 
@@ -90,10 +92,30 @@ def repaint_levels(steps: int, jump_length: int, jump_n_sample: int) -> list[int
     return path
 
 
-def _repaint(model, x, schedule, timesteps: list[int], noise, project, variance: str, jump_length: int,
+class KnownRegion:
+    """The replacement step callback: x's known region (mask 0) becomes the known image noised to
+    the timestep x is now at, t_prev (-1: the clean end, the known image itself). The noise comes
+    from ``noise``, one draw per step."""
+
+    def __init__(self, known: torch.Tensor, mask: torch.Tensor, schedule, noise: SeededNoise):
+        self.known, self.mask, self.schedule, self.noise = known, mask, schedule, noise
+
+    def replace(self, x: torch.Tensor, s: int) -> torch.Tensor:
+        """x with its known region at timestep s."""
+        alpha_bar = self.schedule.alpha_bar(s)
+        noisy_known = self.known if s < 0 else alpha_bar**0.5 * self.known + (1.0 - alpha_bar) ** 0.5 * self.noise()
+        return self.mask * x + (1.0 - self.mask) * noisy_known
+
+    def __call__(self, info: dict) -> torch.Tensor:
+        return self.replace(info["x"], info["t_prev"])
+
+
+def _repaint(model, x, schedule, timesteps: list[int], noise, known: KnownRegion, variance: str, jump_length: int,
              jump_n_sample: int, callback) -> torch.Tensor:
-    """Ancestral DDPM steps along :func:`repaint_levels`; steps up are q(x_t | x_s) (forward diffusion)."""
+    """Ancestral DDPM steps along :func:`repaint_levels`, the known region replaced after each; steps
+    up are q(x_t | x_s) (forward diffusion). ``callback`` sees every move (denoised None going up)."""
     n = len(timesteps)
+    down = chain(known, callback)
 
     def t_of(level: int) -> int:  # level 0 is the clean end
         return timesteps[n - level] if level > 0 else -1
@@ -103,11 +125,10 @@ def _repaint(model, x, schedule, timesteps: list[int], noise, project, variance:
         t, s = t_of(here), t_of(there)
         if there > here:  # back up: x_t ~ q(x_t | x_s) with alpha = alpha_bar_t / alpha_bar_s
             ratio = schedule.alpha_bar(s) / schedule.alpha_bar(t)
-            x = ratio**0.5 * x + (1.0 - ratio) ** 0.5 * noise()
+            x = after_step(callback, i, t, s, ratio**0.5 * x + (1.0 - ratio) ** 0.5 * noise(), None)
         else:
-            x = project(ddpm_step(model, x, schedule, t, s, noise, variance)[0], s)
-        if callback is not None:
-            callback({"i": i, "t": t, "x": x})
+            x, x0 = ddpm_step(model, x, schedule, t, s, noise, variance)
+            x = after_step(down, i, t, s, x, x0)
     return x
 
 
@@ -121,19 +142,18 @@ def inpaint_batch(pipeline: Pipeline, seeds: list[int], settings: SamplerSetting
     sampler only). ``preserve_known`` pastes the known pixels back after decoding (latent models;
     pixel models keep them anyway).
     """
-    if pipeline.upscale:
-        raise InputError(f"{pipeline.name} is a super-resolution model; it cannot inpaint")
+    pipeline.require("image", "inpaint")
     settings = settings.resolved(pipeline)
     if jump_n_sample > 1 and settings.sampler != "ddpm":
         raise InputError("RePaint resampling (--jump-n-sample > 1) runs with --sampler ddpm")
-    if jump_n_sample > 1 and pipeline.inpainting:
+    if jump_n_sample > 1 and pipeline.kind == "inpaint":
         raise InputError(f"{pipeline.name} is an inpainting model that sees the mask itself; drop --jump-n-sample")
     if image.shape[0] != pipeline.image_channels:
         raise InputError(f"the image has {image.shape[0]} channels but {pipeline.name} makes {pipeline.image_channels}")
     device = pipeline.device
     known = image[None].to(device)
     pixel_mask = mask.to(device)
-    if pipeline.inpainting:  # the model's extra inputs: the masked image's latents and the mask at their size
+    if pipeline.kind == "inpaint":  # the model's extra inputs: the masked image's latents and the mask at their size
         known = encode_images(pipeline.vae, known * (1.0 - pixel_mask)).to(device)
         mask = F.interpolate(pixel_mask, size=known.shape[-2:])
     elif pipeline.vae is not None:
@@ -147,21 +167,17 @@ def inpaint_batch(pipeline: Pipeline, seeds: list[int], settings: SamplerSetting
     noise = SeededNoise(seeds, tuple(known.shape[1:]), device)
     x = noise()
     known_noise = SeededNoise([seed + 1_000_003 for seed in seeds], tuple(known.shape[1:]), device)
-
-    def project(x: torch.Tensor, s: int) -> torch.Tensor:
-        alpha_bar = schedule.alpha_bar(s)
-        noisy_known = known if s < 0 else alpha_bar**0.5 * known + (1.0 - alpha_bar) ** 0.5 * known_noise()
-        return mask * x + (1.0 - mask) * noisy_known
-
+    region = KnownRegion(known, mask, schedule, known_noise)
     model = pipeline.denoiser(batch, condition, cfg)
     timesteps = settings.timesteps(pipeline.schedule)
-    if pipeline.inpainting:  # the U-Net fills the hole itself, seeing the mask and the masked image
-        concat = torch.cat([mask, known[:1]], dim=1)
-        x = run_sampler(settings, lambda x, t: model(x, t, concat), x, schedule, timesteps, noise, callback)
-    elif settings.sampler == "ddpm" and jump_n_sample > 1:
-        x = _repaint(model, x, schedule, timesteps, noise, project, settings.variance, jump_length, jump_n_sample, callback)
+    if pipeline.kind == "inpaint":  # the U-Net fills the hole itself, seeing the mask and the masked image
+        x = run_sampler(settings, with_channels(model, torch.cat([mask, known[:1]], dim=1)), x, schedule, timesteps,
+                        noise, callback)
+    elif jump_n_sample > 1:
+        x = _repaint(model, x, schedule, timesteps, noise, region, settings.options["variance"], jump_length,
+                     jump_n_sample, callback)
     else:
-        x = run_sampler(settings, model, x, schedule, timesteps, noise, callback, project)
+        x = run_sampler(settings, model, x, schedule, timesteps, noise, chain(region, callback))
     out = pipeline.decode(x).float().clamp(-1.0, 1.0)
     if pipeline.vae is None or preserve_known:  # exact known pixels (pixel models have them already)
         out = pixel_mask * out + (1.0 - pixel_mask) * image[None].to(device).float()

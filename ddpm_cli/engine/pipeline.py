@@ -25,6 +25,11 @@ from ddpm_cli.engine.schedule import NoiseSchedule
 # What diffusers' configs cannot say (class names) is kept beside them in this file.
 MODEL_INFO_FILE = "ddpm_model.json"
 
+# What each kind of model makes, and the command that runs it.
+KINDS = {"image": ("an image model", "`ddpm sample {name}`"),
+         "upscale": ("a super-resolution model", "`ddpm upscale {name} IMAGE`"),
+         "inpaint": ("an inpainting model", "`ddpm inpaint {name} --image --mask`")}
+
 # The scheduler's variance_type names the DDPM variance the model was meant to be sampled with.
 _VARIANCE_FROM_CONFIG = {"fixed_small": "fixed_small", "fixed_small_log": "fixed_small",
                          "fixed_large": "fixed_large", "fixed_large_log": "fixed_large",
@@ -56,7 +61,13 @@ def _canonical(name: str) -> str:
 
 @dataclass
 class Pipeline:
-    """Everything a sampler needs from a checkpoint."""
+    """Everything a sampler needs from a checkpoint.
+
+    ``kind`` is what the network does: "image" (x_t alone in: unconditional, class- or
+    text-conditional generation), "upscale" (x_t and a low-resolution image in; ``scale`` is its
+    factor) or "inpaint" (a Stable Diffusion inpainting U-Net: latents, the mask, the masked
+    image's latents). The image inputs ride along as extra channels (``wrappers.with_channels``).
+    """
 
     name: str
     folder: Path
@@ -68,12 +79,31 @@ class Pipeline:
     class_names: list[str] | None = field(default=None)
     text_encoder: object | None = field(default=None)  # engine.text.TextEncoder for text models
     vae: torch.nn.Module | None = field(default=None)  # AutoencoderKL of a latent model (VQModel: LDM upscalers)
-    upscale: int | None = field(default=None)  # a super-resolution model's factor (its input: x_t and the upsampled image)
+    kind: str = field(default="image")  # one of KINDS
+    scale: int | None = field(default=None)  # an upscale model's factor
     low_res_schedule: NoiseSchedule | None = field(default=None)  # Stable Diffusion upscalers: noise added to the input
     max_noise_level: int | None = field(default=None)
     info: dict = field(default_factory=dict)  # ddpm_model.json: what the project recorded with the model
     forward: Callable | None = field(default=None)  # the U-Net call samplers use (acceleration.unet_forward)
-    inpainting: bool = field(default=False)  # an SD inpainting U-Net: latents, the mask, the masked image's latents
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"unknown pipeline kind {self.kind!r}; one of {', '.join(KINDS)}")
+        if (self.kind == "upscale") != bool(self.scale):
+            raise ValueError("an upscale pipeline has a scale factor, and only it")
+
+    @property
+    def upscale(self) -> int | None:
+        """The factor of an upscale model; None for other kinds."""
+        return self.scale if self.kind == "upscale" else None
+
+    def require(self, *kinds: str) -> None:
+        """Refuse, in one line naming the command for this model, a task for other kinds of model."""
+        if self.kind in kinds:
+            return
+        what, command = KINDS[self.kind]
+        wanted = " or ".join(KINDS[kind][0] for kind in kinds)
+        raise InputError(f"{self.name} is {what}, not {wanted}; use {command.format(name=self.name)}")
 
     def accelerate(self, compile: bool = False, graphs: bool | None = None) -> Pipeline:
         """The chosen memory layout, optionally torch.compile, and CUDA graphs on CUDA unless graphs=False."""
@@ -90,7 +120,7 @@ class Pipeline:
     def upscaler(self) -> str | None:
         """The super-resolution format: "sr3" (pixel space, `ddpm train --task superres`), "sd" (Stable
         Diffusion upscaler: noised input, prompt), "ldm" (LDM: VQ latents), or None for other models."""
-        if not self.upscale:
+        if self.kind != "upscale":
             return None
         if self.low_res_schedule is not None:
             return "sd"
@@ -171,7 +201,7 @@ class Pipeline:
     def sample_shape(self) -> tuple[int, int, int]:
         size = self.unet.config.sample_size
         height, width = (size, size) if isinstance(size, int) else tuple(size)
-        channels = self.unet.config.out_channels if self.upscale or self.inpainting else self.unet.config.in_channels
+        channels = self.unet.config.in_channels if self.kind == "image" else self.unet.config.out_channels
         return (channels, height, width)
 
     def denoiser(self, batch: int = 1, condition: Condition | None = None, scale: float = 1.0) -> UNetDenoiser:
@@ -185,7 +215,7 @@ def from_unet(unet: torch.nn.Module, schedule: NoiseSchedule, name: str = "in-me
     """Wrap a network already in memory (the training loop's EMA model, a test's model)."""
     parameter = next(unet.parameters())
     return Pipeline(name, Path("."), unet, schedule, variance, parameter.device, parameter.dtype, class_names,
-                    text_encoder, vae, upscale)
+                    text_encoder, vae, "upscale" if upscale else "image", upscale)
 
 
 def load_pipeline(model: str, revision: str | None = None, device: str = "auto", dtype: str = "auto",
@@ -231,8 +261,8 @@ def load_pipeline(model: str, revision: str | None = None, device: str = "auto",
         spec = info.get("text_encoder") or str(folder)  # a project run names its encoder; else text_encoder/ inside
         text_encoder = TextEncoder.load(spec, torch_device, max_length=info.get("max_length"),
                                         embedding=info.get("text_embedding") or "tokens")
+    kind = "upscale" if upscale else "inpaint" if inpainting else "image"
     pipeline = Pipeline(model, folder, unet, NoiseSchedule.from_config(config), variance, torch_device, torch_dtype,
-                        info.get("class_names"), text_encoder, vae, upscale, low_res_schedule,
-                        index.get("max_noise_level") if low_res_schedule is not None else None, info,
-                        inpainting=inpainting)
+                        info.get("class_names"), text_encoder, vae, kind, upscale, low_res_schedule,
+                        index.get("max_noise_level") if low_res_schedule is not None else None, info)
     return pipeline.accelerate(compile)

@@ -1,13 +1,20 @@
-"""Reverse-process samplers as plain functions.
+"""Reverse-process samplers as plain functions of one shape, found by name in ``sampler_registry``.
 
-Every sampler has the shape ``sample_x(model, x, schedule, timesteps, ...) -> x_0`` where
-``model(x, t) -> network output`` at integer timestep ``t`` (see ``denoiser.py``), ``x`` is x_T,
-``timesteps`` is the decreasing list from :func:`make_timesteps`, and the chain always ends at the
-clean image (alpha_bar = 1). Coefficients are Python floats computed in float64, so the loop
-issues no host-device synchronisation. ``noise()`` draws a fresh standard normal like ``x``.
-``callback`` receives ``{"i", "t", "x", "denoised"}`` after each step. ``project(x, t_prev)``, when
-given, replaces x after each step (inpainting puts the known region back there, noised to t_prev;
-t_prev = -1 is the clean end).
+Every sampler is ``sample_x(model, x, schedule, timesteps, noise=None, callback=None, **options) -> x``:
+
+- ``model(x, t) -> network output`` at integer timestep t (``denoiser.py``; wrappers in ``wrappers.py``
+  add input channels or tile it);
+- ``x`` is the state at ``timesteps[0]``: x_T, or a partially noised image when the list starts
+  lower (the chain need not start at T);
+- ``timesteps`` is a decreasing list (from :func:`make_timesteps`, or a tail of one), and the
+  chain always ends at the clean image (alpha_bar = 1);
+- ``noise()`` draws a fresh standard normal like ``x`` (deterministic samplers never call it);
+- ``callback(info)`` runs after each step with ``{"i", "t", "t_prev", "x", "denoised"}``, where x
+  is now at timestep t_prev (-1: the clean end); a tensor it returns replaces x (inpainting puts
+  the known region back this way), None keeps it;
+- ``options`` are the keyword-only options its registry entry lists (``eta``, ``variance``).
+
+Coefficients are Python floats computed in float64, so the loop issues no host-device synchronisation.
 """
 
 from __future__ import annotations
@@ -22,13 +29,9 @@ from ddpm_cli.engine.choices import SPACINGS, VARIANCES
 from ddpm_cli.engine.errors import InputError
 from ddpm_cli.engine.schedule import NoiseSchedule, interpolate_log_variance
 
-# Each sampler's usual spacing: DDPM and DDIM as in their diffusers schedulers, DPM-Solver++ ending
-# at a timestep of T/n (diffusers' own default for it differs from "trailing" by one step at most).
-DEFAULT_SPACING = {"ddpm": "leading", "ddim": "leading", "dpmpp-2m": "trailing"}
-
 Model = Callable[[torch.Tensor, int], torch.Tensor]
-Callback = Callable[[dict], None] | None
-Project = Callable[[torch.Tensor, int], torch.Tensor] | None
+Noise = Callable[[], torch.Tensor] | None
+Callback = Callable[[dict], torch.Tensor | None] | None
 
 
 def make_timesteps(num_train_timesteps: int, steps: int, spacing: str = "leading", offset: int = 0) -> list[int]:
@@ -53,6 +56,20 @@ def make_timesteps(num_train_timesteps: int, steps: int, spacing: str = "leading
 
 def _prev(timesteps: list[int], i: int) -> int:
     return timesteps[i + 1] if i + 1 < len(timesteps) else -1
+
+
+def after_step(callback: Callback, i: int, t: int, t_prev: int, x: torch.Tensor,
+               denoised: torch.Tensor | None) -> torch.Tensor:
+    """Run the step callback; x, or the tensor the callback returned in its place."""
+    if callback is None:
+        return x
+    replaced = callback({"i": i, "t": t, "t_prev": t_prev, "x": x, "denoised": denoised})
+    return x if replaced is None else replaced
+
+
+def _needs_noise(noise: Noise, sampler: str) -> None:
+    if noise is None:
+        raise ValueError(f"{sampler} needs a noise source with these options")
 
 
 def ddpm_step(model: Model, x: torch.Tensor, schedule: NoiseSchedule, t: int, t_prev: int,
@@ -84,9 +101,8 @@ def ddpm_step(model: Model, x: torch.Tensor, schedule: NoiseSchedule, t: int, t_
 
 
 @torch.no_grad()
-def sample_ddpm(model: Model, x: torch.Tensor, schedule: NoiseSchedule, timesteps: list[int],
-                noise: Callable[[], torch.Tensor], variance: str = "fixed_small", callback: Callback = None,
-                project: Project = None) -> torch.Tensor:
+def sample_ddpm(model: Model, x: torch.Tensor, schedule: NoiseSchedule, timesteps: list[int], noise: Noise = None,
+                callback: Callback = None, *, variance: str = "fixed_small") -> torch.Tensor:
     """Ancestral sampling, Algorithm 2 of Ho et al. (2020), over any subsequence of timesteps.
 
     Respaced steps use beta_t = 1 - alpha_bar_t / alpha_bar_prev (Nichol & Dhariwal 2021, sec. 4).
@@ -95,27 +111,25 @@ def sample_ddpm(model: Model, x: torch.Tensor, schedule: NoiseSchedule, timestep
     """
     if variance not in VARIANCES:
         raise InputError(f"unknown variance {variance!r}; choose one of {', '.join(VARIANCES)}")
+    _needs_noise(noise, "sample_ddpm")
     for i, t in enumerate(timesteps):
-        x, x0 = ddpm_step(model, x, schedule, t, _prev(timesteps, i), noise, variance)
-        if project is not None:
-            x = project(x, _prev(timesteps, i))
-        if callback is not None:
-            callback({"i": i, "t": t, "x": x, "denoised": x0})
+        t_prev = _prev(timesteps, i)
+        x, x0 = ddpm_step(model, x, schedule, t, t_prev, noise, variance)
+        x = after_step(callback, i, t, t_prev, x, x0)
     return x
 
 
 @torch.no_grad()
-def sample_ddim(model: Model, x: torch.Tensor, schedule: NoiseSchedule, timesteps: list[int],
-                noise: Callable[[], torch.Tensor] | None = None, eta: float = 0.0, callback: Callback = None,
-                project: Project = None) -> torch.Tensor:
+def sample_ddim(model: Model, x: torch.Tensor, schedule: NoiseSchedule, timesteps: list[int], noise: Noise = None,
+                callback: Callback = None, *, eta: float = 0.0) -> torch.Tensor:
     """DDIM, eq. (12) of Song et al. (2021); eta = 0 is deterministic, eta = 1 matches DDPM's variance.
 
     The last step ends at ``schedule.final_alpha_bar`` (alpha_bar_0 for configs with set_alpha_to_one
     false, as Stable Diffusion's), so the result is then x_0 a hair short of clean, as in diffusers."""
     if eta < 0:
         raise InputError(f"--eta must be >= 0, got {eta}")
-    if eta > 0 and noise is None:
-        raise ValueError("sample_ddim needs a noise source when eta > 0")
+    if eta > 0:
+        _needs_noise(noise, "sample_ddim with eta > 0")
     for i, t in enumerate(timesteps):
         t_prev = _prev(timesteps, i)
         alpha_bar_t = schedule.alpha_bar(t)
@@ -128,10 +142,7 @@ def sample_ddim(model: Model, x: torch.Tensor, schedule: NoiseSchedule, timestep
         x = alpha_bar_prev**0.5 * x0 + direction
         if sigma > 0:
             x = x + sigma * noise()
-        if project is not None:
-            x = project(x, _prev(timesteps, i))
-        if callback is not None:
-            callback({"i": i, "t": t, "x": x, "denoised": x0})
+        x = after_step(callback, i, t, t_prev, x, x0)
     return x
 
 
@@ -141,15 +152,16 @@ def _lambda(alpha_bar: float) -> float:
 
 
 @torch.no_grad()
-def sample_dpmpp_2m(model: Model, x: torch.Tensor, schedule: NoiseSchedule, timesteps: list[int],
-                    callback: Callback = None, project: Project = None) -> torch.Tensor:
+def sample_dpmpp_2m(model: Model, x: torch.Tensor, schedule: NoiseSchedule, timesteps: list[int], noise: Noise = None,
+                    callback: Callback = None) -> torch.Tensor:
     """DPM-Solver++(2M), Algorithm 2 of Lu et al. (2022b), data prediction, multistep.
 
     The first step and the last (to sigma = 0) are first order, as in diffusers' defaults.
     """
     x0_prev, h_prev = None, None
     for i, t in enumerate(timesteps):
-        alpha_bar_s, alpha_bar_t = schedule.alpha_bar(t), schedule.alpha_bar(_prev(timesteps, i))
+        t_prev = _prev(timesteps, i)
+        alpha_bar_s, alpha_bar_t = schedule.alpha_bar(t), schedule.alpha_bar(t_prev)
         x0, _ = schedule.split_prediction(model(x, t), x, t)
         sigma_s, sigma_t = (1.0 - alpha_bar_s) ** 0.5, (1.0 - alpha_bar_t) ** 0.5
         alpha_t = alpha_bar_t**0.5
@@ -165,8 +177,5 @@ def sample_dpmpp_2m(model: Model, x: torch.Tensor, schedule: NoiseSchedule, time
             denoised = (1.0 + 0.5 / r) * x0 - (0.5 / r) * x0_prev
         x = (sigma_t / sigma_s) * x + (alpha_t * phi) * denoised
         x0_prev, h_prev = x0, h
-        if project is not None:
-            x = project(x, _prev(timesteps, i))
-        if callback is not None:
-            callback({"i": i, "t": t, "x": x, "denoised": x0})
+        x = after_step(callback, i, t, t_prev, x, x0)
     return x

@@ -4,7 +4,7 @@ upscaler format (StableDiffusionUpscalePipeline) and the LDM one (LDMSuperResolu
 The U-Net sees the noisy x_t concatenated with the low-resolution image upsampled bicubically to
 the output size, and predicts the noise; x_0 is the residual (high-resolution image minus the
 upsampled one), so the output is the upsampled image plus the sampled residual. Sampling is any
-sampler's reverse process with that extra input; the result is finally projected onto the images
+sampler's reverse process with that extra input (``wrappers.with_channels`` around the model); the result is finally projected onto the images
 whose block means equal the input (``back_project``), so downsampling the output gives the input. The low-resolution image of a training pair is the high-resolution
 one box-filtered down by the scale factor (``degrade``), the operator the consistency check inverts.
 
@@ -32,6 +32,7 @@ from ddpm_cli.engine.generate import SamplerSettings, run_sampler
 from ddpm_cli.engine.noise import SeededNoise
 from ddpm_cli.engine.denoiser import UNetDenoiser
 from ddpm_cli.engine.pipeline import Condition, Pipeline
+from ddpm_cli.engine.wrappers import with_channels
 
 
 def degrade(images: torch.Tensor, scale: int) -> torch.Tensor:
@@ -62,14 +63,15 @@ def _ramp(tile: int, overlap: int, device) -> torch.Tensor:
 
 
 def tiled(model: Callable, tile: int, overlap: int, tiles_per_pass: int = TILES_PER_PASS) -> Callable:
-    """``model(x, t, concat)`` run on overlapping tile×tile windows and blended; the whole image
-    when it fits in one tile. Up to ``tiles_per_pass`` windows (of every image in the batch) go
-    through the network together, which bounds memory and keeps the device busy."""
-    def run(x: torch.Tensor, t: int, concat: torch.Tensor) -> torch.Tensor:
+    """``model(x, t)`` run on overlapping tile×tile windows and blended; the whole image when it fits
+    in one tile. x is the network's whole input (conditioning channels included), the output may
+    have other channels. Up to ``tiles_per_pass`` windows (of every image in the batch) go through
+    the network together, which bounds memory and keeps the device busy."""
+    def run(x: torch.Tensor, t: int) -> torch.Tensor:
         height, width = x.shape[-2:]
         if height <= tile and width <= tile:
-            return model(x, t, concat)
-        out = torch.zeros_like(x)
+            return model(x, t)
+        out = None
         total = torch.zeros((1, 1, height, width), device=x.device, dtype=x.dtype)
         tile_h, tile_w = min(tile, height), min(tile, width)
         weight = (_ramp(tile_h, overlap, x.device)[:, None] * _ramp(tile_w, overlap, x.device)[None, :]).to(x.dtype)
@@ -80,8 +82,10 @@ def tiled(model: Callable, tile: int, overlap: int, tiles_per_pass: int = TILES_
         for start in range(0, len(windows), tiles_per_pass):
             chunk = windows[start:start + tiles_per_pass]
             xs = torch.cat([x[window] for window in chunk])  # window-major: B rows per window
-            cs = torch.cat([concat[window].expand(batch, -1, -1, -1) for window in chunk])
-            for window, part in zip(chunk, model(xs, t, cs).split(batch)):
+            parts = model(xs, t)
+            if out is None:
+                out = x.new_zeros((batch, parts.shape[1], height, width))
+            for window, part in zip(chunk, parts.split(batch)):
                 out[window] += weight * part
                 total[window] += weight
         return out / total
@@ -105,9 +109,8 @@ class UpscaleSettings:
 def upscale_batch(pipeline: Pipeline, seeds: list[int], settings: SamplerSettings, low: torch.Tensor,
                   callback: Callable[[dict], None] | None = None, options: UpscaleSettings = UpscaleSettings()) -> torch.Tensor:
     """Upscale one low-resolution image (C×h×w in [-1, 1]) once per seed: B×C×(h·s)×(w·s) in [-1, 1]."""
-    scale = pipeline.upscale
-    if not scale:
-        raise InputError(f"{pipeline.name} is not a super-resolution model (train one with `ddpm train --task superres`)")
+    pipeline.require("upscale")
+    scale = pipeline.scale
     if low.shape[0] != pipeline.image_channels:
         raise InputError(f"the image has {low.shape[0]} channels but {pipeline.name} makes {pipeline.image_channels}")
     settings = settings.resolved(pipeline)
@@ -141,9 +144,9 @@ def upscale_batch(pipeline: Pipeline, seeds: list[int], settings: SamplerSetting
     else:
         condition = upsample(image, scale).expand(len(seeds), -1, -1, -1)
         denoiser = pipeline.denoiser(len(seeds))
-    model = tiled(denoiser, tile, overlap)
+    model = with_channels(tiled(denoiser, tile, overlap), condition)
     timesteps = settings.timesteps(pipeline.schedule)
-    x = run_sampler(settings, lambda x, t: model(x, t, condition), noise(), pipeline.schedule, timesteps, noise, callback)
+    x = run_sampler(settings, model, noise(), pipeline.schedule, timesteps, noise, callback)
     if kind == "sr3":
         x = back_project(condition + x, image, scale)  # the upsampled image plus the residual, made consistent
     return pipeline.decode(x).float().clamp(-1.0, 1.0).cpu()

@@ -14,7 +14,7 @@ import torch
 
 from ddpm_cli.engine.bound import BoundEstimate, bound_bpd
 from ddpm_cli.engine.errors import InputError
-from ddpm_cli.engine.pipeline import Condition, Pipeline
+from ddpm_cli.engine.pipeline import KINDS, Condition, Pipeline
 from ddpm_cli.engine.samplers import make_timesteps
 from ddpm_cli.evaluation.images import read_images
 
@@ -43,8 +43,8 @@ def check_pixel_model(pipeline: Pipeline) -> None:
     if pipeline.vae is not None:
         raise InputError(f"{pipeline.name} is a latent model; the bound in bits/dim is defined for pixel-space "
                          "models (its decoder term assumes 8-bit pixels)")
-    if pipeline.upscale:
-        raise InputError(f"{pipeline.name} is a super-resolution model; eval nll measures unconditional image models")
+    if pipeline.kind != "image":
+        raise InputError(f"{pipeline.name} is {KINDS[pipeline.kind][0]}; eval nll measures image models")
 
 
 def unconditional(pipeline: Pipeline) -> Condition | None:

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from ddpm_cli.engine.errors import InputError
+from ddpm_cli.engine.sampler_registry import SAMPLERS
 from ddpm_cli.engine.generate import SamplerSettings, sample_batch
 from ddpm_cli.engine.pipeline import Pipeline
 
@@ -25,8 +26,9 @@ def check_sweep(metric: str, samplers: list[str], steps: list[int]) -> None:
     if not samplers or not steps:
         raise InputError("give at least one sampler and one step count")
     if metric == "nll" and samplers != ["ddpm"]:
-        raise InputError("--metric nll is the bound of the ddpm sampler's chain; use --samplers ddpm "
-                         "(ddim and dpmpp-2m define no likelihood), or --metric fid")
+        others = ", ".join(name for name in SAMPLERS if name != "ddpm")
+        raise InputError(f"--metric nll is the bound of the ddpm sampler's chain; use --samplers ddpm "
+                         f"({others} define no likelihood), or --metric fid")
 
 
 def generated_features(pipeline: Pipeline, inception, settings: SamplerSettings, count: int, batch_size: int,

@@ -1,0 +1,94 @@
+"""The samplers by name, and the sampler options, declared once; free of torch so the CLI can list
+and check them without importing it.
+
+Every sampler is a function of one shape (see ``samplers.py``)::
+
+    sample(model, x, schedule, timesteps, noise=None, callback=None, **options) -> x
+
+and one :class:`SamplerEntry` line in ``REGISTRY`` names it, says where the function lives, which
+options it takes and its usual spacing and step count. Options are shared by name across samplers
+(``OPTIONS``): each has one flag, and one rule holds for all of them: an option given (not None)
+to a sampler whose entry does not list it is refused with :class:`InputError`, naming the samplers
+that take it.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from ddpm_cli.engine.errors import InputError
+
+
+@dataclass(frozen=True)
+class SamplerOption:
+    """A sampler option: its command-line flag, its value when not given, and what it means.
+    ``default`` None means "decided by the model" (see ``generate.resolve_option``)."""
+
+    flag: str
+    default: object
+    help: str
+
+
+OPTIONS: dict[str, SamplerOption] = {
+    "eta": SamplerOption("--eta", 0.0, "noise added at each step: 0 deterministic, 1 as much as ancestral sampling"),
+    "variance": SamplerOption("--variance", None, "the reverse-step variance [default: the model's]"),
+}
+
+
+@dataclass(frozen=True)
+class SamplerEntry:
+    """One sampler: ``function`` is "module:name" (loaded on first use), ``options`` the names from
+    ``OPTIONS`` it takes as keywords, ``spacing`` and ``steps`` its usual timestep spacing and step
+    count (steps None: every training timestep), ``stochastic`` whether it draws fresh noise at each
+    step with its default options, and ``paper`` the method's source."""
+
+    name: str
+    function: str
+    paper: str
+    options: tuple[str, ...] = ()
+    spacing: str = "leading"
+    steps: int | None = None
+    stochastic: bool = False
+
+    def load(self) -> Callable:
+        module, _, attribute = self.function.partition(":")
+        return getattr(importlib.import_module(module), attribute)
+
+
+_SAMPLERS = "ddpm_cli.engine.samplers"
+
+# DDPM and DDIM use their diffusers schedulers' spacing; DPM-Solver++ ends at a timestep of T/n
+# (diffusers' own default for it differs from "trailing" by one step at most).
+REGISTRY: dict[str, SamplerEntry] = {entry.name: entry for entry in (
+    SamplerEntry("ddpm", f"{_SAMPLERS}:sample_ddpm", "Ho et al. 2020", ("variance",), "leading", None, True),
+    SamplerEntry("ddim", f"{_SAMPLERS}:sample_ddim", "Song et al. 2021", ("eta",), "leading", 50),
+    SamplerEntry("dpmpp-2m", f"{_SAMPLERS}:sample_dpmpp_2m", "Lu et al. 2022", (), "trailing", 20),
+)}
+
+SAMPLERS = tuple(REGISTRY)
+
+
+def sampler_entry(name: str) -> SamplerEntry:
+    if name not in REGISTRY:
+        raise InputError(f"unknown sampler {name!r}; choose one of {', '.join(REGISTRY)}")
+    return REGISTRY[name]
+
+
+def takers(option: str) -> list[str]:
+    """The samplers that take ``option``."""
+    return [entry.name for entry in REGISTRY.values() if option in entry.options]
+
+
+def check_options(name: str, given: Mapping[str, object]) -> None:
+    """Refuse an option given (not None) that sampler ``name`` does not take, in one line."""
+    entry = sampler_entry(name)
+    for option, value in given.items():
+        if value is None or option in entry.options:
+            continue
+        if option not in OPTIONS:
+            raise InputError(f"unknown sampler option {option!r}; known: {', '.join(OPTIONS)}")
+        users = takers(option)
+        raise InputError(f"{OPTIONS[option].flag} does not apply to the {name} sampler; "
+                         f"{'it applies to ' + ', '.join(users) if users else 'no sampler takes it'}")
