@@ -2,13 +2,16 @@
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import time
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -54,6 +57,13 @@ def weights_differ_by(folder, run_a: str, run_b: str, name: str) -> float:
     a = load_file(folder / run_a / "checkpoints" / "checkpoint-0000004" / f"{name}.safetensors")
     b = load_file(folder / run_b / "checkpoints" / "checkpoint-0000004" / f"{name}.safetensors")
     return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def mean_difference(folder, run_a: str, run_b: str, name: str) -> float:
+    """The mean absolute difference over all weights of two runs' final checkpoints."""
+    a = load_file(folder / run_a / "checkpoints" / "checkpoint-0000004" / f"{name}.safetensors")
+    b = load_file(folder / run_b / "checkpoints" / "checkpoint-0000004" / f"{name}.safetensors")
+    return sum((a[k] - b[k]).abs().sum().item() for k in a) / sum(a[k].numel() for k in a)
 
 
 @pytest.fixture(scope="module")
@@ -103,3 +113,79 @@ def test_two_processes_sample_the_same_images_as_one(runs, tmp_path):
         assert np.abs(a - b).max() <= 1, name
 
 
+TASKS = {
+    "superres": ["--task", "superres", "--scale", 2],
+    "autoencoder": ["--task", "autoencoder", "--ema-decay", 0.9],
+}
+
+
+@pytest.mark.parametrize("task", list(TASKS))
+def test_two_processes_train_what_one_does_for_every_objective(task, tmp_path):
+    """Each objective's loss runs through DDP's forward and the Trainer's sharded draws: two processes on
+    the same global batch end with one process's weights, up to float rounding. Rounding alone can move
+    a weight whose true gradient is zero (a bias before a normalisation, an attention key's bias) by
+    about the learning rate, as Adam scales its noise up to full steps; so the bound is on the mean
+    difference, which processes that drift apart (each training on its half, or drawing its own noise)
+    push to the order of the learning rate."""
+    common = ["train", "fashion-mnist-subset", *TASKS[task], "--resolution", 16, "--max-steps", 4, "-b", 8, "--lr", "1e-3",
+              "--checkpoint-every", 4, "--random-flip", "--device", "cpu", "--num-workers", 0, "-q"]
+    one = ddpm(*common, "-o", tmp_path / "one")
+    two = torchrun(*common, "-o", tmp_path / "two")
+    assert one.returncode == 0, one.stderr
+    assert two.returncode == 0, two.stderr
+    for name in ("model", "ema"):
+        assert mean_difference(tmp_path, "one", "two", name) < 1e-5, (task, name)
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        found.append(int(entry))
+            except (OSError, IndexError, ValueError):
+                continue
+    return found
+
+
+def _rank_of(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            env = dict(item.split(b"=", 1) for item in f.read().split(b"\0") if b"=" in item)
+    except OSError:
+        return None
+    return int(env[b"RANK"]) if b"RANK" in env else None
+
+
+def test_sigterm_to_one_process_stops_every_rank_at_the_same_step_and_resumes_exactly(tmp_path):
+    """Only rank 1 is told to stop; the ranks agree on the step, rank 0 writes that step's checkpoint,
+    and the resumed run ends with an uninterrupted two-process run's weights, bit for bit."""
+    common = ["train", "fashion-mnist-subset", "--resolution", 16, "--max-steps", 30, "-b", 8, "--lr", "1e-3",
+              "--checkpoint-every", 1000,
+              "--device", "cpu", "--num-workers", 0, "-q"]
+    straight = torchrun(*common, "-o", tmp_path / "straight")
+    assert straight.returncode == 0, straight.stderr
+    run = tmp_path / "stopped"
+    agent = subprocess.Popen(_launch(["--standalone", "--nproc-per-node", "2"], [*common, "-o", run]),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV)
+    deadline = time.time() + 240
+    while not (run / "log.jsonl").exists():  # step 10 is logged
+        assert time.time() < deadline and agent.poll() is None
+        time.sleep(0.02)
+    ranks = {_rank_of(pid): pid for pid in _children(agent.pid)}
+    os.kill(ranks[1], signal.SIGTERM)
+    _, stderr = agent.communicate(timeout=240)
+    assert agent.returncode != 0  # torchrun reports its workers' exit 143 as a failure
+    lines = [line for line in stderr.splitlines() if line.startswith("ddpm: error: stopped by SIGTERM after step")]
+    assert len(lines) == 2, stderr  # both ranks stop, at the same step, naming the same checkpoint
+    saved = [p.name for p in (run / "checkpoints").iterdir()]
+    assert len(saved) == 1 and all(str(run / "checkpoints" / saved[0]) in line for line in lines), (saved, lines)
+    assert 10 <= int(saved[0].removeprefix("checkpoint-")) < 30
+    resumed = torchrun("train", "-o", run, "--resume", "latest", "-q")
+    assert resumed.returncode == 0, resumed.stderr
+    for name in ("model", "ema"):
+        a = load_file(tmp_path / "straight" / "checkpoints" / "checkpoint-0000030" / f"{name}.safetensors")
+        b = load_file(run / "checkpoints" / "checkpoint-0000030" / f"{name}.safetensors")
+        assert all(torch.equal(a[k], b[k]) for k in a), name
