@@ -189,9 +189,13 @@ def test_output_may_name_the_file_of_a_single_image(tiny_pipeline_dir, tmp_path)
      "--cfg guides towards --prompt or --class"),
     (["inpaint", "fashion-mnist", "--image", "x.png", "--mask", "m.png", "--negative-prompt", "dog"],
      "--negative-prompt goes with --prompt"),
+    (["eval", "sweep", "fashion-mnist", "--metric", "fid", "--timesteps", "3"], "--timesteps does not apply to --metric fid"),
+    (["eval", "sweep", "fashion-mnist", "--ref", "fashion-mnist"], "--ref does not apply to --metric nll"),
+    (["eval", "fid", "{tmp}", "--ref", "fashion-mnist", "--steps", "3"], "--sampler and --steps apply to a MODEL"),
+    (["encode", "--decode", "x.safetensors", "--channels", "1", "-o", "out"], "--channels applies to encoding"),
 ])
-def test_options_that_do_not_apply_are_refused_before_the_model_loads(args, pattern):
-    result = in_fresh_process(*args)
+def test_options_that_do_not_apply_are_refused_before_the_model_loads(args, pattern, tmp_path):
+    result = in_fresh_process(*[arg.format(tmp=tmp_path) for arg in args])
     one_error_line(result, 2, pattern)
     assert result.stdout.split() == ["NO-TORCH"]
 

@@ -68,6 +68,9 @@ def encode(
         raise fail("pass -o: the latents file to write (or with --decode, the folder for the images)", EXIT_USAGE)
     if overwrite and skip_existing:
         raise fail("--overwrite and --skip-existing cannot be given together", EXIT_USAGE)
+    if decode and (resolution is not None or channels is not None):
+        raise fail(f"{'--resolution' if resolution is not None else '--channels'} applies to encoding, not --decode",
+                   EXIT_USAGE)
     if decode:
         return _decode(inputs, model, output, batch_size, tile, device, dtype, revision, allow_pickle, overwrite,
                        skip_existing, output_format, quiet)

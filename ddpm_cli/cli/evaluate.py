@@ -10,7 +10,7 @@ import typer
 
 from ddpm_cli.cli.errors import EXIT_USAGE, fail, handle_errors, writable_folder
 from ddpm_cli.cli.options import (AllowPickleOpt, DataAlias, DeviceOpt, DtypeOpt, ImagesAlias, QuietOpt, RevisionOpt,
-                                  SamplerOpt, SeedOpt, VarianceOpt, complete, dtype_option, either, format_option,
+                                  Sampler, SeedOpt, VarianceOpt, complete, dtype_option, either, format_option,
                                   split_list)
 from ddpm_cli.cli.progress import StepProgress, say
 from ddpm_cli.engine.choices import SAMPLERS
@@ -145,8 +145,8 @@ def fid(
     num_images: Annotated[int, typer.Option("--num-images", "-n", min=2, help="Images to sample from MODEL, or to read from SAMPLES at most.")] = 1000,
     ref_images: RefImagesOpt = 10_000,
     inception: InceptionOpt = None,
-    sampler: SamplerOpt = "dpmpp-2m",
-    steps: Annotated[int | None, typer.Option("--steps", min=1, help="Steps for MODEL [default: the sampler's].")] = None,
+    sampler: Annotated[Sampler | None, typer.Option("--sampler", autocompletion=complete(SAMPLERS), show_default=False, help="Sampler for MODEL [default: dpmpp-2m].")] = None,
+    steps: Annotated[int | None, typer.Option("--steps", min=1, show_default=False, help="Steps for MODEL [default: the sampler's].")] = None,
     batch_size: BatchOpt = 64,
     seed: SeedOpt = 0,
     output_format: FidFormatOpt = "text",
@@ -159,10 +159,13 @@ def fid(
     """FID of generated images against reference images (Inception-v3 pool features)."""
     if ref is None:
         raise fail("eval fid needs --ref: a folder, a built-in data set or a statistics .npz", EXIT_USAGE)
+    folder = _is_image_folder(source)
+    if folder and (sampler is not None or steps is not None):
+        raise fail(f"--sampler and --steps apply to a MODEL; {source} is a folder of images", EXIT_USAGE)
     from ddpm_cli.evaluation.fid import feature_stats, frechet_distance, image_stats
 
     net, weights = _inception(inception, device)
-    if _is_image_folder(source):
+    if folder:
         from ddpm_cli.evaluation.images import read_images
         from ddpm_cli.engine.imageio import load_image
 
@@ -179,7 +182,7 @@ def fid(
         from ddpm_cli.evaluation.sweep import generated_features
 
         pipeline = _load(source, device, dtype, revision, allow_pickle)
-        settings = SamplerSettings(sampler, steps).resolved(pipeline)
+        settings = SamplerSettings(sampler or "dpmpp-2m", steps).resolved(pipeline)
         size, channels = pipeline.image_size[0], pipeline.image_channels
         say(f"ddpm: {source}: {num_images} images, {settings.sampler} {settings.steps} steps", quiet)
         with StepProgress("sampling", num_images, quiet) as bar:
@@ -227,8 +230,11 @@ def sweep(
     images = either(num_images, images, "-n/--num-images", "--images", 500)
     data = either(data, data_alias, "DATA", "--data")
     chart = Path(either(output, chart, "-o/--output", "--chart", Path("sweep.png")))
-    if data is not None and metric != "nll":
-        raise fail("DATA (held-out images) applies to --metric nll; fid takes --ref", EXIT_USAGE)
+    only = {"nll": {"DATA": data, "--timesteps": timesteps, "--variance": variance},
+            "fid": {"--ref": ref, "--inception": inception}}
+    unused = [flag for flag, value in only["fid" if metric == "nll" else "nll"].items() if value is not None]
+    if unused:
+        raise fail(f"{unused[0]} does not apply to --metric {metric}", EXIT_USAGE)
     sampler_list = split_list(samplers, "--samplers", choices=SAMPLERS)
     step_list = split_list(steps, "--steps", int)
     from ddpm_cli.evaluation.sweep import check_sweep, draw_chart, run_sweep
