@@ -201,6 +201,7 @@ def assert_resumes_to_the_straight_run(run, straight, step=40):
     assert not list((run / "checkpoints").glob(".*"))  # no temporary folder left behind
 
 
+@pytest.mark.slow
 def test_kill_9_during_training_then_resume_matches_an_uninterrupted_run(tmp_path, straight_run):
     run = tmp_path / "killed"
     proc = start_training(run, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -211,6 +212,7 @@ def test_kill_9_during_training_then_resume_matches_an_uninterrupted_run(tmp_pat
     assert_resumes_to_the_straight_run(run, straight_run)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_ctrl_c_or_sigterm_checkpoints_the_step_then_resume_matches_an_uninterrupted_run(tmp_path, straight_run, signum):
     run = tmp_path / "stopped"
