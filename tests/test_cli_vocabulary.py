@@ -211,3 +211,11 @@ def test_a_local_looking_model_that_does_not_exist_is_no_such_folder(tmp_path):
         result = ddpm("sample", model, "-o", tmp_path / "out")
         assert result.returncode == 3, result.stderr
         assert result.stderr.startswith(f"ddpm: error: no such folder: {model}") and "cache" not in result.stderr
+
+
+def test_eval_nll_of_a_built_in_model_defaults_to_its_held_out_data():
+    """The help promises the held-out split of the model's training data; the built-ins record theirs."""
+    result = ddpm("eval", "nll", "fashion-mnist", "-n", 4, "--timesteps", 2, "--format", "json", "-q")
+    assert result.returncode == 0, result.stderr
+    document = json.loads(result.stdout)
+    assert document["data"] == "fashion-mnist (test split)" and document["images"] == 4
