@@ -51,6 +51,7 @@ def test_every_sampler_has_the_one_signature_and_declares_its_options(name):
 def test_an_option_the_sampler_does_not_take_is_refused_naming_the_samplers_that_do(pipeline):
     for settings, flag, takers in [(SamplerSettings("ddim", variance="fixed_large"), "--variance", "ddpm"),
                                    (SamplerSettings("dpmpp-2m", eta=0.5), "--eta", "ddim"),
+                                   (SamplerSettings("ddpm", eta=0.0), "--eta", "ddim"),  # given, though no-op
                                    (SamplerSettings("ddpm", options={"eta": 0.0}), "--eta", "ddim")]:
         with pytest.raises(InputError) as refused:
             settings.resolved(pipeline)

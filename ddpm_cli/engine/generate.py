@@ -54,10 +54,7 @@ class SamplerSettings:
     def given(self) -> dict:
         """The options given (not None), shorthands included."""
         given = {name: value for name, value in self.options.items() if value is not None}
-        # Transitional: the CLI still passes --eta's default 0.0 when --eta is absent, so through the
-        # shorthand 0.0 means "not given" until it passes None.
-        eta = None if self.eta == 0.0 else self.eta
-        for name, value in (("eta", eta), ("variance", self.variance)):
+        for name, value in (("eta", self.eta), ("variance", self.variance)):
             if value is not None:
                 if given.get(name, value) != value:
                     raise ValueError(f"{name} given twice: {value} and options[{name!r}] = {given[name]}")
