@@ -84,8 +84,9 @@ class SamplerSettings:
 def run_sampler(settings: SamplerSettings, model, x: torch.Tensor, schedule, timesteps: list[int], noise: SeededNoise,
                 callback: Callable[[dict], torch.Tensor | None] | None = None) -> torch.Tensor:
     """Run the (resolved) settings' sampler from x at ``timesteps[0]``, as samplers.py describes."""
-    sample = sampler_entry(settings.sampler).load()
-    return sample(model, x, schedule, timesteps, noise, callback, **settings.given())
+    options = settings.given()
+    check_options(settings.sampler, options)
+    return sampler_entry(settings.sampler).load()(model, x, schedule, timesteps, noise, callback, **options)
 
 
 def sample_batch(pipeline: Pipeline, seeds: list[int], settings: SamplerSettings,
