@@ -132,8 +132,8 @@ def report(title: str, device: torch.device, step, steps: int, flops: dict[str, 
 
 def sampling(args, device: torch.device) -> dict:
     from ddpm_cli.bench import Plan, sampling as bench_sampling
-    from ddpm_cli.engine.acceleration import prepare_module, unet_forward
-    from ddpm_cli.engine.device import native_bf16, resolve_dtype
+    from ddpm_cli.engine.runtime.acceleration import prepare_module, unet_forward
+    from ddpm_cli.engine.runtime.device import native_bf16, resolve_dtype
 
     precision = "bf16" if native_bf16(device) else "fp32"  # as `ddpm bench` samples
     unet = prepare_module(bench_sampling.network(Plan(args.model_size), device, precision))
@@ -200,8 +200,8 @@ def main() -> None:
     from diffusers.utils import logging
 
     from ddpm_cli.bench import release
-    from ddpm_cli.engine.acceleration import chosen_levers, layout
-    from ddpm_cli.engine.device import describe, resolve_device
+    from ddpm_cli.engine.runtime.acceleration import chosen_levers, layout
+    from ddpm_cli.engine.runtime.device import describe, resolve_device
 
     logging.set_verbosity_error()  # its advice on casting a U-Net built in fp32 does not apply here
     device = resolve_device(args.device)

@@ -49,8 +49,8 @@ def child(task: dict) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from ddpm_cli.engine.autoencoder import decode_latents, encode_images
-    from ddpm_cli.engine.device import resolve_device
+    from ddpm_cli.engine.models.vae import decode_latents, encode_images
+    from ddpm_cli.engine.runtime.device import resolve_device
     from ddpm_cli.training.presets import autoencoder_config, build_autoencoder, build_unet, unet_config
 
     device = resolve_device(task["device"])

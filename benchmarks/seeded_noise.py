@@ -19,7 +19,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from ddpm_cli.engine.noise import SeededNoise, default_workers  # noqa: E402
+from ddpm_cli.engine.diffusion.noise import SeededNoise, default_workers  # noqa: E402
 
 
 class Concatenated:

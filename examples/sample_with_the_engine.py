@@ -8,9 +8,9 @@ folder, a built-in name or a Hub id. Samples 16 images with DDIM and writes them
 
 import argparse
 
-from ddpm_cli.engine.generate import SamplerSettings, sample_batch
-from ddpm_cli.engine.imageio import make_grid, save_png
-from ddpm_cli.engine.pipeline import load_pipeline
+from ddpm_cli.engine.tasks.generate import SamplerSettings, sample_batch
+from ddpm_cli.engine.io.images import make_grid, save_png
+from ddpm_cli.engine.models.pipeline import load_pipeline
 
 
 def main() -> None:

@@ -22,7 +22,7 @@ HELPER = r'''
 import json, os, sys, tempfile, time, traceback, warnings
 import torch  # noqa: F401
 from diffusers import AutoencoderKL, UNet2DConditionModel, UNet2DModel  # noqa: F401
-import ddpm_cli.cli.app, ddpm_cli.engine.pipeline  # noqa: F401
+import ddpm_cli.cli.app, ddpm_cli.engine.models.pipeline  # noqa: F401
 
 protocol = os.fdopen(os.dup(1), "w")
 for line in sys.stdin:

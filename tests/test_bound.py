@@ -7,8 +7,8 @@ import pytest
 import torch
 from scipy.stats import norm
 
-from ddpm_cli.engine.bound import bound_bpd, discretized_gaussian_log_likelihood, normal_kl
-from ddpm_cli.engine.schedule import NoiseSchedule
+from ddpm_cli.engine.diffusion.bound import bound_bpd, discretized_gaussian_log_likelihood, normal_kl
+from ddpm_cli.engine.diffusion.schedule import NoiseSchedule
 
 MU, STD = 0.1, 0.15  # data: N(MU, STD^2) per dimension, quantised to the 8-bit grid
 

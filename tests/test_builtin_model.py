@@ -2,9 +2,9 @@
 
 import numpy as np
 
-from ddpm_cli.engine.checkpoint import builtin_models
-from ddpm_cli.engine.generate import SamplerSettings, sample_batch
-from ddpm_cli.engine.pipeline import load_pipeline
+from ddpm_cli.engine.models.resolve import builtin_models
+from ddpm_cli.engine.tasks.generate import SamplerSettings, sample_batch
+from ddpm_cli.engine.models.pipeline import load_pipeline
 
 
 def test_builtin_fashion_mnist_samples_have_black_padding_and_content():

@@ -6,10 +6,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ddpm_cli.engine.checkpoint import builtin_models
-from ddpm_cli.engine.generate import SamplerSettings, sample_batch
-from ddpm_cli.engine.pipeline import Condition, load_pipeline
-from ddpm_cli.training.captions import load_emoji
+from ddpm_cli.engine.models.resolve import builtin_models
+from ddpm_cli.engine.tasks.generate import SamplerSettings, sample_batch
+from ddpm_cli.engine.models.pipeline import Condition, load_pipeline
+from ddpm_cli.data.captions import load_emoji
 from tests.test_cli import ddpm
 
 CAPTIONS = ["red apple", "cat face", "frog face", "evergreen tree", "purple heart", "sun with face", "earth globe americas",

@@ -12,10 +12,9 @@ import torch
 from PIL import Image
 
 from ddpm_cli.engine.errors import InputError
-from ddpm_cli.training import captions as cap
-from ddpm_cli.training.data import (
-    BUILTIN_DATASETS, ArrayImageSet, BatchLoader, EpochBatches, FolderImageSet, open_dataset,
-)
+from ddpm_cli.data import captions as cap
+from ddpm_cli.data.sources import BUILTIN_DATASETS, ArrayImageSet, FolderImageSet, open_dataset
+from ddpm_cli.data.batches import BatchLoader, EpochBatches
 
 
 def _save(path: Path, colour=(200, 100, 50)) -> Path:

@@ -1,4 +1,4 @@
-"""Tests for ddpm_cli.engine.checkpoint and ddpm_cli.engine.device (tiny random models, no network)."""
+"""Tests for ddpm_cli.engine.models (resolve, safety, load) and ddpm_cli.engine.runtime.device (tiny random models, no network)."""
 
 from __future__ import annotations
 
@@ -10,15 +10,11 @@ import pytest
 import torch
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 
-from ddpm_cli.engine import checkpoint
-from ddpm_cli.engine.checkpoint import (
-    check_weights,
-    load_scheduler_config,
-    load_unet,
-    read_json,
-    resolve_model,
-)
-from ddpm_cli.engine.device import describe, resolve_device, resolve_dtype
+from ddpm_cli.engine.models import resolve as checkpoint
+from ddpm_cli.engine.models.load import load_scheduler_config, load_unet
+from ddpm_cli.engine.models.resolve import read_json, resolve_model
+from ddpm_cli.engine.models.safety import check_weights
+from ddpm_cli.engine.runtime.device import describe, resolve_device, resolve_dtype
 from ddpm_cli.engine.errors import InputError, ModelError
 
 

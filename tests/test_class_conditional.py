@@ -5,10 +5,10 @@ import json
 
 import torch
 
-from ddpm_cli.engine.generate import SamplerSettings, sample_batch
-from ddpm_cli.engine.imageio import read_png_metadata
-from ddpm_cli.engine.pipeline import Condition, load_pipeline
-from ddpm_cli.training.data import open_dataset
+from ddpm_cli.engine.tasks.generate import SamplerSettings, sample_batch
+from ddpm_cli.engine.io.images import read_png_metadata
+from ddpm_cli.engine.models.pipeline import Condition, load_pipeline
+from ddpm_cli.data.sources import open_dataset
 from tests.test_cli import ddpm
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ddpm_cli.engine.imageio import read_png_metadata
+from ddpm_cli.engine.io.images import read_png_metadata
 from tests.cli_runner import run_ddpm
 
 

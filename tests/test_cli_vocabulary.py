@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from ddpm_cli import __version__
-from ddpm_cli.engine.imageio import read_png_metadata
+from ddpm_cli.engine.io.images import read_png_metadata
 from tests.cli_runner import run_ddpm as ddpm
 
 

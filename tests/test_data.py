@@ -1,4 +1,4 @@
-"""Tests for ddpm_cli.training.data: built-in Fashion-MNIST, folders, batching, cropping."""
+"""Tests for ddpm_cli.data (sources, batches): built-in Fashion-MNIST, folders, batching, cropping."""
 
 from __future__ import annotations
 
@@ -13,11 +13,9 @@ import torch
 from PIL import Image
 
 from ddpm_cli.engine.errors import InputError
-from ddpm_cli.training import data
-from ddpm_cli.training.data import (
-    BUILTIN_DATASETS, FASHION_MNIST_CLASSES, ArrayImageSet, BatchLoader, EpochBatches,
-    FolderImageSet, crop_and_flip, open_dataset, read_idx,
-)
+from ddpm_cli.data import sources as data
+from ddpm_cli.data.sources import BUILTIN_DATASETS, FASHION_MNIST_CLASSES, ArrayImageSet, FolderImageSet, open_dataset, read_idx
+from ddpm_cli.data.batches import BatchLoader, EpochBatches, crop_and_flip, default_num_workers
 
 FULL = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
 
@@ -234,4 +232,4 @@ def test_batch_loader_folder_workers_agree(tmp_path):
         assert torch.equal(lab0, lab1) and lab0.tolist() == [ds.labels[i] for i in batches.indices(s)]
         assert all(torch.equal(a, b) for a, b in zip(imgs0, imgs1))
         assert all(torch.equal(a, b) for a, b in zip(imgs0, loader0.batch(s)))
-    assert data.default_num_workers() >= 0
+    assert default_num_workers() >= 0

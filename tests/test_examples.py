@@ -62,7 +62,7 @@ def test_prompts_makefile_one_target_per_prompt(tmp_path, sd_dir):
     first = subprocess.run(args, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert first.returncode == 0, first.stderr
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["line-2-000000.png", "line-4-000000.png"]
-    from ddpm_cli.engine.imageio import read_png_metadata
+    from ddpm_cli.engine.io.images import read_png_metadata
 
     assert read_png_metadata(tmp_path / "out" / "line-4-000000.png")["prompt"] == "a blue dog"
     again = subprocess.run(args, capture_output=True, text=True, timeout=300, cwd=ROOT)
@@ -72,8 +72,8 @@ def test_prompts_makefile_one_target_per_prompt(tmp_path, sd_dir):
 def test_export_fp16_halves_a_model_and_keeps_its_samples(tiny_pipeline_dir, tmp_path):
     import torch
 
-    from ddpm_cli.engine.generate import SamplerSettings, sample_batch
-    from ddpm_cli.engine.pipeline import load_pipeline
+    from ddpm_cli.engine.tasks.generate import SamplerSettings, sample_batch
+    from ddpm_cli.engine.models.pipeline import load_pipeline
 
     out = tmp_path / "half"
     result = subprocess.run([sys.executable, str(ROOT / "examples" / "export_fp16.py"), str(tiny_pipeline_dir), str(out)],

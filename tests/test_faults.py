@@ -278,7 +278,7 @@ Image.Image.save = save
 def test_out_of_memory_suggests_a_smaller_batch_and_keeps_finished_images(tiny_pipeline_dir, tmp_path):
     patch = """
 import torch
-import ddpm_cli.engine.generate as generate
+import ddpm_cli.engine.tasks.generate as generate
 real, calls = generate.sample_batch, [0]
 def sample_batch(*args, **kwargs):
     calls[0] += 1

@@ -4,10 +4,10 @@ import pytest
 import torch
 from diffusers import UNet2DModel
 
-from ddpm_cli.engine.denoiser import UNetDenoiser
+from ddpm_cli.engine.diffusion.denoiser import UNetDenoiser
 from ddpm_cli.engine.errors import InputError
-from ddpm_cli.engine.pipeline import Condition, from_unet
-from ddpm_cli.engine.schedule import NoiseSchedule
+from ddpm_cli.engine.models.pipeline import Condition, from_unet
+from ddpm_cli.engine.diffusion.schedule import NoiseSchedule
 from tests.conftest import tiny_unet
 
 NAMES = ["T-shirt/top", "Trouser", "Ankle boot"]

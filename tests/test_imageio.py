@@ -1,4 +1,4 @@
-"""Tests for ddpm_cli.engine.imageio: safe loading, tensors, grids, atomic PNG writing."""
+"""Tests for ddpm_cli.engine.io.images: safe loading, tensors, grids, atomic PNG writing."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
-from ddpm_cli.engine import imageio
+from ddpm_cli.engine.io import images as imageio
 from ddpm_cli.engine.errors import InputError, ResourceError
-from ddpm_cli.engine.imageio import (
+from ddpm_cli.engine.io.images import (
     format_parameters,
     list_images,
     load_image,

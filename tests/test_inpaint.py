@@ -9,10 +9,10 @@ import torch
 from PIL import Image
 
 from ddpm_cli.engine.errors import InputError
-from ddpm_cli.engine.generate import SamplerSettings
-from ddpm_cli.engine.inpaint import inpaint_batch, read_mask, repaint_levels
-from ddpm_cli.engine.pipeline import load_pipeline
-from ddpm_cli.training.data import open_dataset
+from ddpm_cli.engine.tasks.generate import SamplerSettings
+from ddpm_cli.engine.tasks.inpaint import inpaint_batch, read_mask, repaint_levels
+from ddpm_cli.engine.models.pipeline import load_pipeline
+from ddpm_cli.data.sources import open_dataset
 from tests.test_cli import ddpm
 
 

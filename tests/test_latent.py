@@ -8,8 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
-from ddpm_cli.engine.autoencoder import _guarded, decode_latents, encode_images, load_autoencoder, read_latents
-from ddpm_cli.training.data import open_dataset
+from ddpm_cli.engine.io.latents import read_latents
+from ddpm_cli.engine.models.vae import _guarded, decode_latents, encode_images, load_autoencoder
+from ddpm_cli.data.sources import open_dataset
 from ddpm_cli.training.presets import autoencoder_config, build_autoencoder
 from tests.test_cli import ddpm
 

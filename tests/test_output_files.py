@@ -13,8 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
-from ddpm_cli.engine.atomic import OutputExistsError, atomic_output
-from ddpm_cli.engine.imageio import read_png_metadata, save_png
+from ddpm_cli.engine.io.atomic import OutputExistsError, atomic_output
+from ddpm_cli.engine.io.images import read_png_metadata, save_png
 from tests.cli_runner import run_ddpm
 from tests.conftest import tiny_unet
 
@@ -33,7 +33,7 @@ def umask():
 
 @pytest.mark.parametrize("mask, expected", [(0o022, 0o644), (0o027, 0o640), (0o002, 0o664)])
 def test_written_files_get_the_umask_permissions(umask, tmp_path, mask, expected):
-    from ddpm_cli.engine.autoencoder import LatentsFile, save_latents
+    from ddpm_cli.engine.io.latents import LatentsFile, save_latents
 
     umask(mask)
     png = save_png(Image.new("RGB", (4, 4)), tmp_path / "a.png", {"seed": 1})

@@ -8,16 +8,16 @@ import torch
 from diffusers import UNet2DModel
 
 from ddpm_cli.engine.choices import SAMPLERS, SPACINGS
-from ddpm_cli.engine.denoiser import UNetDenoiser
+from ddpm_cli.engine.diffusion.denoiser import UNetDenoiser
 from ddpm_cli.engine.errors import InputError
-from ddpm_cli.engine.generate import SamplerSettings, sample_batch
-from ddpm_cli.engine.noise import SeededNoise
-from ddpm_cli.engine.pipeline import Condition, Pipeline, from_unet
-from ddpm_cli.engine.sampler_registry import OPTIONS, REGISTRY, SamplerEntry, sampler_entry
-from ddpm_cli.engine.samplers import after_step, make_timesteps
-from ddpm_cli.engine.schedule import NoiseSchedule
-from ddpm_cli.engine.superres import upscale_batch
-from ddpm_cli.engine.wrappers import chain, with_channels
+from ddpm_cli.engine.tasks.generate import SamplerSettings, sample_batch
+from ddpm_cli.engine.diffusion.noise import SeededNoise
+from ddpm_cli.engine.models.pipeline import Condition, Pipeline, from_unet
+from ddpm_cli.engine.diffusion.registry import OPTIONS, REGISTRY, SamplerEntry, sampler_entry
+from ddpm_cli.engine.diffusion.samplers import after_step, make_timesteps
+from ddpm_cli.engine.diffusion.schedule import NoiseSchedule
+from ddpm_cli.engine.tasks.superres import upscale_batch
+from ddpm_cli.engine.tasks.wrappers import chain, with_channels
 from tests.conftest import tiny_unet
 
 SIGNATURE = ["model", "x", "schedule", "timesteps", "noise", "callback"]

@@ -5,12 +5,12 @@ import pytest
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
-from ddpm_cli.engine.denoiser import UNetDenoiser
+from ddpm_cli.engine.diffusion.denoiser import UNetDenoiser
 from ddpm_cli.engine.errors import InputError
-from ddpm_cli.engine.noise import SeededNoise
-from ddpm_cli.engine.sampler_registry import sampler_entry
-from ddpm_cli.engine.samplers import make_timesteps
-from ddpm_cli.engine.schedule import NoiseSchedule
+from ddpm_cli.engine.diffusion.noise import SeededNoise
+from ddpm_cli.engine.diffusion.registry import sampler_entry
+from ddpm_cli.engine.diffusion.samplers import make_timesteps
+from ddpm_cli.engine.diffusion.schedule import NoiseSchedule
 
 SEEDS = [3, 4]
 SHAPE = (1, 8, 8)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ddpm_cli.engine.errors import InputError
-from ddpm_cli.engine.schedule import NoiseSchedule, make_betas
+from ddpm_cli.engine.diffusion.schedule import NoiseSchedule, make_betas
 
 
 def test_linear_schedule_values():

@@ -8,8 +8,8 @@ import sys
 import pytest
 import torch
 
-from ddpm_cli.engine.generate import SamplerSettings, sample_batch
-from ddpm_cli.engine.pipeline import load_pipeline
+from ddpm_cli.engine.tasks.generate import SamplerSettings, sample_batch
+from ddpm_cli.engine.models.pipeline import load_pipeline
 from tests.test_cli import ddpm
 
 SEEDS = list(range(8))
@@ -109,7 +109,7 @@ def test_bench_compiles_cpu_sampling_in_bf16_only_where_the_cpu_has_it(monkeypat
 
 
 def test_chosen_levers_set_the_layout_and_compile_mode_inside_the_block_only(monkeypatch):
-    from ddpm_cli.engine import acceleration
+    from ddpm_cli.engine.runtime import acceleration
 
     monkeypatch.delenv("DDPM_MEMORY_FORMAT", raising=False)
     monkeypatch.setenv("DDPM_COMPILE_MODE", "max-autotune")
@@ -129,8 +129,8 @@ def test_pinned_attention_backend_runs_that_kernel_only(unet, monkeypatch):
     math gives torch's own choice's values; the efficient backend, which a CPU lacks, is refused."""
     from diffusers.models.attention_processor import Attention
 
-    from ddpm_cli.engine import acceleration
-    from ddpm_cli.engine.attention import PinnedBackendProcessor, use_attention_backend
+    from ddpm_cli.engine.runtime import acceleration
+    from ddpm_cli.engine.runtime.attention import PinnedBackendProcessor, use_attention_backend
 
     x, t = torch.randn(2, 1, 8, 8), torch.tensor([10, 900])
     with torch.no_grad():
@@ -188,7 +188,7 @@ def test_compiler_channels_last_forces_inductors_layout_choice_in_training(monke
     backward) channels-last, with the same gradients, while weights and inputs stay contiguous."""
     from torch._inductor.graph import GraphLowering
 
-    from ddpm_cli.engine import acceleration
+    from ddpm_cli.engine.runtime import acceleration
 
     decisions = []
     decide = GraphLowering.decide_layout_opt

@@ -8,10 +8,10 @@ import pytest
 import torch
 from PIL import Image
 
-from ddpm_cli.engine.generate import SamplerSettings
-from ddpm_cli.engine.pipeline import load_pipeline
-from ddpm_cli.engine.superres import UpscaleSettings, degrade, upsample, upscale_batch
-from ddpm_cli.training.data import open_dataset
+from ddpm_cli.engine.tasks.generate import SamplerSettings
+from ddpm_cli.engine.models.pipeline import load_pipeline
+from ddpm_cli.engine.tasks.superres import UpscaleSettings, degrade, upsample, upscale_batch
+from ddpm_cli.data.sources import open_dataset
 from tests.test_cli import ddpm
 
 CONSISTENCY_BOUND = 0.05  # mean |degrade(upscaled) - input| in [-1, 1] units (~6 grey levels of 255)
@@ -71,7 +71,7 @@ def test_upscale_cli_tiles_large_images_and_refuses_other_models(superres_run, t
 
 @pytest.mark.slow
 def test_tiles_in_one_pass_equal_tiles_one_by_one(superres_run, monkeypatch):
-    import ddpm_cli.engine.superres as superres
+    import ddpm_cli.engine.tasks.superres as superres
 
     pipeline = load_pipeline(str(superres_run), device="cpu")
     low = degrade(open_dataset("fashion-mnist", 28, split="test").images[:4].float() / 127.5 - 1, 2)

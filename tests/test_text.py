@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from ddpm_cli.engine.errors import InputError, ModelError
-from ddpm_cli.engine.text import EmbeddingCache, TextEncoder
+from ddpm_cli.engine.models.text import EmbeddingCache, TextEncoder
 
 from tests.conftest import clip_tokenizer
 

@@ -9,10 +9,10 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from ddpm_cli.engine.imageio import read_png_metadata
-from ddpm_cli.engine.pipeline import Condition, from_unet, text_kwargs
-from ddpm_cli.engine.schedule import NoiseSchedule
-from ddpm_cli.engine.text import TextEncoder
+from ddpm_cli.engine.io.images import read_png_metadata
+from ddpm_cli.engine.models.pipeline import Condition, from_unet, text_kwargs
+from ddpm_cli.engine.diffusion.schedule import NoiseSchedule
+from ddpm_cli.engine.models.text import TextEncoder
 from ddpm_cli.training.presets import build_unet, text_unet_config
 from tests.test_cli import ddpm
 

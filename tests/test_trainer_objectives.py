@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from ddpm_cli.engine.choices import TASKS
-from ddpm_cli.engine.distributed import World
+from ddpm_cli.engine.runtime.distributed import World
 from ddpm_cli.training.objectives import OBJECTIVES, Draws, Objective, objective_class
 from ddpm_cli.training.stop import StopRequests
 

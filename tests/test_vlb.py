@@ -7,7 +7,7 @@ import torch
 
 from tests.test_cli import ddpm
 
-from ddpm_cli.engine.pipeline import load_pipeline
+from ddpm_cli.engine.models.pipeline import load_pipeline
 from ddpm_cli.evaluation.nll import bound_of, held_out_images
 from ddpm_cli.training.loop import train
 

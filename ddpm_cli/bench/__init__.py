@@ -16,7 +16,7 @@ from typing import NamedTuple
 import torch
 
 from ddpm_cli.bench.common import Plan, Prepared, Row, lever_names, release, synchronize, timed
-from ddpm_cli.engine.device import describe, native_bf16, resolve_device
+from ddpm_cli.engine.runtime.device import describe, native_bf16, resolve_device
 
 __all__ = ["Plan", "Prepared", "Row", "Variant", "lever_names", "release", "run", "synchronize", "timed", "variants",
            "with_ratios"]
@@ -85,7 +85,7 @@ def _measure_task(plan: Plan, device: torch.device, task_variants: list[Variant]
     """Prepare the variants of one task and time them in interleaved rounds; the caller releases
     their memory once this returns and drops them."""
     from ddpm_cli.bench import sampling, training
-    from ddpm_cli.engine.acceleration import chosen_levers
+    from ddpm_cli.engine.runtime.acceleration import chosen_levers
 
     prepared: list[tuple[Row, Prepared | None]] = []
     for v in task_variants:

@@ -35,7 +35,7 @@ class Row:
 def lever_names(compile: bool) -> list[str]:
     """The memory-layout and attention-kernel levers, where they are on (``DDPM_MEMORY_FORMAT`` other
     than contiguous, ``DDPM_ATTENTION`` other than auto) for a variant compiled or not."""
-    from ddpm_cli.engine.acceleration import attention_backend, layout
+    from ddpm_cli.engine.runtime.acceleration import attention_backend, layout
 
     names = []
     if layout() == "channels_last":

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from ddpm_cli.bench.common import Plan, Prepared, lever_names
-from ddpm_cli.engine.acceleration import compile_mode
+from ddpm_cli.engine.runtime.acceleration import compile_mode
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -43,9 +43,9 @@ def prepare(plan: Plan, device: torch.device, implementation: str, precision: st
 
 
 def _ddpm(plan: Plan, device: torch.device, precision: str, compile: bool):
-    from ddpm_cli.engine.generate import SamplerSettings, sample_batch
-    from ddpm_cli.engine.pipeline import from_unet
-    from ddpm_cli.engine.schedule import NoiseSchedule
+    from ddpm_cli.engine.tasks.generate import SamplerSettings, sample_batch
+    from ddpm_cli.engine.models.pipeline import from_unet
+    from ddpm_cli.engine.diffusion.schedule import NoiseSchedule
 
     schedule = NoiseSchedule.create("linear", 1000, 1e-4, 0.02, clip_sample=True)
     pipeline = from_unet(network(plan, device, precision), schedule).accelerate(compile)

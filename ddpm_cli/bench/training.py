@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ddpm_cli.bench.common import Plan, Prepared, lever_names
-from ddpm_cli.engine.acceleration import compile_mode
+from ddpm_cli.engine.runtime.acceleration import compile_mode
 
 DATA = "fashion-mnist"
 
@@ -63,7 +63,7 @@ def _diffusers_step(plan: Plan, device: torch.device, precision: str, compile: b
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import EMAModel
 
-    from ddpm_cli.training.data import open_dataset
+    from ddpm_cli.data.sources import open_dataset
 
     images = open_dataset(DATA, 32, 3).images.to(device)
     torch.manual_seed(0)

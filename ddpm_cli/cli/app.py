@@ -77,7 +77,7 @@ def main() -> None:
         print("ddpm: error: interrupted", file=sys.stderr)
         code = EXIT_INTERRUPTED
     finally:
-        from ddpm_cli.engine.distributed import leave
+        from ddpm_cli.engine.runtime.distributed import leave
 
         leave()  # under torchrun: leave the process group before exiting
     sys.exit(code if isinstance(code, int) else 0)

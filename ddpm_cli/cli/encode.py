@@ -84,8 +84,9 @@ def encode(
         raise fail(f"{output} exists; pass --overwrite to replace it", EXIT_USAGE)
     writable_folder(output.parent if str(output.parent) else ".")
 
-    from ddpm_cli.engine.autoencoder import load_autoencoder, save_latents
-    from ddpm_cli.engine.device import describe, resolve_device, resolve_dtype
+    from ddpm_cli.engine.io.latents import save_latents
+    from ddpm_cli.engine.models.vae import load_autoencoder
+    from ddpm_cli.engine.runtime.device import describe, resolve_device, resolve_dtype
     from ddpm_cli.training.latents import encode_set, open_inputs
 
     torch_device = resolve_device(device)
@@ -120,9 +121,10 @@ def _decode(inputs, model, output, batch_size, tile, device, dtype, revision, al
 
     if len(inputs) != 1:
         raise fail("--decode takes one latents file", EXIT_USAGE)
-    from ddpm_cli.engine.autoencoder import decode_latents, is_latents_file, load_autoencoder, read_latents
-    from ddpm_cli.engine.device import describe, resolve_device, resolve_dtype
-    from ddpm_cli.engine.imageio import save_png, tensor_to_pil
+    from ddpm_cli.engine.io.latents import is_latents_file, read_latents
+    from ddpm_cli.engine.models.vae import decode_latents, load_autoencoder
+    from ddpm_cli.engine.runtime.device import describe, resolve_device, resolve_dtype
+    from ddpm_cli.engine.io.images import save_png, tensor_to_pil
 
     if not is_latents_file(inputs[0]):
         raise fail(f"{inputs[0]} is not a latents file (.safetensors written by `ddpm encode`)", EXIT_USAGE)

@@ -42,14 +42,14 @@ BatchOpt = Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Images
 
 
 def _load(model: str, device: str, dtype: str, revision: str | None, allow_pickle: bool):
-    from ddpm_cli.engine.pipeline import load_pipeline
+    from ddpm_cli.engine.models.pipeline import load_pipeline
 
     return load_pipeline(model, revision, device, dtype, allow_pickle)
 
 
 def _inception(path: str | None, device: str):
     """(the FID network, the digest of its weights file)."""
-    from ddpm_cli.engine.device import resolve_device
+    from ddpm_cli.engine.runtime.device import resolve_device
     from ddpm_cli.evaluation.fid import file_digest, find_weights, load_inception
 
     weights_path = find_weights(path)
@@ -167,7 +167,7 @@ def fid(
     net, weights = _inception(inception, device)
     if folder:
         from ddpm_cli.evaluation.images import read_images
-        from ddpm_cli.engine.imageio import load_image
+        from ddpm_cli.engine.io.images import load_image
 
         first = next((p for p in sorted(Path(source).expanduser().rglob("*")) if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp")), None)
         if first is None:
@@ -178,7 +178,7 @@ def fid(
             stats = image_stats(net, images, batch_size, weights, bar.update)
         channels, what = 3, {"samples": str(source)}
     else:
-        from ddpm_cli.engine.generate import SamplerSettings
+        from ddpm_cli.engine.tasks.generate import SamplerSettings
         from ddpm_cli.evaluation.sweep import generated_features
 
         pipeline = _load(source, device, dtype, revision, allow_pickle)

@@ -49,7 +49,7 @@ class Generation:
         return cls(**{key: value for key, value in options.items() if key in names})
 
     def __post_init__(self) -> None:
-        from ddpm_cli.engine.distributed import world
+        from ddpm_cli.engine.runtime.distributed import world
 
         self.model = str(self.model)
         self.output = Path(either(self.output, self.outdir, "-o/--output", "--outdir", DEFAULT_OUTPUT))
@@ -85,15 +85,15 @@ class Generation:
 
     def load(self):
         """(pipeline, resolved sampler settings)."""
-        from ddpm_cli.engine.generate import SamplerSettings
-        from ddpm_cli.engine.pipeline import load_pipeline
+        from ddpm_cli.engine.tasks.generate import SamplerSettings
+        from ddpm_cli.engine.models.pipeline import load_pipeline
 
         pipeline = load_pipeline(self.model, self.revision, self.device, self.dtype, self.allow_pickle, self.compile)
         settings = SamplerSettings(self.sampler, self.steps, self.eta, self.spacing, self.variance).resolved(pipeline)
         return pipeline, settings
 
     def announce(self, pipeline, settings, extra: str = "") -> None:
-        from ddpm_cli.engine.device import describe
+        from ddpm_cli.engine.runtime.device import describe
 
         say(f"ddpm: {self.model}: {describe(pipeline.device, pipeline.dtype)}; {settings.sampler}, "
             f"{settings.steps} steps{extra}", self.quiet)
@@ -110,7 +110,7 @@ class Generation:
     def condition(pipeline, cfg: float | None, class_spec: str | None = None, prompt: str | None = None,
                   negative_prompt: str = ""):
         """(Condition or None, guidance scale, metadata) of --class or --prompt with --cfg."""
-        from ddpm_cli.engine.pipeline import Condition
+        from ddpm_cli.engine.models.pipeline import Condition
 
         if prompt is not None:
             cfg = DEFAULT_CFG["prompt"] if cfg is None else cfg

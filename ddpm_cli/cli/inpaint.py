@@ -76,16 +76,16 @@ def inpaint(
     run.check_guidance(cfg, ("--prompt", prompt), ("--class", class_spec))
     if negative_prompt and prompt is None:
         raise fail("--negative-prompt goes with --prompt; give --prompt too or drop it", EXIT_USAGE)
-    from ddpm_cli.engine.imageio import load_image
-    from ddpm_cli.engine.inpaint import read_mask, repaint_levels
+    from ddpm_cli.engine.io.images import load_image
+    from ddpm_cli.engine.tasks.inpaint import read_mask, repaint_levels
 
     known = load_image(image, mode="RGB")  # read now: a bad image fails before the model loads
     region = read_mask(mask, (known.height, known.width), invert_mask, resize_mask)
     stem = _slug(name or image.stem)
     todo, skipped = run.plan([Job(s, run.path(f"{stem}-{s:06d}.png")) for s in run.seeds])
 
-    from ddpm_cli.engine.imageio import pil_to_tensor
-    from ddpm_cli.engine.inpaint import inpaint_batch
+    from ddpm_cli.engine.io.images import pil_to_tensor
+    from ddpm_cli.engine.tasks.inpaint import inpaint_batch
 
     pipeline, settings = run.load()
     factor = pipeline.unet_factor * pipeline.latent_factor

@@ -9,9 +9,8 @@ from pathlib import Path
 
 from ddpm_cli.cli.errors import handle_errors
 from ddpm_cli.cli.options import format_option
+from ddpm_cli.engine.models.resolve import BUILTIN_DIR, MODEL_INFO_FILE, builtin_models
 
-BUILTIN_DIR = Path(__file__).resolve().parent.parent / "data" / "models"
-MODEL_INFO_FILE = "ddpm_model.json"  # as engine/pipeline.py names it
 
 EXAMPLES = """
 Examples:
@@ -20,13 +19,6 @@ Examples:
   ddpm models
   ddpm models --format json | jq -r '.[] | select(.conditioning == "text") | .name'
 """
-
-
-def builtin_names() -> list[str]:
-    """Names of the models shipped in ddpm_cli/data/models."""
-    if not BUILTIN_DIR.is_dir():
-        return []
-    return sorted(p.name for p in BUILTIN_DIR.iterdir() if p.is_dir() and not p.name.startswith((".", "_")))
 
 
 def _json(path: Path) -> dict:
@@ -111,7 +103,7 @@ def _snapshot(repo: Path) -> Path | None:
 
 
 def list_models() -> list[dict]:
-    rows = [describe(name, "built-in", BUILTIN_DIR / name) for name in builtin_names()]
+    rows = [describe(name, "built-in", BUILTIN_DIR / name) for name in builtin_models()]
     cache = hub_cache()
     for repo in sorted(cache.glob("models--*")) if cache.is_dir() else []:
         snapshot = _snapshot(repo)

@@ -87,9 +87,9 @@ def render(pipeline, jobs: list[Job], skipped: list[Job], settings, cfg: float, 
     ``generate(seeds, on_step, condition) -> images`` makes one batch (default: sample_batch with
     ``settings``, ``cfg`` and ``size``); ``steps_per_batch`` is its step count for the progress bar.
     """
-    from ddpm_cli.engine import distributed
-    from ddpm_cli.engine.generate import sample_batch
-    from ddpm_cli.engine.imageio import load_image, make_grid, read_png_metadata, save_png, tensor_to_pil
+    from ddpm_cli.engine.runtime import distributed
+    from ddpm_cli.engine.tasks.generate import sample_batch
+    from ddpm_cli.engine.io.images import load_image, make_grid, read_png_metadata, save_png, tensor_to_pil
 
     world = distributed.init(pipeline.device)  # under torchrun: this process makes every world.size-th image
     if world.distributed:

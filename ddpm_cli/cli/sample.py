@@ -8,7 +8,7 @@ import typer
 
 from ddpm_cli.cli.errors import handle_errors
 from ddpm_cli.cli.generation import Generation
-from ddpm_cli.cli.models import builtin_names
+from ddpm_cli.engine.models.resolve import builtin_models
 from ddpm_cli.cli.options import (AllowPickleOpt, BatchSizeOpt, ClassOpt, CompileOpt, DeviceOpt, DtypeOpt, EtaOpt,
                                   FormatOpt, NumImagesOpt, OutdirAlias, OutputOpt, OverwriteOpt, QuietOpt, RevisionOpt,
                                   SamplerOpt, SeedOpt, SkipExistingOpt, SpacingOpt, StepsOpt, VarianceOpt, one)
@@ -27,7 +27,7 @@ Examples:
 
 ModelArg = Annotated[str, typer.Argument(
     metavar="MODEL", show_default=False,
-    help=f"A run folder, a built-in model ({', '.join(builtin_names()) or 'none installed'}; see `ddpm models`), "
+    help=f"A run folder, a built-in model ({', '.join(builtin_models()) or 'none installed'}; see `ddpm models`), "
          "or a Hub id (owner/name).")]
 
 

@@ -13,7 +13,7 @@ from ddpm_cli.cli.options import DeviceOpt, FormatOpt, QuietOpt, complete
 from ddpm_cli.cli.progress import StepProgress, say
 from ddpm_cli.engine.choices import (BETA_SCHEDULES, CONDITIONINGS, LR_SCHEDULES, MIXED_PRECISION, PREDICTION_TYPES,
                                      LOSSES, TASKS, TEXT_EMBEDDINGS)
-from ddpm_cli.engine.distributed import world
+from ddpm_cli.engine.runtime.distributed import world
 from ddpm_cli.training.config import SUMMARY_FILE, TrainConfig
 from ddpm_cli.training.presets import PRESETS
 

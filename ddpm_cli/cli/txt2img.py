@@ -13,7 +13,7 @@ import typer
 
 from ddpm_cli.cli.errors import EXIT_USAGE, fail, handle_errors
 from ddpm_cli.cli.generation import Generation
-from ddpm_cli.cli.models import builtin_names
+from ddpm_cli.engine.models.resolve import builtin_models
 from ddpm_cli.cli.options import (AllowPickleOpt, BatchSizeOpt, CompileOpt, DeviceOpt, DtypeOpt, EtaOpt, FormatOpt,
                                   ModelAlias, OutdirAlias, OutputOpt, OverwriteOpt, PerPromptOpt, QuietOpt, RevisionOpt,
                                   SamplerOpt, SeedOpt, SkipExistingOpt, SpacingOpt, VarianceOpt, either, steps_option)
@@ -87,7 +87,7 @@ def split_positionals(words: list[str], model: str | None, from_file: str | None
 
 @handle_errors
 def txt2img(
-    words: Annotated[list[str] | None, typer.Argument(metavar="[MODEL] PROMPT", show_default=False, help=f"MODEL: a text-conditional model, a run folder, a Stable Diffusion-format folder or Hub id [default: the built-in {DEFAULT_MODEL}; `ddpm models` lists the built-ins ({', '.join(builtin_names())})]. PROMPT: what to draw (none with --from-file).")] = None,
+    words: Annotated[list[str] | None, typer.Argument(metavar="[MODEL] PROMPT", show_default=False, help=f"MODEL: a text-conditional model, a run folder, a Stable Diffusion-format folder or Hub id [default: the built-in {DEFAULT_MODEL}; `ddpm models` lists the built-ins ({', '.join(builtin_models())})]. PROMPT: what to draw (none with --from-file).")] = None,
     model_alias: ModelAlias = None,
     negative_prompt: Annotated[str, typer.Option("--negative-prompt", help="What to steer away from (replaces the empty prompt of the unconditional branch).")] = "",
     cfg: Annotated[float, typer.Option("--cfg", min=0.0, help="Guidance scale w: eps_uncond + w (eps_cond - eps_uncond).")] = 7.5,

@@ -65,12 +65,12 @@ def upscale(
     """Upscale an image with a diffusion super-resolution model; one PNG per seed ({name}-x{scale}-{seed:06d}.png)."""
     run = Generation.of(locals())
     run.steps = steps or (UPSCALE_DDPM_STEPS if sampler == "ddpm" else None)
-    from ddpm_cli.engine.imageio import load_image
+    from ddpm_cli.engine.io.images import load_image
 
     low = load_image(image, mode="RGB")  # read now: a bad image fails before the model loads
 
-    from ddpm_cli.engine.imageio import pil_to_tensor
-    from ddpm_cli.engine.superres import UpscaleSettings, upscale_batch
+    from ddpm_cli.engine.io.images import pil_to_tensor
+    from ddpm_cli.engine.tasks.superres import UpscaleSettings, upscale_batch
 
     pipeline, settings = run.load()
     if not pipeline.upscale:

@@ -1,6 +1,6 @@
 """The names users choose from, kept free of torch so the CLI can list them without importing it."""
 
-from ddpm_cli.engine.sampler_registry import SAMPLERS  # noqa: F401 - the registry's names, in its order
+from ddpm_cli.engine.diffusion.registry import SAMPLERS  # noqa: F401 - the registry's names, in its order
 
 BETA_SCHEDULES = ("linear", "cosine", "scaled_linear")
 PREDICTION_TYPES = ("epsilon", "v", "sample")

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ddpm_cli.engine.atomic import atomic_output
+from ddpm_cli.engine.io.atomic import atomic_output
 from ddpm_cli.engine.errors import InputError, ModelError
 
 WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"

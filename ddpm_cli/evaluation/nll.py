@@ -12,10 +12,10 @@ from collections.abc import Callable
 
 import torch
 
-from ddpm_cli.engine.bound import BoundEstimate, bound_bpd
+from ddpm_cli.engine.diffusion.bound import BoundEstimate, bound_bpd
 from ddpm_cli.engine.errors import InputError
-from ddpm_cli.engine.pipeline import KINDS, Condition, Pipeline
-from ddpm_cli.engine.samplers import make_timesteps
+from ddpm_cli.engine.models.pipeline import KINDS, Condition, Pipeline
+from ddpm_cli.engine.diffusion.samplers import make_timesteps
 from ddpm_cli.evaluation.images import read_images
 
 HELD_OUT_SPLITS = {"fashion-mnist": "test", "fashion-mnist-subset": "test"}

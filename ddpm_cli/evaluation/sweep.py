@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 
 from ddpm_cli.engine.errors import InputError
-from ddpm_cli.engine.sampler_registry import SAMPLERS
-from ddpm_cli.engine.generate import SamplerSettings, sample_batch
-from ddpm_cli.engine.pipeline import Pipeline
+from ddpm_cli.engine.diffusion.registry import SAMPLERS
+from ddpm_cli.engine.tasks.generate import SamplerSettings, sample_batch
+from ddpm_cli.engine.models.pipeline import Pipeline
 
 METRICS = ("nll", "fid")
 

@@ -21,7 +21,6 @@ import json
 import os
 import re
 import shutil
-import struct
 from collections.abc import Callable
 from pathlib import Path
 
@@ -30,14 +29,13 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ddpm_cli.engine.errors import InputError, ModelError, NumericalError, ResourceError
+from ddpm_cli.engine.models.safety import safetensors_damage
 
 PREFIX = "checkpoint-"
 STATE_FILE = "state.json"
 TENSOR_FILES = ("model.safetensors", "ema.safetensors", "optimizer.safetensors", "rng.safetensors")
 JSON_FILES = ("optimizer.json", STATE_FILE)
 _NAME = re.compile(rf"{PREFIX}(\d+)")
-_DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
-                "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
 
 
 def _fsync_tree(folder: Path) -> None:
@@ -88,42 +86,6 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.removeprefix(PREFIX)))
 
 
-def _safetensors_damage(path: Path) -> str | None:
-    """What is wrong with a safetensors file, read from its header and size alone; None if nothing."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            return f"{size} bytes, shorter than a safetensors header"
-        length = struct.unpack("<Q", head)[0]
-        if length > size - 8:
-            return f"header length {length} runs past the end of the file ({size} bytes)"
-        try:
-            header = json.loads(f.read(length))
-        except ValueError:
-            return "header is not valid JSON"
-    if not isinstance(header, dict):
-        return "header is not a JSON object"
-    end = 0
-    for name, entry in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            begin, stop = entry["data_offsets"]
-            count = 1
-            for dim in entry["shape"]:
-                count *= int(dim)
-            expected = count * _DTYPE_BYTES[entry["dtype"]]
-        except (KeyError, TypeError, ValueError):
-            return f"header entry {name!r} is malformed"
-        if not 0 <= begin <= stop or stop - begin != expected:
-            return f"tensor {name!r} has offsets {begin}..{stop} for {expected} bytes"
-        end = max(end, stop)
-    if size != 8 + length + end:
-        return f"{size} bytes where the header describes {8 + length + end}"
-    return None
-
-
 def damage(checkpoint: Path) -> str | None:
     """The first damaged or missing file of a checkpoint and what is wrong with it, or None if the
     checkpoint is usable. Reads headers and sizes only (milliseconds, whatever the model's size)."""
@@ -132,7 +94,7 @@ def damage(checkpoint: Path) -> str | None:
         path = checkpoint / name
         try:
             if name in TENSOR_FILES:
-                problem = _safetensors_damage(path)
+                problem = safetensors_damage(path)
             else:
                 data = json.loads(path.read_text())
                 problem = None if isinstance(data, dict) else "not a JSON object"
@@ -306,7 +268,7 @@ def export_pipeline(run_dir: Path, ema_model: torch.nn.Module, scheduler_config:
     """
     from diffusers import DDPMScheduler
 
-    from ddpm_cli.engine.pipeline import MODEL_INFO_FILE
+    from ddpm_cli.engine.models.resolve import MODEL_INFO_FILE
 
     if not all_finite(ema_model):
         raise NumericalError("the EMA weights are not finite; the pipeline was not exported")

@@ -16,9 +16,9 @@ from collections.abc import Iterator
 
 import torch
 
-from ddpm_cli.engine.distributed import World
+from ddpm_cli.engine.runtime.distributed import World
 from ddpm_cli.training.config import TrainConfig
-from ddpm_cli.training.data import BatchLoader, DeviceBatches, EpochBatches, crop_and_flip, fits_on_device
+from ddpm_cli.data.batches import BatchLoader, DeviceBatches, EpochBatches, crop_and_flip, fits_on_device
 from ddpm_cli.training.latents import flip_latents
 
 

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import torch
 
-from ddpm_cli.engine.autoencoder import (LatentsFile, encode_images, is_latents_file, latent_factor, load_autoencoder,
-                                         read_latents)
+from ddpm_cli.engine.io.latents import LatentsFile, is_latents_file, read_latents
+from ddpm_cli.engine.models.vae import encode_images, latent_factor, load_autoencoder
 from ddpm_cli.engine.errors import InputError
-from ddpm_cli.training.data import BUILTIN_DATASETS, ArrayImageSet, FileImageSet, FolderImageSet, ImageSet, open_dataset
+from ddpm_cli.data.sources import BUILTIN_DATASETS, ArrayImageSet, FileImageSet, FolderImageSet, ImageSet, open_dataset
 
 __all__ = ["LatentSet", "encode_set", "flip_latents", "is_latents_file", "open_inputs", "open_latent_data"]
 
@@ -70,7 +70,7 @@ def image_batch(dataset: ImageSet, indices: list[int], resolution: int | None) -
 def open_inputs(inputs: list[str], resolution: int | None, channels: int) -> tuple[ImageSet, list[str]]:
     """What `ddpm encode` reads: one built-in data set or folder (keeping its labels and captions), or
     any mix of image files and folders. Returns the set and a source name per item."""
-    from ddpm_cli.engine.imageio import IMAGE_EXTENSIONS, list_images
+    from ddpm_cli.engine.io.images import IMAGE_EXTENSIONS, list_images
 
     if len(inputs) == 1 and inputs[0] in BUILTIN_DATASETS:
         dataset = open_dataset(inputs[0], resolution or 32, channels)

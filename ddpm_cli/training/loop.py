@@ -6,9 +6,9 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from ddpm_cli.engine import distributed
+from ddpm_cli.engine.runtime import distributed
 from ddpm_cli.engine.errors import InputError
-from ddpm_cli.engine.pipeline import MODEL_INFO_FILE
+from ddpm_cli.engine.models.resolve import MODEL_INFO_FILE
 from ddpm_cli.training import checkpoints
 from ddpm_cli.training.config import SUMMARY_FILE, TrainConfig
 from ddpm_cli.training.trainer import LOG_FILE, Events, Trainer, learning_rate

@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from ddpm_cli.engine.distributed import World
+from ddpm_cli.engine.runtime.distributed import World
 from ddpm_cli.engine.errors import DdpmError
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)

@@ -28,13 +28,14 @@ from pathlib import Path
 import torch
 
 from ddpm_cli import __version__
-from ddpm_cli.engine import distributed
-from ddpm_cli.engine.acceleration import compile_module, memory_format, prepare_module
-from ddpm_cli.engine.device import describe, resolve_device
+from ddpm_cli.engine.runtime import distributed
+from ddpm_cli.engine.runtime.acceleration import compile_module, memory_format, prepare_module
+from ddpm_cli.engine.runtime.device import describe, resolve_device
 from ddpm_cli.engine.errors import InputError, NumericalError
 from ddpm_cli.training import checkpoints
 from ddpm_cli.training.config import SUMMARY_FILE, TrainConfig
-from ddpm_cli.training.data import BUILTIN_DATASETS, EpochBatches, open_dataset
+from ddpm_cli.data.sources import BUILTIN_DATASETS, open_dataset
+from ddpm_cli.data.batches import EpochBatches
 from ddpm_cli.training.ema import EMA
 from ddpm_cli.training.feed import Feed
 from ddpm_cli.training.latents import is_latents_file, open_latent_data

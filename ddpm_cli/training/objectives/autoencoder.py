@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ddpm_cli.engine.autoencoder import decode_latents, encode_images
-from ddpm_cli.engine.imageio import make_grid, save_png
-from ddpm_cli.engine.pipeline import MODEL_INFO_FILE
+from ddpm_cli.engine.models.vae import decode_latents, encode_images
+from ddpm_cli.engine.io.images import make_grid, save_png
+from ddpm_cli.engine.models.resolve import MODEL_INFO_FILE
 from ddpm_cli.training import checkpoints
 from ddpm_cli.training.objectives.base import Batch, Draws, Network, Objective, grid_path
 from ddpm_cli.training.presets import autoencoder_config, build_autoencoder

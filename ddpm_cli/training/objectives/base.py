@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from ddpm_cli.engine.distributed import World
+from ddpm_cli.engine.runtime.distributed import World
 from ddpm_cli.training.config import TrainConfig
 
 Network = Callable[..., object]  # the wrapped forward: DDP under torchrun, compiled with --compile, under autocast
@@ -88,7 +88,7 @@ class Objective:
 
     def first_images(self, count: int) -> torch.Tensor:
         """The data set's first ``count`` images, center-cropped, in [-1, 1] (for previews)."""
-        from ddpm_cli.training.data import crop_and_flip
+        from ddpm_cli.data.batches import crop_and_flip
 
         count = min(count, len(self.dataset))
         images = [self.dataset.load(i) for i in range(count)]

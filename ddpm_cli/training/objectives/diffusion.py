@@ -14,16 +14,16 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ddpm_cli.engine.acceleration import memory_format
-from ddpm_cli.engine.bound import vlb_terms
+from ddpm_cli.engine.runtime.acceleration import memory_format
+from ddpm_cli.engine.diffusion.bound import vlb_terms
 from ddpm_cli.engine.errors import InputError
-from ddpm_cli.engine.generate import SamplerSettings, sample_batch
-from ddpm_cli.engine.imageio import make_grid, save_png
-from ddpm_cli.engine.pipeline import Condition, from_unet
-from ddpm_cli.engine.schedule import NoiseSchedule
+from ddpm_cli.engine.tasks.generate import SamplerSettings, sample_batch
+from ddpm_cli.engine.io.images import make_grid, save_png
+from ddpm_cli.engine.models.pipeline import Condition, from_unet
+from ddpm_cli.engine.diffusion.schedule import NoiseSchedule
 from ddpm_cli.training import checkpoints
 from ddpm_cli.training.config import TrainConfig
-from ddpm_cli.training.data import BUILTIN_DATASETS
+from ddpm_cli.data.sources import BUILTIN_DATASETS
 from ddpm_cli.training.objectives.base import Batch, Draws, Network, Objective, grid_path
 from ddpm_cli.training.presets import build_unet, text_unet_config, unet_config
 
@@ -64,7 +64,7 @@ class DiffusionObjective(Objective):
             if dataset.captions is None:
                 raise InputError(f"--conditioning text needs captions: give {config.data} a metadata.jsonl "
                                  "(file_name, text) or a .txt file beside each image, or use the built-in emoji set")
-            from ddpm_cli.engine.text import EmbeddingCache, TextEncoder
+            from ddpm_cli.engine.models.text import EmbeddingCache, TextEncoder
 
             self.encoder = TextEncoder.load(config.text_encoder, self.device, max_length=config.text_max_length,
                                             embedding=config.text_embedding)

@@ -17,10 +17,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ddpm_cli.engine.generate import SamplerSettings
-from ddpm_cli.engine.imageio import make_grid, save_png
-from ddpm_cli.engine.pipeline import from_unet
-from ddpm_cli.engine.superres import degrade, upsample, upscale_batch
+from ddpm_cli.engine.tasks.generate import SamplerSettings
+from ddpm_cli.engine.io.images import make_grid, save_png
+from ddpm_cli.engine.models.pipeline import from_unet
+from ddpm_cli.engine.tasks.superres import degrade, upsample, upscale_batch
 from ddpm_cli.training import checkpoints
 from ddpm_cli.training.objectives.base import Batch, Draws, Network, Objective, grid_path
 from ddpm_cli.training.objectives.diffusion import make_schedule

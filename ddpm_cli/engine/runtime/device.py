@@ -6,7 +6,7 @@ import re
 
 import torch
 
-from ddpm_cli.engine.distributed import world
+from ddpm_cli.engine.runtime.distributed import world
 from ddpm_cli.engine.errors import InputError
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda", "cuda:N", "mps")

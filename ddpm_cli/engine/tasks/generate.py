@@ -15,10 +15,10 @@ import torch
 
 from ddpm_cli.engine.choices import LEARNED_VARIANCES
 from ddpm_cli.engine.errors import InputError, NumericalError
-from ddpm_cli.engine.noise import SeededNoise
-from ddpm_cli.engine.pipeline import Condition, Pipeline
-from ddpm_cli.engine.sampler_registry import OPTIONS, check_options, sampler_entry
-from ddpm_cli.engine.samplers import make_timesteps
+from ddpm_cli.engine.diffusion.noise import SeededNoise
+from ddpm_cli.engine.models.pipeline import Condition, Pipeline
+from ddpm_cli.engine.diffusion.registry import OPTIONS, check_options, sampler_entry
+from ddpm_cli.engine.diffusion.samplers import make_timesteps
 
 
 def resolve_option(name: str, value, pipeline: Pipeline):

@@ -1,5 +1,6 @@
 """Autoencoders for latent diffusion: find and load a VAE, encode images to scaled latents and
-decode them back (tiled for large images, fp16 guarded), and the latents file ``ddpm encode`` writes.
+decode them back (tiled for large images, fp16 guarded). The latents file ``ddpm encode`` writes is
+``io/latents.py``.
 
 A VAE is the ``vae/`` of a Stable Diffusion-format folder, a standalone AutoencoderKL folder
 (config.json + weights), a run of ``ddpm train --task autoencoder``, or a Hub id of either.
@@ -11,18 +12,15 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
-import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from ddpm_cli.engine import checkpoint as ckpt
-from ddpm_cli.engine.atomic import atomic_output
+from ddpm_cli.engine.models.load import load_vae
+from ddpm_cli.engine.models.resolve import locate
+from ddpm_cli.engine.models.safety import check_weights
 from ddpm_cli.engine.errors import InputError, ModelError, ResourceError
 
-LATENTS_FORMAT = "ddpm-latents/1"
 DEFAULT_TILE = 512  # pixels: larger images are encoded and decoded in overlapping tiles
 _VAE_HUB_FILES = ["config.json", "diffusion_pytorch_model.safetensors", "model_index.json",
                   "vae/config.json", "vae/diffusion_pytorch_model.safetensors"]
@@ -30,20 +28,7 @@ _VAE_HUB_FILES = ["config.json", "diffusion_pytorch_model.safetensors", "model_i
 
 def locate_autoencoder(spec: str, revision: str | None = None) -> tuple[Path, str | None]:
     """VAE spec -> (folder, subfolder): ``vae`` inside a pipeline or run folder, or None for a standalone VAE."""
-    text = str(spec).strip()
-    local = Path(text).expanduser()
-    if not text:
-        raise ModelError("no VAE was given; pass a folder (a pipeline's, a run's or a standalone VAE) or a Hub id")
-    if local.is_dir():
-        folder = local
-    elif local.exists():
-        raise ModelError(f"{local} is a file, not a VAE folder; pass the folder that holds config.json or vae/")
-    elif text in ckpt.builtin_models():
-        folder = Path(ckpt.BUILTIN_DIR) / text
-    elif ckpt.is_hub_id(text):
-        folder = ckpt.hub_snapshot(text, revision, _VAE_HUB_FILES)
-    else:
-        raise ModelError(f"VAE {text!r} is not an existing folder or a Hub id (owner/name); pass one of those")
+    folder = locate(spec, revision, what="VAE", hub_files=_VAE_HUB_FILES)
     if (folder / "vae" / "config.json").is_file():
         return folder, "vae"
     if (folder / "config.json").is_file():
@@ -56,8 +41,8 @@ def load_autoencoder(spec: str, device: torch.device | str, dtype: torch.dtype, 
                      allow_pickle: bool = False):
     """Resolve and check a VAE spec, then load its AutoencoderKL (eval mode) on device/dtype."""
     folder, subfolder = locate_autoencoder(spec, revision)
-    ckpt.check_weights(folder / subfolder if subfolder else folder, allow_pickle=allow_pickle)
-    return ckpt.load_vae(folder, device, dtype, subfolder)
+    check_weights(folder / subfolder if subfolder else folder, allow_pickle=allow_pickle)
+    return load_vae(folder, device, dtype, subfolder)
 
 
 def latent_factor(vae) -> int:
@@ -135,62 +120,3 @@ def decode_latents(vae, latents: torch.Tensor, tile: int | None = DEFAULT_TILE) 
 
     z = latents.float() / vae.config.scaling_factor + _shift(vae)
     return _guarded(vae, run, z.to(vae.device))
-
-
-# --------------------------------------------------------------------------- the latents file
-
-@dataclass
-class LatentsFile:
-    """Latents N×C×h×w (float32) and what made them: the VAE, its scaling, the images' size and
-    sources, and the labels or captions the images had (for conditional latent training)."""
-
-    latents: torch.Tensor
-    vae: str
-    scaling_factor: float
-    image_size: tuple[int, int]
-    sources: list[str]
-    shift_factor: float = 0.0
-    labels: list[int] | None = None
-    class_names: list[str] | None = None
-    captions: list[str] | None = None
-
-    def metadata(self) -> dict[str, str]:
-        fields = {"format": LATENTS_FORMAT, "vae": self.vae, "scaling_factor": self.scaling_factor,
-                  "shift_factor": self.shift_factor, "image_size": list(self.image_size), "sources": self.sources,
-                  "labels": self.labels, "class_names": self.class_names, "captions": self.captions}
-        return {key: json.dumps(value) for key, value in fields.items()}
-
-
-def save_latents(path: str | os.PathLike, data: LatentsFile, dtype: torch.dtype = torch.float32,
-                 overwrite: bool = True) -> None:
-    """Write atomically (see ``atomic.atomic_output``) as safetensors with JSON metadata; without
-    ``overwrite`` an existing file is never replaced."""
-    from safetensors.torch import save_file
-
-    with atomic_output(path, overwrite) as tmp:
-        save_file({"latents": data.latents.to(dtype).contiguous().cpu()}, tmp, metadata=data.metadata())
-
-
-def is_latents_file(path: str | os.PathLike) -> bool:
-    return str(path).endswith(".safetensors") and Path(path).is_file()
-
-
-def read_latents(path: str | os.PathLike) -> LatentsFile:
-    """Read a file written by :func:`save_latents`; a wrong or damaged file is an InputError."""
-    from safetensors import SafetensorError, safe_open
-
-    path = Path(path)
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            if meta.get("format") != json.dumps(LATENTS_FORMAT) or "latents" not in f.keys():
-                raise InputError(f"{path} is not a latents file written by `ddpm encode`")
-            latents = f.get_tensor("latents").float()
-    except (OSError, SafetensorError) as exc:
-        raise InputError(f"cannot read latents file {path} ({exc}); rerun `ddpm encode`") from None
-    fields = {key: json.loads(value) for key, value in meta.items() if key != "format"}
-    if latents.dim() != 4 or len(fields.get("sources") or []) != latents.shape[0]:
-        raise InputError(f"{path}: latents of shape {tuple(latents.shape)} do not match its metadata; rerun `ddpm encode`")
-    return LatentsFile(latents, fields["vae"], float(fields["scaling_factor"]), tuple(fields["image_size"]),
-                       fields["sources"], float(fields.get("shift_factor") or 0.0), fields.get("labels"),
-                       fields.get("class_names"), fields.get("captions"))

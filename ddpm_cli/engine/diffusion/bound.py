@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ddpm_cli.engine.schedule import NoiseSchedule
+from ddpm_cli.engine.diffusion.schedule import NoiseSchedule
 
 LN2 = math.log(2.0)
 BIN = 1.0 / 255.0  # half the width of an 8-bit bin in [-1, 1]

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import unicodedata
 import zipfile
 from pathlib import Path
@@ -23,7 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ddpm_cli.engine.errors import InputError
+from ddpm_cli.engine.errors import DdpmError, InputError
+from ddpm_cli.engine.io.atomic import atomic_output
 
 METADATA_FILE = "metadata.jsonl"
 EMOJI_FONT = Path("/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf")
@@ -164,23 +164,12 @@ def _read_cache(path: Path) -> tuple[np.ndarray, list[str]] | None:
 
 
 def _write_cache(path: Path, images: np.ndarray, captions: list[str]) -> None:
-    """Write the cache atomically (temporary file, then rename); a cache that cannot be written is skipped."""
-    tmp = None
+    """Write the cache atomically (see ``atomic.atomic_output``); a cache that cannot be written is skipped."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        with os.fdopen(fd, "wb") as f:
+        with atomic_output(path, overwrite=True) as tmp, open(tmp, "wb") as f:
             np.savez_compressed(f, format=np.int64(_CACHE_FORMAT), images=images, captions=np.asarray(captions, dtype=str))
-        os.replace(tmp, path)
-        tmp = None
-    except OSError:
+    except DdpmError:
         pass
-    finally:
-        if tmp is not None:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
 
 
 def emoji_images(size: int = EMOJI_CACHE_SIZE, font: str | os.PathLike = EMOJI_FONT) -> tuple[np.ndarray, list[str]]:

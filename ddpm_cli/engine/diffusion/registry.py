@@ -57,7 +57,7 @@ class SamplerEntry:
         return getattr(importlib.import_module(module), attribute)
 
 
-_SAMPLERS = "ddpm_cli.engine.samplers"
+_SAMPLERS = "ddpm_cli.engine.diffusion.samplers"
 
 # DDPM and DDIM use their diffusers schedulers' spacing; DPM-Solver++ ends at a timestep of T/n
 # (diffusers' own default for it differs from "trailing" by one step at most).

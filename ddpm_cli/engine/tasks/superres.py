@@ -28,11 +28,11 @@ import torch
 import torch.nn.functional as F
 
 from ddpm_cli.engine.errors import InputError
-from ddpm_cli.engine.generate import SamplerSettings, run_sampler
-from ddpm_cli.engine.noise import SeededNoise
-from ddpm_cli.engine.denoiser import UNetDenoiser
-from ddpm_cli.engine.pipeline import Condition, Pipeline
-from ddpm_cli.engine.wrappers import with_channels
+from ddpm_cli.engine.tasks.generate import SamplerSettings, run_sampler
+from ddpm_cli.engine.diffusion.noise import SeededNoise
+from ddpm_cli.engine.diffusion.denoiser import UNetDenoiser
+from ddpm_cli.engine.models.pipeline import Condition, Pipeline
+from ddpm_cli.engine.tasks.wrappers import with_channels
 
 
 def degrade(images: torch.Tensor, scale: int) -> torch.Tensor:

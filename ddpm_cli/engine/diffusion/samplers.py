@@ -27,7 +27,7 @@ import torch
 
 from ddpm_cli.engine.choices import SPACINGS, VARIANCES
 from ddpm_cli.engine.errors import InputError
-from ddpm_cli.engine.schedule import NoiseSchedule, interpolate_log_variance
+from ddpm_cli.engine.diffusion.schedule import NoiseSchedule, interpolate_log_variance
 
 Model = Callable[[torch.Tensor, int], torch.Tensor]
 Noise = Callable[[], torch.Tensor] | None

@@ -7,7 +7,7 @@ that samplers use, with the levers a device supports:
   channels-last inside torch.compile's graphs; see :func:`compile_module`), and cuDNN's autotuner
   on CUDA;
 - the attention kernel (``DDPM_ATTENTION``: torch's choice by default, or one SDPA backend; see
-  :mod:`ddpm_cli.engine.attention`);
+  :mod:`ddpm_cli.engine.runtime.attention`);
 - ``compile``: ``torch.compile`` of the U-Net (fixed shapes, no graph breaks in diffusers' U-Nets);
 - ``graphs`` (CUDA only): :class:`GraphedForward` records the forward pass once per input shape and
   replays it, so a sampling step costs one launch instead of hundreds.
@@ -83,7 +83,7 @@ def prepare_module(module: torch.nn.Module) -> torch.nn.Module:
     """Give the module's weights the chosen memory layout (in place) and its attention layers the
     chosen kernel, and on CUDA let cuDNN pick the fastest convolution algorithm for each shape (a
     training run's and a sampling loop's are fixed)."""
-    from ddpm_cli.engine.attention import use_attention_backend
+    from ddpm_cli.engine.runtime.attention import use_attention_backend
 
     if next(module.parameters()).device.type == "cuda":
         torch.backends.cudnn.benchmark = True

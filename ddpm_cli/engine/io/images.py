@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, PngImagePlugin
 
-from ddpm_cli.engine.atomic import atomic_output
+from ddpm_cli.engine.io.atomic import atomic_output
 from ddpm_cli.engine.errors import InputError, NumericalError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")

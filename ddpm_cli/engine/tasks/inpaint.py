@@ -33,13 +33,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ddpm_cli.engine.autoencoder import encode_images
+from ddpm_cli.engine.models.vae import encode_images
 from ddpm_cli.engine.errors import InputError
-from ddpm_cli.engine.generate import SamplerSettings, run_sampler
-from ddpm_cli.engine.noise import SeededNoise
-from ddpm_cli.engine.pipeline import Condition, Pipeline
-from ddpm_cli.engine.samplers import after_step, ddpm_step
-from ddpm_cli.engine.wrappers import chain, with_channels
+from ddpm_cli.engine.tasks.generate import SamplerSettings, run_sampler
+from ddpm_cli.engine.diffusion.noise import SeededNoise
+from ddpm_cli.engine.models.pipeline import Condition, Pipeline
+from ddpm_cli.engine.diffusion.samplers import after_step, ddpm_step
+from ddpm_cli.engine.tasks.wrappers import chain, with_channels
 
 MASK_THRESHOLD = 128  # mask pixels (0-255, after flattening to grey) at or above this are generated
 
@@ -54,7 +54,7 @@ def read_mask(path: str | Path, size: tuple[int, int], invert: bool = False, res
     """
     from PIL import Image
 
-    from ddpm_cli.engine.imageio import load_image
+    from ddpm_cli.engine.io.images import load_image
 
     mask = load_image(path, mode="L", background=(0, 0, 0))
     height, width = size

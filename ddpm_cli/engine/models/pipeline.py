@@ -13,17 +13,16 @@ from pathlib import Path
 
 import torch
 
-from ddpm_cli.engine.acceleration import prepare_module, unet_forward
-from ddpm_cli.engine.autoencoder import decode_latents, latent_factor
+from ddpm_cli.engine.runtime.acceleration import prepare_module, unet_forward
+from ddpm_cli.engine.models.vae import decode_latents, latent_factor
 from ddpm_cli.engine.choices import LEARNED_VARIANCES
-from ddpm_cli.engine.checkpoint import load_scheduler_config, load_unet, load_vae, read_json, resolve_model
-from ddpm_cli.engine.denoiser import UNetDenoiser
-from ddpm_cli.engine.device import resolve_device, resolve_dtype
+from ddpm_cli.engine.models.load import load_scheduler_config, load_unet, load_vae
+from ddpm_cli.engine.models.resolve import MODEL_INFO_FILE, read_json, resolve_model
+from ddpm_cli.engine.diffusion.denoiser import UNetDenoiser
+from ddpm_cli.engine.runtime.device import resolve_device, resolve_dtype
 from ddpm_cli.engine.errors import InputError, ModelError
-from ddpm_cli.engine.schedule import NoiseSchedule
+from ddpm_cli.engine.diffusion.schedule import NoiseSchedule
 
-# What diffusers' configs cannot say (class names) is kept beside them in this file.
-MODEL_INFO_FILE = "ddpm_model.json"
 
 # What each kind of model makes, and the command that runs it.
 KINDS = {"image": ("an image model", "`ddpm sample {name}`"),
@@ -256,7 +255,7 @@ def load_pipeline(model: str, revision: str | None = None, device: str = "auto",
                          f"(variance_type {config.get('variance_type') or 'fixed_small'})")
     text_encoder = None
     if type(unet).__name__ == "UNet2DConditionModel":
-        from ddpm_cli.engine.text import TextEncoder
+        from ddpm_cli.engine.models.text import TextEncoder
 
         spec = info.get("text_encoder") or str(folder)  # a project run names its encoder; else text_encoder/ inside
         text_encoder = TextEncoder.load(spec, torch_device, max_length=info.get("max_length"),

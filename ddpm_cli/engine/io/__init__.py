@@ -1,0 +1,1 @@
+"""Files: safe image loading, atomic output, PNG metadata."""
