@@ -127,7 +127,24 @@ def train(
     with bar:
         summary = trainer.run()
     if main:
+        note = short_run_note(summary)
+        if note:
+            say(note, quiet)
         _print_summary(summary, output_format)
+
+
+SHORT_RUN_FACTOR = 2.0  # a final loss this many times the preset's reference: the samples are still mostly noise
+
+
+def short_run_note(summary: dict) -> str | None:
+    """A hint when the run ended far above the loss its preset reaches on this data (see
+    training.presets.REFERENCE_LOSSES), or None."""
+    reference, loss = summary.get("reference_loss"), summary.get("final_loss")
+    if not reference or loss is None or loss < SHORT_RUN_FACTOR * reference["loss"]:
+        return None
+    return (f"ddpm: note: the final loss {loss:.4f} is {loss / reference['loss']:.1f}x the {reference['loss']} this preset "
+            f"reaches on this data ({reference['source']}); samples this early are mostly noise - train longer "
+            f"(--max-steps, --resume latest continues) or with a higher --lr")
 
 
 def _finished_run(run_dir: str) -> dict | None:

@@ -40,6 +40,7 @@ from ddpm_cli.training.ema import EMA
 from ddpm_cli.training.feed import Feed
 from ddpm_cli.training.latents import is_latents_file, open_latent_data
 from ddpm_cli.training.objectives import Batch, Draws, objective_class
+from ddpm_cli.training.presets import reference_loss
 from ddpm_cli.training.stop import StopRequests, TrainingStopped, signal_name
 
 LOG_FILE = "log.jsonl"
@@ -284,6 +285,7 @@ class Trainer:
             "nonfinite_steps": self.nonfinite, "parameters": parameters,
             "data": {"name": self.dataset.name, "source": str(self.dataset.source), "images": len(self.dataset)},
             "pipeline": str(self.run_dir), "last_grid": str(grids[-1]) if grids else None,
+            "reference_loss": reference_loss(self.config),
         }
         if self.world.main:
             write_text(self.run_dir / SUMMARY_FILE, json.dumps(summary, indent=2))
