@@ -197,3 +197,57 @@ def test_emoji_corrupt_cache_is_rendered_again(tmp_path, monkeypatch):
     assert images.shape[1:] == (3, 64, 64) and len(captions) == len(images) > 900
     assert cap._read_cache(cache) is not None  # replaced by a good one
     assert not [p for p in cache.parent.iterdir() if p.name.endswith(".tmp")]
+
+
+# ---------------------------------------------------------------- emoji caption choices
+
+
+def test_emoji_caption_phrases_without_cldr_are_the_unicode_names(tmp_path):
+    assert cap.cldr_annotations(folder=tmp_path) == {}  # the package unicode-cldr-core is missing
+    (tmp_path / "en.xml").write_text("<ldml><annotations><annotation cp=")  # unreadable: the same
+    assert cap.cldr_annotations(folder=tmp_path) == {}
+    names = ["cat face", "red apple"]
+    assert cap.emoji_caption_phrases(names, {}) == [["cat face"], ["red apple"]]
+    choices = cap.emoji_caption_choices(names, annotations={})
+    assert choices[0] == [t.format("cat face") for t in cap.EMOJI_CAPTION_TEMPLATES]
+
+
+def test_emoji_caption_phrases_from_annotations(tmp_path):
+    (tmp_path / "en.xml").write_text(
+        '<ldml><annotations>'
+        '<annotation cp="🐱">cat | face | pet</annotation><annotation cp="🐱" type="tts">cat face</annotation>'
+        '<annotation cp="🐈">cat | pet</annotation><annotation cp="🐈" type="tts">cat</annotation>'
+        '<annotation cp="🐶">dog | face | pet</annotation><annotation cp="🐶" type="tts">dog face</annotation>'
+        '<annotation cp="🍎">Apple | fruit | red</annotation>'
+        '</annotations></ldml>', encoding="utf-8")
+    notes = cap.cldr_annotations(folder=tmp_path)
+    assert notes["🐱"] == ("cat face", ["cat", "face", "pet"]) and notes["🍎"] == (None, ["Apple", "fruit", "red"])
+    names = ["cat face", "cat", "dog face", "red apple"]
+    # "pet" captions three of these emoji and "face" two: with a limit of 2, "pet" is too vague
+    assert cap.emoji_caption_phrases(names, notes, keyword_limit=2) == [
+        ["cat face", "cat", "face"], ["cat"], ["dog face", "dog", "face"], ["red apple", "apple", "fruit", "red"]]
+
+
+@pytest.mark.skipif(not cap.CLDR_ANNOTATIONS.is_dir(), reason="needs the Debian package unicode-cldr-core")
+def test_emoji_dataset_has_cldr_caption_choices():
+    ds = open_dataset("emoji", 16)
+    assert len(ds.caption_choices) == len(ds)
+    cat = ds.caption_choices[ds.captions.index("cat face")]
+    assert cat[0] == "cat face" and "cat" in cat and "an emoji of cat" in cat and "face" not in cat
+    assert "pizza" in ds.caption_choices[ds.captions.index("slice of pizza")]
+    assert "car" in ds.caption_choices[ds.captions.index("automobile")]
+
+
+def test_caption_choices_draw_uniformly():
+    from ddpm_cli.training.feed import CaptionChoices
+
+    class Encoder:  # one distinct vector per text
+        def encode(self, texts):
+            return torch.tensor([[[float(hash(t) % 1000)]] for t in texts]), torch.ones(len(texts), 1, dtype=torch.long)
+
+    cache = CaptionChoices(Encoder(), [["a", "b", "c"], ["d"], ["b", "e"]])
+    assert cache.captions[cache.null_row] == ""
+    rows = cache.choose([0, 0, 0, 1, 2, 2], torch.tensor([0.0, 0.5, 0.999, 0.7, 0.2, 0.9]))
+    assert [cache.captions[r] for r in rows.tolist()] == ["a", "b", "c", "d", "b", "e"]
+    hidden, _ = cache.rows(rows)
+    assert hidden.shape == (6, 1, 1) and hidden[1, 0, 0] == hidden[4, 0, 0]  # "b" is encoded once

@@ -6,7 +6,11 @@ for an image without an entry there, by a ``.txt`` file with the image's stem be
 (``cat.png`` + ``cat.txt``). Either every image has a caption or none has.
 
 The ``emoji`` set renders the single-code-point emoji of the Noto Color Emoji font (Debian
-package fonts-noto-color-emoji), captioned with their lower-case Unicode names ("cat face").
+package fonts-noto-color-emoji), captioned with their lower-case Unicode names ("cat face"). For
+training each emoji also has several alternative captions (:func:`emoji_caption_choices`): its
+English name and keywords from Unicode CLDR's emoji annotations (Debian package unicode-cldr-core:
+"cat", "pet" for the cat face), each in a few wordings ("an emoji of cat"); without that package
+the Unicode name alone, in the same wordings.
 Rendering takes about a second, so the 64×64 images (or larger, for resolutions above 64) are
 cached under ``$XDG_CACHE_HOME/ddpm-cli`` (default ``~/.cache/ddpm-cli``).
 """
@@ -30,6 +34,10 @@ EMOJI_FONT = Path("/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf")
 EMOJI_FONT_SIZE = 109  # the only size of the font's colour bitmaps (136×128 px)
 EMOJI_BLOCKS = ((0x2600, 0x27BF), (0x1F300, 0x1FAFF))  # inclusive code point ranges
 EMOJI_CACHE_SIZE = 64
+CLDR_ANNOTATIONS = Path("/usr/share/unicode/cldr/common/annotations")
+# Wordings of a training caption; none is "a {}", so "a cat" stays a held-out prompt (tests/heldout_prompts.tsv)
+EMOJI_CAPTION_TEMPLATES = ("{}", "an emoji of {}", "a picture of {}", "{} emoji", "an icon of {}")
+KEYWORD_LIMIT = 24  # a CLDR keyword shared by more training emoji than this ("face", "man") is too vague to caption one
 EMOJI_MIN_RESOLUTION = 16
 _CACHE_FORMAT = 1
 
@@ -205,3 +213,50 @@ def load_emoji(resolution: int, channels: int = 3,
         weights = torch.tensor([19595, 38470, 7471], dtype=torch.int32).view(1, 3, 1, 1)
         tensor = (((tensor.to(torch.int32) * weights).sum(1, keepdim=True) + 0x8000) >> 16).to(torch.uint8)
     return tensor.contiguous(), captions
+
+
+def cldr_annotations(language: str = "en", folder: str | os.PathLike = CLDR_ANNOTATIONS) -> dict[str, tuple[str | None, list[str]]]:
+    """CLDR's emoji annotations in ``language``: {emoji: (its short name or None, its keywords)}; {} when
+    the file is absent or unreadable (the Debian package unicode-cldr-core is not installed)."""
+    from xml.etree import ElementTree
+
+    try:
+        root = ElementTree.parse(Path(folder) / f"{language}.xml").getroot()
+    except (OSError, ElementTree.ParseError):
+        return {}
+    names: dict[str, str] = {}
+    keywords: dict[str, list[str]] = {}
+    for node in root.iter("annotation"):
+        emoji, text = node.get("cp"), (node.text or "").strip()
+        if not emoji or not text:
+            continue
+        if node.get("type") == "tts":
+            names[emoji] = text
+        else:
+            keywords[emoji] = [k.strip() for k in text.split("|") if k.strip()]
+    return {e: (names.get(e), keywords.get(e, [])) for e in set(names) | set(keywords)}
+
+
+def emoji_caption_phrases(names: list[str], annotations: dict[str, tuple[str | None, list[str]]] | None = None,
+                          keyword_limit: int = KEYWORD_LIMIT) -> list[list[str]]:
+    """Per emoji (given by lower-case Unicode name), the phrases that may caption it, lower-case and distinct:
+    the Unicode name first, then CLDR's short name and the keywords that caption at most ``keyword_limit``
+    of these emoji. Without annotations (``cldr_annotations()`` by default) each has its Unicode name only."""
+    annotations = cldr_annotations() if annotations is None else annotations
+    found = [annotations.get(unicodedata.lookup(name), (None, [])) for name in names]
+    uses: dict[str, int] = {}
+    for _, keywords in found:
+        for k in {k.lower() for k in keywords}:
+            uses[k] = uses.get(k, 0) + 1
+    phrases = []
+    for name, (short, keywords) in zip(names, found):
+        mine = [name] + ([short.lower()] if short else []) + [k.lower() for k in keywords if uses[k.lower()] <= keyword_limit]
+        phrases.append(list(dict.fromkeys(mine)))
+    return phrases
+
+
+def emoji_caption_choices(names: list[str], templates: tuple[str, ...] = EMOJI_CAPTION_TEMPLATES,
+                          annotations: dict[str, tuple[str | None, list[str]]] | None = None) -> list[list[str]]:
+    """Per emoji, its alternative training captions: every phrase (:func:`emoji_caption_phrases`) in every
+    wording of ``templates``, phrase by phrase, so that a uniform draw picks phrase and wording uniformly."""
+    return [[t.format(p) for p in phrases for t in templates] for phrases in emoji_caption_phrases(names, annotations)]

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from ddpm_cli.engine.errors import InputError
-from ddpm_cli.data.captions import EMOJI_FONT, folder_captions, load_emoji
+from ddpm_cli.data.captions import EMOJI_FONT, emoji_caption_choices, folder_captions, load_emoji
 
 FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                          "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
@@ -54,8 +54,9 @@ class ImageSet:
     """Common interface of training data sets.
 
     Attributes: ``name``, ``source`` (path the data came from), ``channels`` (1 or 3),
-    ``labels`` (class index per item, or None), ``class_names`` (or None) and ``captions``
-    (one text per item, or None).
+    ``labels`` (class index per item, or None), ``class_names`` (or None), ``captions``
+    (one text per item, or None) and ``caption_choices`` (None, or per item the captions that training
+    draws one of per sample; ``captions`` then still names each item once).
     """
 
     name: str = ""
@@ -64,6 +65,7 @@ class ImageSet:
     labels: list[int] | None = None
     class_names: list[str] | None = None
     captions: list[str] | None = None
+    caption_choices: list[list[str]] | None = None
 
     def __len__(self) -> int:
         raise NotImplementedError
@@ -195,7 +197,8 @@ def open_dataset(spec: str, resolution: int, channels: int | None = None, split:
     ``fashion-mnist`` uses the full Debian files when installed, else the shipped subset (see
     ``.source`` and ``.name``); it is 1 channel (``channels=3`` replicates it), zero-padded evenly
     when the resolution is 28 + 2k, else bicubic-resized. ``emoji`` is ~1,280 captioned RGB
-    emoji on white (resolution 16 or more; ``channels=1`` makes them greyscale); it has no
+    emoji on white (resolution 16 or more; ``channels=1`` makes them greyscale), with several
+    caption choices each (``emoji_caption_choices``); it has no
     held-out images, so its "test" split is the same as "train". A folder defaults to 3
     channels (RGB); 1 means greyscale. ``split`` ("train" or "test") applies to the built-ins.
     """
@@ -208,7 +211,9 @@ def open_dataset(spec: str, resolution: int, channels: int | None = None, split:
     name = spec.strip()
     if name == "emoji":
         images, captions = load_emoji(resolution, channels or 3)
-        return ArrayImageSet(images, name="emoji", source=str(EMOJI_FONT), captions=captions)
+        dataset = ArrayImageSet(images, name="emoji", source=str(EMOJI_FONT), captions=captions)
+        dataset.caption_choices = emoji_caption_choices(captions)
+        return dataset
     if name in BUILTIN_DATASETS:
         prefix = "train" if split == "train" else "t10k"
         full = [FASHION_MNIST_DIR / f"{prefix}-{kind}-ubyte.gz" for kind in ("images-idx3", "labels-idx1")]

@@ -3,7 +3,9 @@
 A small in-memory set at the training resolution lives on the device as uint8 (``DeviceBatches``);
 anything else is loaded, cropped and flipped on the host by ``BatchLoader``'s workers, through
 pinned memory on CUDA. Class labels and caption embeddings are dropped to the null class or the
-empty caption with probability --cond-drop, so one model learns both guidance branches.
+empty caption with probability --cond-drop, so one model learns both guidance branches. An item
+with several captions (``ImageSet.caption_choices``, see :class:`CaptionChoices`) gets one of them,
+drawn uniformly per sample.
 
 Under torchrun every process draws the random choices of the whole global batch (flips, crops,
 label drops) and keeps its own rows, so the run is the one-process run split up.
@@ -20,6 +22,32 @@ from ddpm_cli.engine.runtime.distributed import World
 from ddpm_cli.training.config import TrainConfig
 from ddpm_cli.data.batches import BatchLoader, DeviceBatches, EpochBatches, crop_and_flip, fits_on_device
 from ddpm_cli.training.latents import flip_latents
+
+
+class CaptionChoices:
+    """The embeddings of every item's caption choices, each distinct caption encoded once (an
+    ``EmbeddingCache``); ``choose(indices, u)`` picks, for uniform draws u in [0, 1), one choice per item."""
+
+    def __init__(self, encoder, choices: list[list[str]], batch_size: int = 256):
+        from ddpm_cli.engine.models.text import EmbeddingCache
+
+        if any(not c for c in choices):
+            raise ValueError("every item needs at least one caption choice")
+        self.cache = EmbeddingCache(encoder, [c for item in choices for c in item], batch_size)
+        self.captions, self.null_row, self.rows = self.cache.captions, self.cache.null_row, self.cache.rows
+        counts = [len(c) for c in choices]
+        table = torch.full((len(choices), max(counts)), self.null_row, dtype=torch.long)
+        flat = iter(self.cache.index)
+        for i, n in enumerate(counts):
+            table[i, :n] = torch.tensor([next(flat) for _ in range(n)])
+        self.table, self.counts = table, torch.tensor(counts)
+
+    def choose(self, indices: list[int], u: torch.Tensor) -> torch.Tensor:
+        """Embedding rows, one per item of ``indices``: choice floor(u * its number of choices)."""
+        idx = torch.tensor(indices)
+        counts = self.counts[idx].to(u.device)
+        pick = (u * counts).long().clamp_(max=counts - 1)
+        return self.table.to(u.device)[idx.to(u.device), pick]
 
 
 class Feed:
@@ -67,12 +95,15 @@ class Feed:
         whole global batch are drawn, and this process keeps its rows."""
         if self.class_names is None and self.captions is None:
             return {}
-        if self.captions is not None:
+        total = len(indices) * self.world.size
+        if isinstance(self.captions, CaptionChoices):  # one draw per item of the global batch, as for the drops
+            u = torch.rand((total,), generator=self.generators["noise"], device=self.device)[self.world.shard(total)]
+            rows, null = self.captions.choose(indices, u), self.captions.null_row
+        elif self.captions is not None:
             rows = torch.tensor([self.captions.index[i] for i in indices], device=self.device)
             null = self.captions.null_row
         else:
             rows, null = labels.to(self.device, non_blocking=True), len(self.class_names)
-        total = len(indices) * self.world.size
         drop = torch.rand((total,), generator=self.generators["noise"], device=self.device) < self.config.cond_drop
         drop = drop[self.world.shard(total)]
         rows = torch.where(drop, torch.full_like(rows, null), rows)
