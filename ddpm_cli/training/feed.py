@@ -26,7 +26,8 @@ from ddpm_cli.training.latents import flip_latents
 
 class CaptionChoices:
     """The embeddings of every item's caption choices, each distinct caption encoded once (an
-    ``EmbeddingCache``); ``choose(indices, u)`` picks, for uniform draws u in [0, 1), one choice per item."""
+    ``EmbeddingCache``); ``choose(indices, u)`` picks, for uniform draws u in [0, 1), one choice per
+    item. A data set with one caption per item has one choice each and needs no draws (``several``)."""
 
     def __init__(self, encoder, choices: list[list[str]], batch_size: int = 256):
         from ddpm_cli.engine.models.text import EmbeddingCache
@@ -41,10 +42,18 @@ class CaptionChoices:
         for i, n in enumerate(counts):
             table[i, :n] = torch.tensor([next(flat) for _ in range(n)])
         self.table, self.counts = table, torch.tensor(counts)
+        self.several = max(counts) > 1
 
-    def choose(self, indices: list[int], u: torch.Tensor) -> torch.Tensor:
-        """Embedding rows, one per item of ``indices``: choice floor(u * its number of choices)."""
+    def first_captions(self) -> list[str]:
+        """Each distinct first choice, in the items' order, without the empty caption."""
+        return [self.captions[row] for row in dict.fromkeys(self.table[:, 0].tolist()) if row != self.null_row]
+
+    def choose(self, indices: list[int], u: torch.Tensor | None) -> torch.Tensor:
+        """Embedding rows, one per item of ``indices``: choice floor(u * its number of choices), or the
+        first choice where ``u`` is None."""
         idx = torch.tensor(indices)
+        if u is None:
+            return self.table[idx, 0]
         counts = self.counts[idx].to(u.device)
         pick = (u * counts).long().clamp_(max=counts - 1)
         return self.table.to(u.device)[idx.to(u.device), pick]
@@ -96,12 +105,11 @@ class Feed:
         if self.class_names is None and self.captions is None:
             return {}
         total = len(indices) * self.world.size
-        if isinstance(self.captions, CaptionChoices):  # one draw per item of the global batch, as for the drops
-            u = torch.rand((total,), generator=self.generators["noise"], device=self.device)[self.world.shard(total)]
-            rows, null = self.captions.choose(indices, u), self.captions.null_row
-        elif self.captions is not None:
-            rows = torch.tensor([self.captions.index[i] for i in indices], device=self.device)
-            null = self.captions.null_row
+        if self.captions is not None:
+            u = None
+            if self.captions.several:  # one draw per item of the global batch, as for the drops
+                u = torch.rand((total,), generator=self.generators["noise"], device=self.device)[self.world.shard(total)]
+            rows, null = self.captions.choose(indices, u).to(self.device), self.captions.null_row
         else:
             rows, null = labels.to(self.device, non_blocking=True), len(self.class_names)
         drop = torch.rand((total,), generator=self.generators["noise"], device=self.device) < self.config.cond_drop

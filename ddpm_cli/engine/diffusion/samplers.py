@@ -1,4 +1,4 @@
-"""Reverse-process samplers as plain functions of one shape, found by name in ``sampler_registry``.
+"""Reverse-process samplers as plain functions of one shape, found by name in ``registry.py``.
 
 Every sampler is ``sample_x(model, x, schedule, timesteps, noise=None, callback=None, **options) -> x``:
 

@@ -1,6 +1,6 @@
 """Generation driver: a batch of seeds in, images out, with any sampler.
 
-Settings name a sampler from ``sampler_registry`` and its options; :func:`run_sampler` calls it.
+Settings name a sampler of ``diffusion/registry.py`` and its options; :func:`run_sampler` calls it.
 Image i of a run uses seed + i through its own CPU generator (``noise.SeededNoise``), so the
 same seed gives the same image whatever the batch size or device. The caller batches and decides
 what to do with each finished batch (the CLI writes files as they come, so an interrupt keeps them).
@@ -39,7 +39,7 @@ def resolve_option(name: str, value, pipeline: Pipeline):
 class SamplerSettings:
     """How to run the reverse process; unset fields take each sampler's usual value.
 
-    ``options`` holds sampler options by name (``sampler_registry.OPTIONS``); ``eta`` and
+    ``options`` holds sampler options by name (``registry.OPTIONS``); ``eta`` and
     ``variance`` are shorthands for options["eta"] and options["variance"]. Resolved settings keep
     every option of their sampler in ``options``, defaults filled in, and None in the shorthands.
     """

@@ -64,18 +64,14 @@ class DiffusionObjective(Objective):
             if dataset.captions is None:
                 raise InputError(f"--conditioning text needs captions: give {config.data} a metadata.jsonl "
                                  "(file_name, text) or a .txt file beside each image, or use the built-in emoji set")
-            from ddpm_cli.engine.models.text import EmbeddingCache, TextEncoder
+            from ddpm_cli.engine.models.text import TextEncoder
+            from ddpm_cli.training.feed import CaptionChoices
 
             self.encoder = TextEncoder.load(config.text_encoder, self.device, max_length=config.text_max_length,
                                             embedding=config.text_embedding)
             config.text_max_length = self.encoder.max_length
-            choices = getattr(dataset, "caption_choices", None)
-            if choices is not None:  # several captions per item, one drawn per sample (training/feed.py)
-                from ddpm_cli.training.feed import CaptionChoices
-
-                self.captions = CaptionChoices(self.encoder, choices)
-            else:
-                self.captions = EmbeddingCache(self.encoder, dataset.captions)
+            # Several captions per item (one drawn per sample), or each item's own caption.
+            self.captions = CaptionChoices(self.encoder, dataset.caption_choices or [[c] for c in dataset.captions])
         elif config.conditioning == "class":
             if dataset.labels is None:
                 raise InputError(f"--conditioning class needs labels: {config.data} has none (put each class's images "
@@ -137,9 +133,7 @@ class DiffusionObjective(Objective):
         if self.class_names:
             condition = Condition([seed % len(self.class_names) for seed in GRID_SEEDS])
         elif self.captions is not None:
-            first = getattr(self.captions, "table", None)  # CaptionChoices: each item's first caption
-            prompts = [self.captions.captions[r] for r in first[:, 0].tolist()] if first is not None \
-                else self.captions.captions[1:] or [""]
+            prompts = self.captions.first_captions() or [""]
             condition = Condition(prompt=[prompts[seed % len(prompts)] for seed in GRID_SEEDS])
         else:
             condition = None
