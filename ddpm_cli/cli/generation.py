@@ -13,6 +13,7 @@ from ddpm_cli.cli.errors import EXIT_USAGE, fail
 from ddpm_cli.cli.options import DEFAULT_OUTPUT, either
 from ddpm_cli.cli.progress import say
 from ddpm_cli.cli.render import Job, plan, render
+from ddpm_cli.cli.seeds import resolve_seeds
 
 DEFAULT_CFG = {"class": 2.0, "prompt": 7.5}  # guidance scale when --cfg is not given
 
@@ -27,8 +28,10 @@ class Generation:
     eta: float | None = None
     spacing: str | None = None
     variance: str | None = None
-    seed: int = 0
-    num_images: int = 1
+    seed: str | int | None = None  # --seed N|random (None: 0)
+    seed_list: str | None = None  # --seeds LIST, which replaces --seed and -n
+    num_images: int | None = None  # -n; None: not given (images_default, or one per --seeds entry)
+    images_default: int = 1
     batch_size: int = 8
     output: Path | None = None
     outdir: Path | None = None  # the hidden old spelling of --output
@@ -43,10 +46,10 @@ class Generation:
     quiet: bool = False
 
     @classmethod
-    def of(cls, options: dict) -> Generation:
-        """From a command's parameters (its ``locals()``): the ones named like a field."""
+    def of(cls, options: dict, **overrides) -> Generation:
+        """From a command's parameters (its ``locals()``): the ones named like a field, then ``overrides``."""
         names = {field.name for field in fields(cls)}
-        return cls(**{key: value for key, value in options.items() if key in names})
+        return cls(**{**{key: value for key, value in options.items() if key in names}, **overrides})
 
     def __post_init__(self) -> None:
         from ddpm_cli.engine.runtime.distributed import world
@@ -54,6 +57,11 @@ class Generation:
         self.model = str(self.model)
         self.output = Path(either(self.output, self.outdir, "-o/--output", "--outdir", DEFAULT_OUTPUT))
         self.quiet = self.quiet or not world().main  # under torchrun, rank 0 reports
+        self._seeds, drawn = resolve_seeds(self.seed, self.seed_list, self.num_images or self.images_default,
+                                           self.num_images is not None, world().distributed)
+        self.num_images = len(self._seeds)
+        if drawn:
+            say(f"ddpm: seed {self._seeds[0]} (random)", self.quiet)
 
     @property
     def one_file(self) -> bool:
@@ -65,8 +73,9 @@ class Generation:
         return self.output.parent if self.one_file else self.output
 
     @property
-    def seeds(self) -> range:
-        return range(self.seed, self.seed + self.num_images)
+    def seeds(self) -> list[int]:
+        """The run's seeds, resolved once from --seed, -n and --seeds (cli/seeds.py)."""
+        return self._seeds
 
     def path(self, name: str) -> Path:
         """The output file ``name`` in the output folder."""
@@ -123,11 +132,16 @@ class Generation:
         return None, 1.0, {}
 
     def params(self, pipeline, settings, size: tuple[int, int], **extra) -> dict:
-        """The metadata every image carries: model, settings, size (height, width), dtype, version, and ``extra``."""
+        """The metadata every image carries: model, settings, size (height, width), dtype, version, and ``extra``
+        (``command`` first among them), with what `ddpm replay` needs: the device, the SHA-256 of the
+        U-Net's weights (hashed once per file, cached) and the Hub commit of a Hub model."""
         from ddpm_cli import __version__
+        from ddpm_cli.engine.models.fingerprint import hub_commit, weights_sha256
 
         params = {"model": self.model, **settings.describe(), **extra, "size": f"{size[1]}x{size[0]}",
-                  "dtype": str(pipeline.dtype).removeprefix("torch."), "version": __version__}
+                  "dtype": str(pipeline.dtype).removeprefix("torch."), "device": str(pipeline.device),
+                  "revision": hub_commit(pipeline.folder), "model_sha256": weights_sha256(pipeline.folder),
+                  "version": __version__}
         return {key: value for key, value in params.items() if value is not None}
 
     def render(self, pipeline, settings, todo: list[Job], skipped: list[Job], params: dict, cfg: float = 1.0,

@@ -10,8 +10,8 @@ import typer
 from ddpm_cli.cli.errors import EXIT_USAGE, fail, handle_errors
 from ddpm_cli.cli.generation import Generation
 from ddpm_cli.cli.options import (AllowPickleOpt, BatchSizeOpt, ClassOpt, CompileOpt, DeviceOpt, DtypeOpt, EtaOpt,
-                                  FormatOpt, NumImagesOpt, OutdirAlias, OutputOpt, OverwriteOpt, QuietOpt, RevisionOpt,
-                                  SamplerOpt, SeedOpt, SkipExistingOpt, SpacingOpt, VarianceOpt, one, steps_option)
+                                  FormatOpt, GridOpt, NumImagesOpt, OutdirAlias, OutputOpt, OverwriteOpt, QuietOpt, RevisionOpt,
+                                  SamplerOpt, ImageSeedOpt, SeedListOpt, SkipExistingOpt, SpacingOpt, VarianceOpt, one, steps_option)
 from ddpm_cli.cli.render import Job
 
 EXAMPLES = """
@@ -58,12 +58,14 @@ def inpaint(
     eta: EtaOpt = None,
     spacing: SpacingOpt = None,
     variance: VarianceOpt = None,
-    seed: SeedOpt = 0,
-    num_images: NumImagesOpt = 1,
+    seed: ImageSeedOpt = None,
+    seed_list: SeedListOpt = None,
+    num_images: NumImagesOpt = None,
     batch_size: BatchSizeOpt = 8,
     name: Annotated[str | None, typer.Option("--name", help="File name prefix [default: the image's name]: NAME-{seed:06d}.png.")] = None,
     output: OutputOpt = None,
     outdir: OutdirAlias = None,
+    grid: GridOpt = False,
     output_format: FormatOpt = "text",
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
@@ -91,7 +93,7 @@ def inpaint(
     known = load_image(image, mode="RGB")  # read now: a bad image fails before the model loads
     region = read_mask(mask, (known.height, known.width), invert_mask, resize_mask)
     stem = _slug(name or image.stem)
-    todo, skipped = run.plan([Job(s, run.path(f"{stem}-{s:06d}.png")) for s in run.seeds])
+    todo, skipped = run.plan([Job(s, run.path(f"{stem}-{s:06d}.png")) for s in run.seeds], grid)
 
     from ddpm_cli.engine.io.images import pil_to_tensor
     from ddpm_cli.engine.tasks.inpaint import inpaint_batch
@@ -112,8 +114,12 @@ def inpaint(
         raise fail(f"--jump-n-sample (RePaint resampling) needs --sampler ddpm, not {settings.sampler}", EXIT_USAGE)
     run.announce(pipeline, settings, (f", RePaint jump length {jump_length} x {jump_n_sample}" if resampling else "")
                  + f"; filling {int(region.sum())} of {region.numel()} pixels")
-    params = run.params(pipeline, settings, (known.height, known.width), task="inpaint", image=str(image),
-                        mask=str(mask), **guidance)
+    from ddpm_cli.engine.models.fingerprint import file_sha256
+
+    params = run.params(pipeline, settings, (known.height, known.width), command="inpaint", task="inpaint",
+                        image=str(image), image_sha256=file_sha256(image), mask=str(mask),
+                        mask_sha256=file_sha256(mask), invert_mask=invert_mask or None,
+                        resize_mask=resize_mask or None, preserve_known=preserve_known or None, **guidance)
     if resampling:
         params.update(jump_length=jump_length, jump_n_sample=jump_n_sample)
 
@@ -122,4 +128,5 @@ def inpaint(
                              jump_length, jump_n_sample, preserve_known)
 
     moves = len(repaint_levels(settings.steps, jump_length, jump_n_sample)) - 1 if resampling else None
-    run.render(pipeline, settings, todo, skipped, params, scale, generate=generate, steps_per_batch=moves)
+    run.render(pipeline, settings, todo, skipped, params, scale, grid=grid, generate=generate,
+               steps_per_batch=moves)

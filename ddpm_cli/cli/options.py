@@ -62,14 +62,23 @@ DeviceOpt = Annotated[str, typer.Option("--device", autocompletion=complete(DEVI
 DtypeOpt = dtype_option()
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or log lines on stderr (errors still print).")]
 SeedOpt = Annotated[int, typer.Option("--seed", min=0, help="Seed of the first image; image i uses seed + i.")]
+ImageSeedOpt = Annotated[str | None, typer.Option("--seed", metavar="N|random", show_default=False, help="Seed of the first image; image i uses seed + i. 'random': drawn from the OS, printed and stored in each image [default: 0].")]
+SeedListOpt = Annotated[str | None, typer.Option("--seeds", metavar="LIST", show_default=False, help="Exact seeds instead of --seed and -n: a comma-separated list with a-b ranges, e.g. 3,17,42 or 0-3,10.")]
+GridOpt = Annotated[bool, typer.Option("--grid", help="Also write grid.png with every image.")]
 FormatOpt = format_option("one path per line")
 RevisionOpt = Annotated[str | None, typer.Option("--revision", help="Hub revision (branch, tag or commit) of MODEL.")]
 CompileOpt = Annotated[bool, typer.Option("--compile", help="torch.compile the U-Net first (worth it for many images).")]
 AllowPickleOpt = Annotated[bool, typer.Option("--allow-pickle", help="Load pickle (.bin/.ckpt) weights. They can run code: only for sources you trust.")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace output files that exist.")]
 SkipExistingOpt = Annotated[bool, typer.Option("--skip-existing", help="Keep output files that exist and do not redo them.")]
-NumImagesOpt = Annotated[int, typer.Option("--num-images", "-n", min=1, help="Images to make, with seeds SEED, SEED+1, ...")]
-PerPromptOpt = Annotated[int, typer.Option("--num-images", "-n", min=1, help="Images per prompt, with seeds SEED, SEED+1, ...")]
+def num_images_option(default: int, what: str = "Images to make"):
+    """-n/--num-images with its default stated in words; None when not given (--seeds refuses -n)."""
+    return Annotated[int | None, typer.Option("--num-images", "-n", min=1, show_default=False,
+                                              help=f"{what}, with seeds SEED, SEED+1, ... [default: {default}].")]
+
+
+NumImagesOpt = num_images_option(1)
+PerPromptOpt = num_images_option(1, "Images per prompt")
 BatchSizeOpt = Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Images sampled together.")]
 SamplerOpt = Annotated[Sampler, typer.Option("--sampler", autocompletion=complete(SAMPLERS), help=f"One of {', '.join(SAMPLERS)}.")]
 StepsOpt = steps_option("ddpm every training step, ddim 50, dpmpp-2m 20")

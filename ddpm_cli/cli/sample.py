@@ -10,8 +10,8 @@ from ddpm_cli.cli.errors import handle_errors
 from ddpm_cli.cli.generation import Generation
 from ddpm_cli.engine.models.resolve import builtin_models
 from ddpm_cli.cli.options import (AllowPickleOpt, BatchSizeOpt, ClassOpt, CompileOpt, DeviceOpt, DtypeOpt, EtaOpt,
-                                  FormatOpt, NumImagesOpt, OutdirAlias, OutputOpt, OverwriteOpt, QuietOpt, RevisionOpt,
-                                  SamplerOpt, SeedOpt, SkipExistingOpt, SpacingOpt, StepsOpt, VarianceOpt, one)
+                                  FormatOpt, GridOpt, num_images_option, OutdirAlias, OutputOpt, OverwriteOpt, QuietOpt, RevisionOpt,
+                                  SamplerOpt, ImageSeedOpt, SeedListOpt, SkipExistingOpt, SpacingOpt, StepsOpt, VarianceOpt, one)
 from ddpm_cli.cli.render import Job
 
 EXAMPLES = """
@@ -25,6 +25,9 @@ Examples:
   ddpm sample runs/fashion -n 4 --format json | jq -r '.images[].path'
 """
 
+SAMPLE_IMAGES = 8
+SampleImagesOpt = num_images_option(SAMPLE_IMAGES)
+
 ModelArg = Annotated[str, typer.Argument(
     metavar="MODEL", show_default=False,
     help=f"A run folder, a built-in model ({', '.join(builtin_models()) or 'none installed'}; see `ddpm models`), "
@@ -34,7 +37,7 @@ ModelArg = Annotated[str, typer.Argument(
 @handle_errors
 def sample(
     model: ModelArg,
-    num_images: NumImagesOpt = 8,
+    num_images: SampleImagesOpt = None,
     batch_size: BatchSizeOpt = 16,
     sampler: SamplerOpt = "dpmpp-2m",
     steps: StepsOpt = None,
@@ -43,10 +46,11 @@ def sample(
     variance: VarianceOpt = None,
     class_spec: ClassOpt = None,
     cfg: Annotated[float | None, typer.Option("--cfg", min=0.0, show_default=False, help="With --class: guidance scale w, 0 unconditional, 1 conditional, >1 stronger [default: 2].")] = None,
-    seed: SeedOpt = 0,
+    seed: ImageSeedOpt = None,
+    seed_list: SeedListOpt = None,
     output: OutputOpt = None,
     outdir: OutdirAlias = None,
-    grid: Annotated[bool, typer.Option("--grid", help="Also write grid.png with every image.")] = False,
+    grid: GridOpt = False,
     output_format: FormatOpt = "text",
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
@@ -62,7 +66,7 @@ def sample(
     Under torchrun (torchrun --nproc-per-node N -m ddpm_cli sample ...) the seeds are shared out among
     the processes: the same files as one process, made N at a time.
     """
-    run = Generation.of(locals())
+    run = Generation.of(locals(), images_default=SAMPLE_IMAGES)
     class_spec = one(class_spec, "--class")
     run.check_guidance(cfg, ("--class", class_spec))
     todo, skipped = run.plan([Job(s, run.path(f"{s:06d}.png")) for s in run.seeds], grid)
@@ -72,5 +76,5 @@ def sample(
     run.announce(pipeline, settings)
     for job in todo:
         job.condition = condition
-    params = run.params(pipeline, settings, pipeline.image_size, **guidance)
+    params = run.params(pipeline, settings, pipeline.image_size, command="sample", **guidance)
     run.render(pipeline, settings, todo, skipped, params, scale, grid=grid)

@@ -14,9 +14,9 @@ import typer
 from ddpm_cli.cli.errors import EXIT_USAGE, fail, handle_errors
 from ddpm_cli.cli.generation import Generation
 from ddpm_cli.engine.models.resolve import builtin_models
-from ddpm_cli.cli.options import (AllowPickleOpt, BatchSizeOpt, CompileOpt, DeviceOpt, DtypeOpt, EtaOpt, FormatOpt,
+from ddpm_cli.cli.options import (AllowPickleOpt, BatchSizeOpt, CompileOpt, DeviceOpt, DtypeOpt, EtaOpt, FormatOpt, GridOpt,
                                   ModelAlias, OutdirAlias, OutputOpt, OverwriteOpt, PerPromptOpt, QuietOpt, RevisionOpt,
-                                  SamplerOpt, SeedOpt, SkipExistingOpt, SpacingOpt, VarianceOpt, either, steps_option)
+                                  SamplerOpt, ImageSeedOpt, SeedListOpt, SkipExistingOpt, SpacingOpt, VarianceOpt, either, steps_option)
 from ddpm_cli.cli.progress import say
 from ddpm_cli.cli.render import Job
 
@@ -96,8 +96,9 @@ def txt2img(
     eta: EtaOpt = None,
     spacing: SpacingOpt = None,
     variance: VarianceOpt = None,
-    seed: SeedOpt = 0,
-    num_images: PerPromptOpt = 1,
+    seed: ImageSeedOpt = None,
+    seed_list: SeedListOpt = None,
+    num_images: PerPromptOpt = None,
     batch_size: BatchSizeOpt = 8,
     width: Annotated[int | None, typer.Option("--width", min=8, show_default=False, help="Width in pixels [default: the model's].")] = None,
     height: Annotated[int | None, typer.Option("--height", min=8, show_default=False, help="Height in pixels [default: the model's].")] = None,
@@ -105,6 +106,7 @@ def txt2img(
     name: Annotated[str | None, typer.Option("--name", help="File name prefix instead of the prompt's slug: NAME-{seed:06d}.png (one prompt only).")] = None,
     output: OutputOpt = None,
     outdir: OutdirAlias = None,
+    grid: GridOpt = False,
     output_format: FormatOpt = "text",
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
@@ -124,7 +126,7 @@ def txt2img(
         raise fail("--name takes one prompt and a plain name (lower-case letters, digits and -)", EXIT_USAGE)
     stems = {prompts[0]: name} if name is not None else file_stems(prompts)
     jobs = [Job(s, run.path(f"{stems[p]}-{s:06d}.png"), params={"prompt": p}) for p in prompts for s in run.seeds]
-    todo, skipped = run.plan(jobs)
+    todo, skipped = run.plan(jobs, grid)
 
     pipeline, settings = run.load()
     if pipeline.text_encoder is None:
@@ -142,6 +144,6 @@ def txt2img(
         raise fail(f"--width and --height must be multiples of {factor} for {model}, got {size[1]}x{size[0]}", EXIT_USAGE)
     for job in todo:
         job.condition, _, _ = run.condition(pipeline, cfg, prompt=job.params["prompt"], negative_prompt=negative_prompt)
-    params = run.params(pipeline, settings, size, cfg=cfg, negative_prompt=negative_prompt or None)
-    run.render(pipeline, settings, todo, skipped, params, cfg,
+    params = run.params(pipeline, settings, size, command="txt2img", cfg=cfg, negative_prompt=negative_prompt or None)
+    run.render(pipeline, settings, todo, skipped, params, cfg, grid=grid,
                size=(size[0] // pipeline.latent_factor, size[1] // pipeline.latent_factor))

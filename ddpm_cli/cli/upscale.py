@@ -10,9 +10,9 @@ import typer
 
 from ddpm_cli.cli.errors import EXIT_USAGE, fail, handle_errors
 from ddpm_cli.cli.generation import Generation
-from ddpm_cli.cli.options import (AllowPickleOpt, BatchSizeOpt, CompileOpt, DeviceOpt, DtypeOpt, EtaOpt, FormatOpt,
+from ddpm_cli.cli.options import (AllowPickleOpt, BatchSizeOpt, CompileOpt, DeviceOpt, DtypeOpt, EtaOpt, FormatOpt, GridOpt,
                                   NumImagesOpt, OutdirAlias, OutputOpt, OverwriteOpt, QuietOpt, RevisionOpt, SamplerOpt,
-                                  SeedOpt, SkipExistingOpt, SpacingOpt, VarianceOpt, steps_option)
+                                  ImageSeedOpt, SeedListOpt, SkipExistingOpt, SpacingOpt, VarianceOpt, steps_option)
 from ddpm_cli.cli.render import Job
 
 UPSCALE_DDPM_STEPS = 100  # the ancestral sampler's default here, rather than every training timestep
@@ -46,12 +46,14 @@ def upscale(
     eta: EtaOpt = None,
     spacing: SpacingOpt = None,
     variance: VarianceOpt = None,
-    seed: SeedOpt = 0,
-    num_images: NumImagesOpt = 1,
+    seed: ImageSeedOpt = None,
+    seed_list: SeedListOpt = None,
+    num_images: NumImagesOpt = None,
     batch_size: BatchSizeOpt = 4,
     name: Annotated[str | None, typer.Option("--name", help="File name prefix [default: the image's name]: NAME-xS-{seed:06d}.png.")] = None,
     output: OutputOpt = None,
     outdir: OutdirAlias = None,
+    grid: GridOpt = False,
     output_format: FormatOpt = "text",
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
@@ -91,13 +93,17 @@ def upscale(
         if value is not None and value % unit:
             raise fail(f"{flag} {value}: {model} works in blocks of {unit} output pixels; give a multiple of {unit}",
                        EXIT_USAGE)
-    todo, skipped = run.plan([Job(s, run.path(f"{name or image.stem}-x{factor}-{s:06d}.png")) for s in run.seeds])
+    todo, skipped = run.plan([Job(s, run.path(f"{name or image.stem}-x{factor}-{s:06d}.png")) for s in run.seeds],
+                             grid)
     picture = pil_to_tensor(low.convert("L") if pipeline.image_channels == 1 else low)
     width, height = low.width * factor, low.height * factor
     run.announce(pipeline, settings, f"; {low.width}x{low.height} -> {width}x{height}")
     options = UpscaleSettings(tile and tile // unit, overlap and overlap // unit, sd_options["--prompt"],
                               sd_options["--negative-prompt"], sd_options["--cfg"], sd_options["--noise-level"])
-    extra = {"task": "upscale", "image": str(image), "scale": factor, "tile": tile, "overlap": overlap}
+    from ddpm_cli.engine.models.fingerprint import file_sha256
+
+    extra = {"command": "upscale", "task": "upscale", "image": str(image), "image_sha256": file_sha256(image),
+             "scale": factor, "tile": tile, "overlap": overlap}
     if sd:
         extra.update(prompt=options.prompt, negative_prompt=options.negative_prompt or None, cfg=options.cfg,
                      noise_level=options.noise_level)
@@ -106,4 +112,4 @@ def upscale(
     def generate(seeds, on_step, condition):
         return upscale_batch(pipeline, seeds, settings, picture, on_step, options)
 
-    run.render(pipeline, settings, todo, skipped, params, generate=generate)
+    run.render(pipeline, settings, todo, skipped, params, grid=grid, generate=generate)
