@@ -1,0 +1,182 @@
+"""`ddpm replay`: an image made again from its metadata is the same file, byte for byte; --set changes
+one setting; what cannot be replayed exactly is refused in one line before anything is written."""
+
+import hashlib
+import os
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ddpm_cli.engine.io.images import read_png_metadata
+from ddpm_cli.engine.models import fingerprint
+from tests.test_cli import ddpm
+
+
+@pytest.fixture(autouse=True)
+def cache(tmp_path, monkeypatch):
+    """A fresh weights-hash cache per test (the CLI calls inherit the environment)."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    return tmp_path / "cache" / "ddpm-cli" / "sha256"
+
+
+def png(array, path):
+    Image.fromarray(np.asarray(array, np.uint8)).save(path)
+    return path
+
+
+def pixels(path):
+    return np.asarray(Image.open(path), dtype=int)
+
+
+def one_line_error(result, code=2):
+    assert result.returncode == code, (result.stdout, result.stderr)
+    assert result.stderr.startswith("ddpm: error:") and result.stderr.count("\n") == 1, result.stderr
+
+
+def test_sample_replays_byte_identical_and_set_changes_one_setting(tiny_pipeline_dir, tmp_path):
+    made = ddpm("sample", tiny_pipeline_dir, "--sampler", "ddpm", "--steps", 4, "--seed", 20, "-n", 3, "-b", 3,
+                "-o", tmp_path / "made", "-q")
+    assert made.returncode == 0, made.stderr
+    original = tmp_path / "made" / "000021.png"
+    meta = read_png_metadata(original)
+    assert meta["command"] == "sample" and meta["device"] == "cpu" and meta["dtype"] == "float32"
+    weights = tiny_pipeline_dir / "unet" / "diffusion_pytorch_model.safetensors"
+    assert meta["model_sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
+
+    # made in a batch of 3, replayed alone: images do not depend on the batch (batch size is not recorded)
+    again = ddpm("replay", original, "-o", tmp_path / "again", "-q")
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.split() == [str(tmp_path / "again" / "000021.png")]
+    assert (tmp_path / "again" / "000021.png").read_bytes() == original.read_bytes()
+
+    more = ddpm("replay", original, "-o", tmp_path / "more", "--set", "steps=8", "-q")
+    assert more.returncode == 0, more.stderr
+    changed = read_png_metadata(tmp_path / "more" / "000021.png")
+    assert changed == {**meta, "steps": 8}
+    assert not np.array_equal(pixels(tmp_path / "more" / "000021.png"), pixels(original))
+
+    ddim = ddpm("replay", original, "-o", tmp_path / "ddim", "--set", "sampler=ddim", "-q")
+    assert ddim.returncode == 0, ddim.stderr
+    changed = read_png_metadata(tmp_path / "ddim" / "000021.png")
+    # the ddpm sampler's option (variance) and usual spacing go; ddim's come in
+    assert (changed["sampler"], changed["eta"], changed["steps"], "variance" in changed) == ("ddim", 0.0, 4, False)
+    direct = ddpm("sample", tiny_pipeline_dir, "--sampler", "ddim", "--steps", 4, "--seed", 21, "-n", 1,
+                  "-o", tmp_path / "direct.png", "-q")
+    assert direct.returncode == 0, direct.stderr
+    assert (tmp_path / "ddim" / "000021.png").read_bytes() == (tmp_path / "direct.png").read_bytes()
+
+    # never over an existing file without --overwrite, the original included
+    refused = ddpm("replay", original, "-o", tmp_path / "made")
+    one_line_error(refused)
+    assert original.read_bytes() == (tmp_path / "again" / "000021.png").read_bytes()
+
+
+def test_txt2img_replays_byte_identical(sd_dir, tmp_path):
+    made = ddpm("txt2img", "--negative-prompt", "blue", "--cfg", 4, "--steps", 3, "--seed", 7, "--width", 32,
+                "--height", 16, "-o", tmp_path / "made", "-q", "--", sd_dir, "-a red cat")  # a prompt like a flag
+    assert made.returncode == 0, made.stderr
+    original = tmp_path / "made" / "a-red-cat-000007.png"
+    meta = read_png_metadata(original)
+    assert (meta["command"], meta["prompt"], meta["size"]) == ("txt2img", "-a red cat", "32x16")
+    again = ddpm("replay", original, "-o", tmp_path / "again", "-q")
+    assert again.returncode == 0, again.stderr
+    assert (tmp_path / "again" / original.name).read_bytes() == original.read_bytes()
+    other = ddpm("replay", original, "-o", tmp_path / "other", "--set", "prompt=a dog", "-q")
+    assert other.returncode == 0, other.stderr
+    assert read_png_metadata(tmp_path / "other" / original.name) == {**meta, "prompt": "a dog"}
+
+
+def test_inpaint_replays_byte_identical_and_checks_its_inputs(tiny_pipeline_dir, tmp_path):
+    rng = np.random.default_rng(0)
+    image = png(rng.integers(0, 256, (16, 16, 3)), tmp_path / "photo.png")
+    hole = np.zeros((16, 16), np.uint8)
+    hole[4:12, 4:12] = 255
+    mask = png(hole, tmp_path / "hole.png")
+    made = ddpm("inpaint", tiny_pipeline_dir, "--image", image, "--mask", mask, "--invert-mask", "--steps", 3,
+                "--seed", 4, "-o", tmp_path / "made", "-q")
+    assert made.returncode == 0, made.stderr
+    original = tmp_path / "made" / "photo-000004.png"
+    meta = read_png_metadata(original)
+    assert meta["command"] == "inpaint" and meta["invert_mask"] is True
+    assert meta["mask_sha256"] == hashlib.sha256(mask.read_bytes()).hexdigest()
+    again = ddpm("replay", original, "-o", tmp_path / "again", "-q")
+    assert again.returncode == 0, again.stderr
+    assert (tmp_path / "again" / original.name).read_bytes() == original.read_bytes()
+
+    hole[0, 0] = 255  # the mask changed since: refused, nothing written
+    png(hole, mask)
+    changed = ddpm("replay", original, "-o", tmp_path / "changed")
+    one_line_error(changed)
+    assert "changed" in changed.stderr and not (tmp_path / "changed").exists()
+    kept = ddpm("replay", original, "-o", tmp_path / "kept", "--set", f"mask={mask}", "-q")  # on purpose
+    assert kept.returncode == 0, kept.stderr
+    assert read_png_metadata(tmp_path / "kept" / original.name)["mask_sha256"] != meta["mask_sha256"]
+    mask.unlink()
+    missing = ddpm("replay", original, "-o", tmp_path / "missing")
+    one_line_error(missing)
+    assert "missing" in missing.stderr and not (tmp_path / "missing").exists()
+
+
+def test_bad_input_is_one_line_and_writes_nothing(tiny_pipeline_dir, tmp_path):
+    plain = png(np.zeros((8, 8)), tmp_path / "plain.png")
+    no_meta = ddpm("replay", plain, "-o", tmp_path / "out")
+    one_line_error(no_meta)
+    assert "no ddpm metadata" in no_meta.stderr
+
+    made = ddpm("sample", tiny_pipeline_dir, "--steps", 2, "-n", 2, "--grid", "-o", tmp_path / "made", "-q")
+    assert made.returncode == 0, made.stderr
+    unknown = ddpm("replay", tmp_path / "made" / "000000.png", "-o", tmp_path / "out", "--set", "colour=red")
+    one_line_error(unknown)
+    assert "--set colour" in unknown.stderr and "steps" in unknown.stderr
+    grid = ddpm("replay", tmp_path / "made" / "grid.png", "-o", tmp_path / "out")
+    one_line_error(grid)
+    both = ddpm("replay", tmp_path / "made" / "000000.png", plain, "-o", tmp_path / "out")  # the first is fine
+    one_line_error(both)
+    missing = ddpm("replay", tmp_path / "nowhere.png", "-o", tmp_path / "out")
+    one_line_error(missing)
+    assert not (tmp_path / "out").exists()
+
+
+def test_changed_weights_warn_in_one_line(tiny_pipeline_dir, tmp_path):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_pipeline_dir, model)
+    made = ddpm("sample", model, "--steps", 2, "-n", 1, "-o", tmp_path / "made", "-q")
+    assert made.returncode == 0, made.stderr
+    from diffusers import UNet2DModel
+    import torch
+
+    unet = UNet2DModel.from_pretrained(model / "unet")
+    with torch.no_grad():
+        unet.conv_out.bias.add_(0.5)
+    unet.save_pretrained(model / "unet")
+    again = ddpm("replay", tmp_path / "made" / "000000.png", "-o", tmp_path / "again")
+    assert again.returncode == 0, again.stderr
+    warnings = [line for line in again.stderr.splitlines() if "warning" in line]
+    assert len(warnings) == 1 and "changed since" in warnings[0]
+    assert (tmp_path / "again" / "000000.png").read_bytes() != (tmp_path / "made" / "000000.png").read_bytes()
+
+
+def test_weights_are_hashed_once_per_file(tmp_path, cache, monkeypatch):
+    (tmp_path / "unet").mkdir()
+    weights = tmp_path / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(b"weights" * 1000)
+    calls = []
+    real = fingerprint.file_sha256
+    monkeypatch.setattr(fingerprint, "file_sha256", lambda path: calls.append(path) or real(path))
+    expected = hashlib.sha256(weights.read_bytes()).hexdigest()
+    assert fingerprint.weights_sha256(tmp_path) == expected
+    assert fingerprint.weights_sha256(tmp_path) == expected
+    assert len(calls) == 1 and len(list(cache.iterdir())) == 1
+    weights.write_bytes(b"other weights")
+    os.utime(weights, ns=(0, 1))  # a new size and modification time: hashed again
+    assert fingerprint.weights_sha256(tmp_path) == hashlib.sha256(b"other weights").hexdigest()
+    assert len(calls) == 2
+    (tmp_path / "unet" / "shard-2.safetensors").write_bytes(b"more")
+    lines = "".join(f"{p.name} {hashlib.sha256(p.read_bytes()).hexdigest()}\n"
+                    for p in sorted((tmp_path / "unet").iterdir()))
+    assert fingerprint.weights_sha256(tmp_path) == hashlib.sha256(lines.encode()).hexdigest()
+    snapshot = tmp_path / "hub" / "snapshots" / ("ab" * 20)
+    snapshot.mkdir(parents=True)
+    assert fingerprint.hub_commit(snapshot) == "ab" * 20 and fingerprint.hub_commit(tmp_path) is None
