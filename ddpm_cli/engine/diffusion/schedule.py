@@ -207,23 +207,32 @@ class NoiseSchedule:
 
     # -- single-timestep arithmetic for samplers (Python floats: no device sync) --------------
 
-    def alpha_bar(self, t: int) -> float:
-        """alpha_bar_t for t >= 0; alpha_bar_{-1} = 1 (the clean image) closes every sampler."""
-        return 1.0 if t < 0 else float(self.alphas_cumprod[t])
+    def alpha_bar(self, t: float) -> float:
+        """alpha_bar_t for t >= 0; alpha_bar_{-1} = 1 (the clean image) closes every sampler. A
+        fractional t (karras/exponential noise levels) interpolates log sigma (``sigmas.sigma_at``)."""
+        if t < 0:
+            return 1.0
+        if isinstance(t, int) or float(t).is_integer():
+            return float(self.alphas_cumprod[int(t)])
+        from ddpm_cli.engine.diffusion.sigmas import sigma_at
+
+        return 1.0 / (1.0 + sigma_at(self, t) ** 2)
 
     @property
     def final_alpha_bar(self) -> float:
         """Where DDIM's last step lands: 1, or alpha_bar_0 when the config says set_alpha_to_one false."""
         return 1.0 if self.set_alpha_to_one else float(self.alphas_cumprod[0])
 
-    def split_prediction(self, output: torch.Tensor, xt: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def split_prediction(self, output: torch.Tensor, xt: torch.Tensor, t: int,
+                         alpha_bar: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(x_0, eps) predicted at timestep t from the network output; x_0 clipped if the schedule says so.
 
         eps is derived before clipping, as DDIM does (Song et al. 2021, eq. 12). Extra output channels
-        (a learned variance) are ignored here; ``samplers.ddpm_step`` reads them.
+        (a learned variance) are ignored here; ``samplers.ddpm_step`` reads them. ``alpha_bar`` reads
+        xt as being at that noise level instead of t's (DDIM inversion, ``tasks/invert.py``).
         """
         output = output[:, : xt.shape[1]]
-        alpha_bar = self.alpha_bar(t)
+        alpha_bar = self.alpha_bar(t) if alpha_bar is None else alpha_bar
         sqrt_ab, sqrt_1mab = alpha_bar**0.5, (1.0 - alpha_bar) ** 0.5
         if self.prediction_type == "epsilon":
             eps = output

@@ -8,6 +8,7 @@ what to do with each finished batch (the CLI writes files as they come, so an in
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
@@ -19,6 +20,7 @@ from ddpm_cli.engine.diffusion.noise import SeededNoise
 from ddpm_cli.engine.models.pipeline import Condition, Pipeline
 from ddpm_cli.engine.diffusion.registry import OPTIONS, check_options, sampler_entry
 from ddpm_cli.engine.diffusion.samplers import make_timesteps
+from ddpm_cli.engine.tasks.img2img import noised, start_timesteps
 
 
 def resolve_option(name: str, value, pipeline: Pipeline):
@@ -50,6 +52,7 @@ class SamplerSettings:
     spacing: str | None = None
     variance: str | None = None
     options: Mapping[str, object] = field(default_factory=dict)
+    clip_x0: bool | None = None  # None: as the model's scheduler config says (clip_sample)
 
     def given(self) -> dict:
         """The options given (not None), shorthands included."""
@@ -69,15 +72,18 @@ class SamplerSettings:
         steps = self.steps or entry.steps or pipeline.schedule.num_train_timesteps
         spacing = self.spacing or entry.spacing
         make_timesteps(pipeline.schedule.num_train_timesteps, steps, spacing)  # validates steps and spacing
-        return SamplerSettings(entry.name, steps, spacing=spacing, options=options)
+        clip_x0 = pipeline.schedule.clip_sample if self.clip_x0 is None else self.clip_x0
+        return SamplerSettings(entry.name, steps, spacing=spacing, options=options, clip_x0=clip_x0)
 
     def timesteps(self, schedule) -> list[int]:
         """The decreasing timesteps of these (resolved) settings on ``schedule``, with its steps_offset."""
-        return make_timesteps(schedule.num_train_timesteps, self.steps, self.spacing, schedule.steps_offset)
+        return make_timesteps(schedule.num_train_timesteps, self.steps, self.spacing, schedule.steps_offset,
+                              sampler_entry(self.sampler).solver_grid)
 
     def describe(self) -> dict:
         """The settings as recorded with an image: sampler, steps, spacing and each option."""
-        fields = {"sampler": self.sampler, "steps": self.steps, "spacing": self.spacing, **self.given()}
+        fields = {"sampler": self.sampler, "steps": self.steps, "spacing": self.spacing, **self.given(),
+                  "clip_x0": self.clip_x0}
         return {key: value for key, value in fields.items() if value is not None}
 
 
@@ -86,24 +92,42 @@ def run_sampler(settings: SamplerSettings, model, x: torch.Tensor, schedule, tim
     """Run the (resolved) settings' sampler from x at ``timesteps[0]``, as samplers.py describes."""
     options = settings.given()
     check_options(settings.sampler, options)
+    if settings.clip_x0 is not None and settings.clip_x0 != schedule.clip_sample:
+        schedule = copy.copy(schedule)
+        schedule.clip_sample = settings.clip_x0
     return sampler_entry(settings.sampler).load()(model, x, schedule, timesteps, noise, callback, **options)
 
 
 def sample_batch(pipeline: Pipeline, seeds: list[int], settings: SamplerSettings,
                  callback: Callable[[dict], None] | None = None, condition: Condition | None = None,
-                 cfg: float = 1.0, size: tuple[int, int] | None = None) -> torch.Tensor:
+                 cfg: float = 1.0, size: tuple[int, int] | None = None, *,
+                 x_T: torch.Tensor | None = None, init: torch.Tensor | None = None,
+                 strength: float = 1.0) -> torch.Tensor:
     """Sample one batch of images in [-1, 1], one per seed, shape (len(seeds), C, H, W), float32.
 
     ``condition`` picks a class (or one per seed) or a prompt for conditional models; ``cfg`` is the
     guidance scale w. ``size`` (height, width, in the model's own units: latents for latent models)
     overrides the model's sample size. Latent models are decoded by their VAE at the end.
+    ``x_T`` (one row per seed) replaces the seeded starting noise; stochastic samplers still draw
+    their step noise from the seeds (the same draws as without it).
+    ``init`` (model space, 1 or len(seeds) rows) starts from that image noised to where the last
+    int(strength * steps) steps begin, with each seed's first draw (img2img, ``tasks/img2img.py``).
     """
     pipeline.require("image")
     settings = settings.resolved(pipeline)
     timesteps = settings.timesteps(pipeline.schedule)
     channels, height, width = pipeline.sample_shape
+    if init is not None:
+        size = tuple(init.shape[-2:])
     noise = SeededNoise(seeds, (channels, *(size or (height, width))), pipeline.device)
     x = noise()
+    if init is not None:
+        timesteps = start_timesteps(timesteps, strength)
+        x = noised(pipeline.schedule, init, x, timesteps[0])
+    if x_T is not None:
+        if tuple(x_T.shape) != tuple(x.shape):
+            raise InputError(f"the starting noise has shape {tuple(x_T.shape)}; this batch needs {tuple(x.shape)}")
+        x = x_T.to(x.device, x.dtype)
     x = run_sampler(settings, pipeline.denoiser(len(seeds), condition, cfg), x, pipeline.schedule, timesteps, noise,
                     callback)
     x = pipeline.decode(x).float().cpu()
