@@ -180,3 +180,22 @@ def test_weights_are_hashed_once_per_file(tmp_path, cache, monkeypatch):
     snapshot = tmp_path / "hub" / "snapshots" / ("ab" * 20)
     snapshot.mkdir(parents=True)
     assert fingerprint.hub_commit(snapshot) == "ab" * 20 and fingerprint.hub_commit(tmp_path) is None
+
+
+def test_replay_makefile_one_target_per_image(tiny_pipeline_dir, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    made = ddpm("sample", tiny_pipeline_dir, "--steps", 2, "-n", 2, "--grid", "-o", tmp_path / "in", "-q")
+    assert made.returncode == 0, made.stderr
+    args = ["make", "-f", str(root / "examples" / "replay.mk"), "-j2", f"IN={tmp_path / 'in'}",
+            f"OUT={tmp_path / 'out'}", "SET=steps=3 sampler=ddim", f"DDPM={sys.executable} -m ddpm_cli"]
+    first = subprocess.run(args, capture_output=True, text=True, timeout=300, cwd=root)
+    assert first.returncode == 0, first.stderr
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["000000.png", "000001.png"]  # not the grid
+    meta = read_png_metadata(tmp_path / "out" / "000001.png")
+    assert (meta["steps"], meta["sampler"], meta["seed"]) == (3, "ddim", 1)
+    again = subprocess.run(args, capture_output=True, text=True, timeout=300, cwd=root)
+    assert again.returncode == 0 and "Nothing to be done" in again.stdout

@@ -23,6 +23,7 @@ import typer
 
 from ddpm_cli.cli.errors import EXIT_USAGE, fail, handle_errors, writable_folder
 from ddpm_cli.cli.progress import say
+from ddpm_cli.engine.diffusion.registry import OPTIONS
 
 GENERATING = ("sample", "txt2img", "inpaint", "upscale")
 IMAGE_FROM = ("sample", "txt2img")  # the commands that start from an init image or init noise
@@ -49,7 +50,7 @@ class Key:
     name: str
     flag: str | None
     commands: tuple[str, ...] = GENERATING
-    switch: bool = False
+    switch: bool = False  # "--a/--no-a": the first flag when true, the second when false
     checks: str | None = None  # the input file whose SHA-256 this key records
 
 
@@ -71,8 +72,8 @@ KEYS: tuple[Key, ...] = (
     Key("sampler", "--sampler"),
     Key("steps", "--steps"),
     Key("spacing", "--spacing"),
-    Key("eta", "--eta"),
-    Key("variance", "--variance"),
+    *(Key(name, option.flag) for name, option in OPTIONS.items()),  # every sampler option: eta, variance...
+    Key("clip_x0", "--clip-x0/--no-clip-x0", switch=True),
     Key("seed", "--seed"),
     Key("size", "--width/--height", ("txt2img",)),  # WIDTHxHEIGHT
     Key("scale", "--scale", ("upscale",)),
@@ -122,7 +123,7 @@ def parse_sets(sets: list[str]) -> dict[str, str]:
 
 def settings_for(path: Path, meta: dict, changes: dict[str, str]) -> tuple[str, dict]:
     """(command, the settings to replay): the recorded ones with ``changes``; refuses what cannot be replayed."""
-    from ddpm_cli.engine.diffusion.registry import OPTIONS, REGISTRY
+    from ddpm_cli.engine.diffusion.registry import REGISTRY
 
     if not meta:
         raise fail(f"{path} has no ddpm metadata (not made by ddpm, or its text chunks were stripped); "
@@ -187,7 +188,9 @@ def check_model(path: Path, settings: dict, quiet: bool) -> None:
 
 def command_line(command: str, settings: dict, output: Path, *extra: str) -> list[str]:
     """The arguments of `ddpm COMMAND` that make this one image again, written to ``output``, with
-    the options ``extra``."""
+    the options ``extra``. A recorded setting whose flag the command does not have is left out: no one
+    could have changed it from its default."""
+    flags = options_of(command)
     options, positional = [], []
     done = set()
     for key in KEYS:
@@ -198,27 +201,37 @@ def command_line(command: str, settings: dict, output: Path, *extra: str) -> lis
         if key.flag == ARG:
             positional.append(str(value))
         elif key.switch:
-            if str(value).lower() in ("1", "true", "yes", "on"):
-                options.append(key.flag)
+            on, _, off = key.flag.partition("/")
+            given = on if str(value).lower() in ("1", "true", "yes", "on") else off
+            options += [given] if given in flags else []
         elif key.flag == "--width/--height":
             width, _, height = str(value).partition("x")
             options += ["--width", width, "--height", height]
-        elif key.name == "dtype":
-            options += ["--dtype", DTYPE_FLAGS.get(str(value), str(value))]
-        else:
-            options += [key.flag, str(value)]
+        elif key.flag in flags:
+            options += [key.flag, DTYPE_FLAGS.get(str(value), str(value)) if key.name == "dtype" else str(value)]
     return [command, *options, "-n", "1", "-o", str(output), *extra, "--", *positional]
 
 
-def run_command(args: list[str]) -> int:
-    """Run `ddpm ARGS` in this process (sample, txt2img, inpaint or upscale) and return its exit code."""
+def commands():
+    """The generating commands as one Click group, to run in this process."""
     from ddpm_cli.cli import inpaint, sample, txt2img, upscale
 
     group = typer.Typer(rich_markup_mode=None, pretty_exceptions_enable=False)
     for name, module in (("sample", sample), ("txt2img", txt2img), ("inpaint", inpaint), ("upscale", upscale)):
         group.command(name)(getattr(module, name))
+    return typer.main.get_command(group)
+
+
+def options_of(command: str) -> set[str]:
+    """Every flag spelling `ddpm COMMAND` takes."""
+    params = commands().commands[command].params
+    return {flag for param in params for flag in (*param.opts, *getattr(param, "secondary_opts", ()))}
+
+
+def run_command(args: list[str]) -> int:
+    """Run `ddpm ARGS` in this process (sample, txt2img, inpaint or upscale) and return its exit code."""
     try:
-        code = typer.main.get_command(group).main(args=args, prog_name="ddpm", standalone_mode=False)
+        code = commands().main(args=args, prog_name="ddpm", standalone_mode=False)
     except typer.TyperException as exc:
         raise fail(f"{' '.join(exc.format_message().split())} (replaying: ddpm {' '.join(args)})", EXIT_USAGE) from None
     return code if isinstance(code, int) else 0
