@@ -65,6 +65,9 @@ SeedOpt = Annotated[int, typer.Option("--seed", min=0, help="Seed of the first i
 ImageSeedOpt = Annotated[str | None, typer.Option("--seed", metavar="N|random", show_default=False, help="Seed of the first image; image i uses seed + i. 'random': drawn from the OS, printed and stored in each image [default: 0].")]
 SeedListOpt = Annotated[str | None, typer.Option("--seeds", metavar="LIST", show_default=False, help="Exact seeds instead of --seed and -n: a comma-separated list with a-b ranges, e.g. 3,17,42 or 0-3,10.")]
 GridOpt = Annotated[bool, typer.Option("--grid", help="Also write grid.png with every image.")]
+InitImageOpt = Annotated[Path | None, typer.Option("--init-image", metavar="IMG|DIR", show_default=False, help="Image-to-image (SDEdit): start from this image, or from each image in this folder ({image}-{seed:06d}.png), noised to where the last --strength of the steps begin.")]
+StrengthOpt = Annotated[float | None, typer.Option("--strength", show_default=False, help="With --init-image: the share of the sampler's steps that run, in (0, 1]; low keeps the image, 1 starts from the top step [default: 0.8].")]
+ResizeOpt = Annotated[bool, typer.Option("--resize", help="With --init-image: resize an image of another size to the output's (Lanczos) instead of refusing it.")]
 FormatOpt = format_option("one path per line")
 RevisionOpt = Annotated[str | None, typer.Option("--revision", help="Hub revision (branch, tag or commit) of MODEL.")]
 CompileOpt = Annotated[bool, typer.Option("--compile", help="torch.compile the U-Net first (worth it for many images).")]

@@ -23,6 +23,7 @@ class Job:
     path: Path
     condition: object = None  # engine.pipeline.Condition; None for unconditional models
     params: dict = field(default_factory=dict)  # per-image metadata (prompt, class)
+    inputs: dict = field(default_factory=dict)  # keyword arguments of the generator for this job (img2img's init)
 
 
 def plan(jobs: list[Job], outdir: Path, overwrite: bool, skip_existing: bool, grid: bool) -> tuple[list[Job], list[Job]]:
@@ -49,18 +50,25 @@ def plan(jobs: list[Job], outdir: Path, overwrite: bool, skip_existing: bool, gr
     return [job for job in jobs if job not in skipped], skipped
 
 
+def _same_inputs(a: dict, b: dict) -> bool:
+    """The same generator inputs: the same keys holding the same objects (tensors are not compared)."""
+    return a.keys() == b.keys() and all(a[key] is b[key] for key in a)
+
+
 def _batches(jobs: list[Job], batch_size: int) -> list[list[Job]]:
     """Consecutive jobs with the same condition, at most batch_size each."""
     batches: list[list[Job]] = []
     for job in jobs:
-        if batches and len(batches[-1]) < batch_size and batches[-1][0].condition == job.condition:
+        if batches and len(batches[-1]) < batch_size and batches[-1][0].condition == job.condition \
+                and _same_inputs(batches[-1][0].inputs, job.inputs):
             batches[-1].append(job)
         else:
             batches.append([job])
     return batches
 
 
-PER_IMAGE_KEYS = ("seed", "prompt", "class", "class_name", "source", "image", "mask")
+PER_IMAGE_KEYS = ("seed", "prompt", "class", "class_name", "source", "image", "mask", "init_image", "init_image_sha256",
+                  "init_noise_row", "frame")
 
 
 def shared_settings(settings: list[dict], quiet: bool) -> dict:
@@ -84,7 +92,7 @@ def render(pipeline, jobs: list[Job], skipped: list[Job], settings, cfg: float, 
     Without ``overwrite`` no file is ever replaced, not even one that another process wrote after
     ``plan`` checked: that job fails with one line (exit 2), keeping what was written before it.
 
-    ``generate(seeds, on_step, condition) -> images`` makes one batch (default: sample_batch with
+    ``generate(seeds, on_step, condition, **job.inputs) -> images`` makes one batch (default: sample_batch with
     ``settings``, ``cfg`` and ``size``); ``steps_per_batch`` is its step count for the progress bar.
     """
     from ddpm_cli.engine.runtime import distributed
@@ -96,8 +104,8 @@ def render(pipeline, jobs: list[Job], skipped: list[Job], settings, cfg: float, 
         jobs, quiet = jobs[world.rank::world.size], quiet or not world.main
 
     if generate is None:
-        def generate(seeds, on_step, condition):
-            return sample_batch(pipeline, seeds, settings, on_step, condition, cfg, size)
+        def generate(seeds, on_step, condition, **inputs):
+            return sample_batch(pipeline, seeds, settings, on_step, condition, cfg, size, **inputs)
 
     steps = steps_per_batch or settings.steps
     written, started = [], time.perf_counter()
@@ -107,7 +115,7 @@ def render(pipeline, jobs: list[Job], skipped: list[Job], settings, cfg: float, 
             def on_step(info: dict, done: int = number * steps) -> None:
                 bar.update(done + info["i"] + 1)
 
-            images = generate([job.seed for job in batch], on_step, batch[0].condition)
+            images = generate([job.seed for job in batch], on_step, batch[0].condition, **batch[0].inputs)
             for job, image in zip(batch, images):
                 meta = {**params, **job.params, "seed": job.seed}
                 path = save_png(tensor_to_pil(image), job.path, meta, overwrite=overwrite)

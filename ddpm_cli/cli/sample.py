@@ -10,8 +10,10 @@ from ddpm_cli.cli.errors import handle_errors
 from ddpm_cli.cli.generation import Generation
 from ddpm_cli.engine.models.resolve import builtin_models
 from ddpm_cli.cli.options import (AllowPickleOpt, BatchSizeOpt, ClassOpt, CompileOpt, DeviceOpt, DtypeOpt, EtaOpt,
-                                  FormatOpt, GridOpt, num_images_option, OutdirAlias, OutputOpt, OverwriteOpt, QuietOpt, RevisionOpt,
+                                  FormatOpt, GridOpt, InitImageOpt, ResizeOpt, StrengthOpt, num_images_option, OutdirAlias, OutputOpt, OverwriteOpt, QuietOpt, RevisionOpt,
                                   SamplerOpt, ImageSeedOpt, SeedListOpt, SkipExistingOpt, SpacingOpt, StepsOpt, VarianceOpt, one)
+from ddpm_cli.cli.img2img import InitImages
+from ddpm_cli.cli.init_noise import AnimateOpt, FramesOpt, InitNoiseOpt, InitNoiseRowOpt, InterpolateOpt, NoiseStart
 from ddpm_cli.cli.render import Job
 
 EXAMPLES = """
@@ -23,6 +25,8 @@ Examples:
   ddpm sample runs/fashion-classes --class sneaker --cfg 3 -n 8
   ddpm sample fashion-mnist -n 1 -o one.png              # one image: -o may name the file
   ddpm sample runs/fashion -n 4 --format json | jq -r '.images[].path'
+  ddpm sample fashion-mnist --init-noise noise.safetensors --sampler ddim --steps 50   # x_T from `ddpm invert`
+  ddpm sample fashion-mnist --interpolate 3,17 --frames 12 --grid --animate gif --sampler ddim
 """
 
 SAMPLE_IMAGES = 8
@@ -51,6 +55,14 @@ def sample(
     output: OutputOpt = None,
     outdir: OutdirAlias = None,
     grid: GridOpt = False,
+    init_image: InitImageOpt = None,
+    strength: StrengthOpt = None,
+    resize: ResizeOpt = False,
+    init_noise: InitNoiseOpt = None,
+    init_noise_row: InitNoiseRowOpt = None,
+    interpolate: InterpolateOpt = None,
+    frames: FramesOpt = None,
+    animate: AnimateOpt = None,
     output_format: FormatOpt = "text",
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
@@ -66,15 +78,27 @@ def sample(
     Under torchrun (torchrun --nproc-per-node N -m ddpm_cli sample ...) the seeds are shared out among
     the processes: the same files as one process, made N at a time.
     """
-    run = Generation.of(locals(), images_default=SAMPLE_IMAGES)
+    start = NoiseStart(init_noise, init_noise_row, interpolate, frames, animate, init_image)
+    run = Generation.of(locals(), images_default=start.images_default(SAMPLE_IMAGES))
+    start.check_counts(run.seeds, num_images, seed_list)
     class_spec = one(class_spec, "--class")
     run.check_guidance(cfg, ("--class", class_spec))
-    todo, skipped = run.plan([Job(s, run.path(f"{s:06d}.png")) for s in run.seeds], grid)
+    init = InitImages(init_image, strength, resize)
+    jobs = start.frame_jobs(run) if start.interpolating else \
+        [Job(s, run.path(f"{stem}-{s:06d}.png" if stem else f"{s:06d}.png"), params={**init.params(image), **start.row_params(i)})
+         for stem, image in init.each() for i, s in enumerate(run.seeds)]
+    todo, skipped = run.plan(jobs, grid)
+    start.check_extras(run, grid)
 
     pipeline, settings = run.load()
     condition, scale, guidance = run.condition(pipeline, cfg, class_spec=class_spec)
-    run.announce(pipeline, settings)
+    start.prepare(pipeline, model, run.seeds)
+    steps = init.prepare(pipeline, settings, pipeline.image_size, todo)
+    run.announce(pipeline, settings, init.describe(steps))
     for job in todo:
         job.condition = condition
-    params = run.params(pipeline, settings, pipeline.image_size, command="sample", **guidance)
-    run.render(pipeline, settings, todo, skipped, params, scale, grid=grid)
+    params = run.params(pipeline, settings, pipeline.image_size, command="sample", **guidance, **init.settings(),
+                        **start.settings())
+    run.render(pipeline, settings, todo, skipped, params, scale, grid=grid and not start.interpolating,
+               steps_per_batch=steps, generate=start.generator(pipeline, settings, scale))
+    start.finish(run, pipeline, todo + skipped, params, grid)

@@ -15,9 +15,11 @@ from ddpm_cli.cli.errors import EXIT_USAGE, fail, handle_errors
 from ddpm_cli.cli.generation import Generation
 from ddpm_cli.engine.models.resolve import builtin_models
 from ddpm_cli.cli.options import (AllowPickleOpt, BatchSizeOpt, CompileOpt, DeviceOpt, DtypeOpt, EtaOpt, FormatOpt, GridOpt,
+                                  InitImageOpt, ResizeOpt, StrengthOpt,
                                   ModelAlias, OutdirAlias, OutputOpt, OverwriteOpt, PerPromptOpt, QuietOpt, RevisionOpt,
                                   SamplerOpt, ImageSeedOpt, SeedListOpt, SkipExistingOpt, SpacingOpt, VarianceOpt, either, steps_option)
 from ddpm_cli.cli.progress import say
+from ddpm_cli.cli.img2img import InitImages
 from ddpm_cli.cli.render import Job
 
 DEFAULT_MODEL = "emoji"  # built in: trained by `ddpm train emoji --conditioning text` (see its MODEL_CARD.md)
@@ -107,6 +109,9 @@ def txt2img(
     output: OutputOpt = None,
     outdir: OutdirAlias = None,
     grid: GridOpt = False,
+    init_image: InitImageOpt = None,
+    strength: StrengthOpt = None,
+    resize: ResizeOpt = False,
     output_format: FormatOpt = "text",
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
@@ -125,13 +130,14 @@ def txt2img(
     if name is not None and (len(prompts) > 1 or slug(name) != name):
         raise fail("--name takes one prompt and a plain name (lower-case letters, digits and -)", EXIT_USAGE)
     stems = {prompts[0]: name} if name is not None else file_stems(prompts)
-    jobs = [Job(s, run.path(f"{stems[p]}-{s:06d}.png"), params={"prompt": p}) for p in prompts for s in run.seeds]
+    init = InitImages(init_image, strength, resize)
+    jobs = [Job(s, run.path(f"{stem}-{s:06d}.png"), params={"prompt": p, **init.params(image)})
+            for p in prompts for stem, image in init.each(stems[p]) for s in run.seeds]
     todo, skipped = run.plan(jobs, grid)
 
     pipeline, settings = run.load()
     if pipeline.text_encoder is None:
         raise fail(f"{model} is not text-conditional; use `ddpm sample {model}`", EXIT_USAGE)
-    run.announce(pipeline, settings, f", cfg {cfg}")
     for text in dict.fromkeys([*prompts, negative_prompt]):
         dropped = pipeline.text_encoder.truncated_words(text)
         if dropped:
@@ -142,8 +148,11 @@ def txt2img(
     factor = pipeline.unet_factor * pipeline.latent_factor
     if size[0] % factor or size[1] % factor:
         raise fail(f"--width and --height must be multiples of {factor} for {model}, got {size[1]}x{size[0]}", EXIT_USAGE)
+    steps_run = init.prepare(pipeline, settings, size, todo)
+    run.announce(pipeline, settings, f", cfg {cfg}" + init.describe(steps_run))
     for job in todo:
         job.condition, _, _ = run.condition(pipeline, cfg, prompt=job.params["prompt"], negative_prompt=negative_prompt)
-    params = run.params(pipeline, settings, size, command="txt2img", cfg=cfg, negative_prompt=negative_prompt or None)
-    run.render(pipeline, settings, todo, skipped, params, cfg, grid=grid,
+    params = run.params(pipeline, settings, size, command="txt2img", cfg=cfg, negative_prompt=negative_prompt or None,
+                        **init.settings())
+    run.render(pipeline, settings, todo, skipped, params, cfg, grid=grid, steps_per_batch=steps_run,
                size=(size[0] // pipeline.latent_factor, size[1] // pipeline.latent_factor))
