@@ -8,7 +8,7 @@ import sys
 import typer
 
 from ddpm_cli import __version__
-from ddpm_cli.cli import bench, encode, evaluate, inpaint, models, replay, sample, train, txt2img, upscale
+from ddpm_cli.cli import bench, encode, evaluate, inpaint, invert, models, replay, sample, train, txt2img, upscale
 from ddpm_cli.cli.errors import EXIT_INTERRUPTED, EXIT_USAGE
 from ddpm_cli.cli.options import RULE
 
@@ -30,6 +30,7 @@ app.command("txt2img", epilog=txt2img.EXAMPLES + "\n" + RULE)(txt2img.txt2img)
 app.command("inpaint", epilog=inpaint.EXAMPLES + "\n" + RULE)(inpaint.inpaint)
 app.command("upscale", epilog=upscale.EXAMPLES + "\n" + RULE)(upscale.upscale)
 app.command("encode", epilog=encode.EXAMPLES + "\n" + RULE)(encode.encode)
+app.command("invert", epilog=invert.EXAMPLES + "\n" + RULE)(invert.invert)
 app.command("replay", epilog=replay.EXAMPLES)(replay.replay)
 evaluate.eval_app.command("nll", epilog=evaluate.EXAMPLES + "\n" + RULE)(evaluate.nll)
 evaluate.eval_app.command("fid", epilog=evaluate.EXAMPLES + "\n" + RULE)(evaluate.fid)
