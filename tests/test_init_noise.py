@@ -127,3 +127,24 @@ def test_interpolation_between_rows_and_its_refusals(tiny_pipeline_dir, tmp_path
                          (["--interpolate", "3,x"], "two ends")):
         result = ddpm("sample", tiny_pipeline_dir, *extra, *DDIM, "-o", tmp_path / "bad")
         assert result.returncode == 2 and words in result.stderr and not (tmp_path / "bad").exists(), (extra, result.stderr)
+
+
+def test_txt2img_on_a_latent_text_model(sd_dir, pictures, tmp_path):
+    """Stable Diffusion format: invert encodes with the VAE and takes --prompt; txt2img --init-noise
+    rows equal to seeded noise give the --seed images; interpolation frames end on the seeds' images."""
+    noise = tmp_path / "sd.safetensors"
+    inverted = ddpm("invert", sd_dir, pictures / "a.png", "--prompt", "a cat", "--cfg", 1, "--steps", 3, "-o", noise)
+    assert inverted.returncode == 0, inverted.stderr
+    assert read_noise(noise).noise.shape == (1, 4, 8, 8) and read_noise(noise).settings["prompt"] == "a cat"
+    seeded_file(tmp_path / "rows.safetensors", sd_dir, [4, 5], (4, 8, 8))
+    common = ("a cat", *DDIM, "--cfg", 3)
+    given = ddpm("txt2img", sd_dir, *common, "--init-noise", tmp_path / "rows.safetensors", "-o", tmp_path / "given")
+    seeded = ddpm("txt2img", sd_dir, *common, "--seeds", "4,5", "-o", tmp_path / "seeded")
+    frames = ddpm("txt2img", sd_dir, *common, "--interpolate", "4,5", "--frames", 3, "--grid", "-o", tmp_path / "frames")
+    assert given.returncode == seeded.returncode == frames.returncode == 0, given.stderr + seeded.stderr + frames.stderr
+    for row, seed in ((0, 4), (1, 5)):
+        assert np.array_equal(pixels(tmp_path / "given" / f"a-cat-{row:06d}.png"),
+                              pixels(tmp_path / "seeded" / f"a-cat-{seed:06d}.png"))
+    assert np.array_equal(pixels(tmp_path / "frames" / "a-cat-frame-000.png"), pixels(tmp_path / "seeded" / "a-cat-000004.png"))
+    assert np.array_equal(pixels(tmp_path / "frames" / "a-cat-frame-002.png"), pixels(tmp_path / "seeded" / "a-cat-000005.png"))
+    assert Image.open(tmp_path / "frames" / "a-cat-grid.png").size == (3 * 16 + 2 * 2, 16)

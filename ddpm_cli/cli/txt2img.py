@@ -7,23 +7,26 @@ import re
 import sys
 from collections import Counter
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 
 from ddpm_cli.cli.errors import EXIT_USAGE, fail, handle_errors
 from ddpm_cli.cli.generation import Generation
+from ddpm_cli.engine.choices import PRIORS
 from ddpm_cli.engine.models.resolve import builtin_models
 from ddpm_cli.cli.options import (AllowPickleOpt, BatchSizeOpt, CompileOpt, DeviceOpt, DtypeOpt, EtaOpt, FormatOpt, GridOpt,
                                   InitImageOpt, ResizeOpt, StrengthOpt,
                                   ModelAlias, OutdirAlias, OutputOpt, OverwriteOpt, PerPromptOpt, QuietOpt, RevisionOpt,
-                                  SamplerOpt, ImageSeedOpt, SeedListOpt, SkipExistingOpt, SpacingOpt, VarianceOpt, either, steps_option)
+                                  SamplerOpt, ImageSeedOpt, SeedListOpt, SkipExistingOpt, SpacingOpt, VarianceOpt, SigmasOpt, ClipX0Opt, either, steps_option)
 from ddpm_cli.cli.progress import say
 from ddpm_cli.cli.img2img import InitImages
+from ddpm_cli.cli.init_noise import AnimateOpt, FramesOpt, InitNoiseOpt, InitNoiseRowOpt, InterpolateOpt, NoiseStart
 from ddpm_cli.cli.render import Job
 
 DEFAULT_MODEL = "emoji"  # built in: trained by `ddpm train emoji --conditioning text` (see its MODEL_CARD.md)
 DEFAULT_STEPS = 30
+Prior = Literal[PRIORS]
 StepsOpt = steps_option(str(DEFAULT_STEPS))
 
 EXAMPLES = """
@@ -34,6 +37,8 @@ Examples:
   ddpm txt2img runs/emoji "a cat face" --cfg 7.5 --steps 30
   ddpm txt2img runs/emoji "red apple" --negative-prompt "green" -n 4 --seed 10
   ddpm txt2img runs/emoji --from-file prompts.txt -o out/          # one prompt per line; - reads stdin
+  ddpm txt2img "green apple" --init-image apple.png --strength 0.5 --seeds 0-3 --grid   # image-to-image
+  ddpm txt2img "a cat" --interpolate 1,2 --frames 8 --animate gif --sampler ddim   # {slug}-frame-000.png ...
 """
 
 
@@ -98,6 +103,8 @@ def txt2img(
     eta: EtaOpt = None,
     spacing: SpacingOpt = None,
     variance: VarianceOpt = None,
+    sigmas: SigmasOpt = None,
+    clip_x0: ClipX0Opt = None,
     seed: ImageSeedOpt = None,
     seed_list: SeedListOpt = None,
     num_images: PerPromptOpt = None,
@@ -109,9 +116,15 @@ def txt2img(
     output: OutputOpt = None,
     outdir: OutdirAlias = None,
     grid: GridOpt = False,
+    prior: Annotated[Prior | None, typer.Option("--prior", show_default=False, help="nearest: draw the model's training caption nearest in meaning to the prompt (small models draw their captions far better than other wordings); none: the prompt as written [default: the model's; nearest for the built-in emoji].")] = None,
     init_image: InitImageOpt = None,
     strength: StrengthOpt = None,
     resize: ResizeOpt = False,
+    init_noise: InitNoiseOpt = None,
+    init_noise_row: InitNoiseRowOpt = None,
+    interpolate: InterpolateOpt = None,
+    frames: FramesOpt = None,
+    animate: AnimateOpt = None,
     output_format: FormatOpt = "text",
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
@@ -125,15 +138,20 @@ def txt2img(
     """Generate images from text prompts; write one PNG per prompt and seed ({slug}-{seed:06d}.png) and print their paths."""
     model, prompt = split_positionals(list(words or []), either(None, model_alias, "MODEL", "-m"), from_file)
     steps = steps or DEFAULT_STEPS
-    run = Generation.of(locals())
+    start = NoiseStart(init_noise, init_noise_row, interpolate, frames, animate, init_image)
+    run = Generation.of(locals(), images_default=start.images_default(1))
+    start.check_counts(run.seeds, num_images, seed_list)
     prompts = read_prompts(prompt, from_file)
     if name is not None and (len(prompts) > 1 or slug(name) != name):
         raise fail("--name takes one prompt and a plain name (lower-case letters, digits and -)", EXIT_USAGE)
     stems = {prompts[0]: name} if name is not None else file_stems(prompts)
     init = InitImages(init_image, strength, resize)
-    jobs = [Job(s, run.path(f"{stem}-{s:06d}.png"), params={"prompt": p, **init.params(image)})
-            for p in prompts for stem, image in init.each(stems[p]) for s in run.seeds]
-    todo, skipped = run.plan(jobs, grid)
+    jobs = [job for p in prompts for job in start.frame_jobs(run, stems[p], {"prompt": p})] if start.interpolating else \
+        [Job(s, run.path(f"{stem}-{s:06d}.png"), params={"prompt": p, **init.params(image), **start.row_params(i)})
+         for p in prompts for stem, image in init.each(stems[p]) for i, s in enumerate(run.seeds)]
+    todo, skipped = run.plan(jobs, grid and not start.interpolating)
+    for p in prompts:
+        start.check_extras(run, grid, stems[p])
 
     pipeline, settings = run.load()
     if pipeline.text_encoder is None:
@@ -143,16 +161,30 @@ def txt2img(
         if dropped:
             say(f"ddpm: warning: prompt longer than the text encoder's {pipeline.text_encoder.max_length} tokens; "
                 f"dropped: {' '.join(dropped)}")
+    from ddpm_cli.engine.models.captions import prompt_captions
+
+    captions = prompt_captions(pipeline, prompts, prior)
+    for text, (caption, similarity) in captions.items():
+        if caption != text:
+            say(f"ddpm: {text!r} draws the model's training caption {caption!r} (nearest in meaning, similarity "
+                f"{similarity:.2f}; --prior none draws the prompt as written)", run.quiet)
     model_height, model_width = pipeline.image_size
     size = (height or model_height, width or model_width)
     factor = pipeline.unet_factor * pipeline.latent_factor
     if size[0] % factor or size[1] % factor:
         raise fail(f"--width and --height must be multiples of {factor} for {model}, got {size[1]}x{size[0]}", EXIT_USAGE)
+    latent_size = (size[0] // pipeline.latent_factor, size[1] // pipeline.latent_factor)
+    start.prepare(pipeline, model, run.seeds, latent_size)
     steps_run = init.prepare(pipeline, settings, size, todo)
     run.announce(pipeline, settings, f", cfg {cfg}" + init.describe(steps_run))
     for job in todo:
-        job.condition, _, _ = run.condition(pipeline, cfg, prompt=job.params["prompt"], negative_prompt=negative_prompt)
-    params = run.params(pipeline, settings, size, command="txt2img", cfg=cfg, negative_prompt=negative_prompt or None,
-                        **init.settings())
-    run.render(pipeline, settings, todo, skipped, params, cfg, grid=grid, steps_per_batch=steps_run,
-               size=(size[0] // pipeline.latent_factor, size[1] // pipeline.latent_factor))
+        caption = captions[job.params["prompt"]][0]
+        if caption != job.params["prompt"]:
+            job.params["caption"] = caption  # what the model drew, in the image's metadata
+        job.condition, _, _ = run.condition(pipeline, cfg, prompt=caption, negative_prompt=negative_prompt)
+    params = run.params(pipeline, settings, size, command="txt2img", cfg=cfg, negative_prompt=negative_prompt or None, prior=prior,
+                        **init.settings(), **start.settings())
+    run.render(pipeline, settings, todo, skipped, params, cfg, grid=grid and not start.interpolating,
+               steps_per_batch=steps_run, size=latent_size, generate=start.generator(pipeline, settings, cfg, latent_size))
+    for p in prompts:
+        start.finish(run, pipeline, [job for job in todo + skipped if job.params["prompt"] == p], params, grid, stems[p])
