@@ -169,3 +169,18 @@ def test_bad_init_input_is_one_line_exit_2_nothing_written(fashion_folder, tmp_p
     resized = ddpm(*base, "--init-image", tmp_path / "small.png", "--resize", "-o", tmp_path / "ok", "-q")
     assert resized.returncode == 0, resized.stderr
     assert Image.open(tmp_path / "ok" / "000000.png").size == (32, 32)
+
+
+def test_txt2img_folder_of_init_images_names_each_output(sd_dir, rgb16, tmp_path):
+    folder = tmp_path / "inits"
+    folder.mkdir()
+    (folder / "one.png").write_bytes(rgb16.read_bytes())
+    Image.open(rgb16).transpose(Image.FLIP_LEFT_RIGHT).save(folder / "two.png")
+    result = ddpm("txt2img", sd_dir, PROMPT, "--init-image", folder, "--steps", 4, "--seeds", "1,2", "-b", 4,
+                  "-o", tmp_path / "out", "--grid", "-q")
+    assert result.returncode == 0, result.stderr
+    names = [f"a-red-cat-{stem}-{seed:06d}.png" for stem in ("one", "two") for seed in (1, 2)]
+    assert result.stdout.splitlines() == [str(tmp_path / "out" / name) for name in names] + [str(tmp_path / "out" / "grid.png")]
+    one, two = (np.asarray(Image.open(tmp_path / "out" / names[k])) for k in (0, 2))
+    assert not np.array_equal(one, two)  # each image starts from its own init (in its own batch)
+    assert read_png_metadata(tmp_path / "out" / names[2])["init_image"] == str(folder / "two.png")

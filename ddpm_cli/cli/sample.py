@@ -11,7 +11,7 @@ from ddpm_cli.cli.generation import Generation
 from ddpm_cli.engine.models.resolve import builtin_models
 from ddpm_cli.cli.options import (AllowPickleOpt, BatchSizeOpt, ClassOpt, CompileOpt, DeviceOpt, DtypeOpt, EtaOpt,
                                   FormatOpt, GridOpt, InitImageOpt, ResizeOpt, StrengthOpt, num_images_option, OutdirAlias, OutputOpt, OverwriteOpt, QuietOpt, RevisionOpt,
-                                  SamplerOpt, ImageSeedOpt, SeedListOpt, SkipExistingOpt, SpacingOpt, StepsOpt, VarianceOpt, one)
+                                  SamplerOpt, ImageSeedOpt, SeedListOpt, SkipExistingOpt, SpacingOpt, StepsOpt, VarianceOpt, SigmasOpt, ClipX0Opt, one)
 from ddpm_cli.cli.img2img import InitImages
 from ddpm_cli.cli.init_noise import AnimateOpt, FramesOpt, InitNoiseOpt, InitNoiseRowOpt, InterpolateOpt, NoiseStart
 from ddpm_cli.cli.render import Job
@@ -25,6 +25,8 @@ Examples:
   ddpm sample runs/fashion-classes --class sneaker --cfg 3 -n 8
   ddpm sample fashion-mnist -n 1 -o one.png              # one image: -o may name the file
   ddpm sample runs/fashion -n 4 --format json | jq -r '.images[].path'
+  ddpm sample fashion-mnist --seeds 3,17,42 --grid             # exact seeds (ranges: 0-3,10); --seed random
+  ddpm sample fashion-mnist --init-image shoe.png --strength 0.6  # image-to-image; a folder: {image}-{seed}.png
   ddpm sample fashion-mnist --init-noise noise.safetensors --sampler ddim --steps 50   # x_T from `ddpm invert`
   ddpm sample fashion-mnist --interpolate 3,17 --frames 12 --grid --animate gif --sampler ddim
 """
@@ -48,6 +50,8 @@ def sample(
     eta: EtaOpt = None,
     spacing: SpacingOpt = None,
     variance: VarianceOpt = None,
+    sigmas: SigmasOpt = None,
+    clip_x0: ClipX0Opt = None,
     class_spec: ClassOpt = None,
     cfg: Annotated[float | None, typer.Option("--cfg", min=0.0, show_default=False, help="With --class: guidance scale w, 0 unconditional, 1 conditional, >1 stronger [default: 2].")] = None,
     seed: ImageSeedOpt = None,
