@@ -199,3 +199,32 @@ def test_replay_makefile_one_target_per_image(tiny_pipeline_dir, tmp_path):
     assert (meta["steps"], meta["sampler"], meta["seed"]) == (3, "ddim", 1)
     again = subprocess.run(args, capture_output=True, text=True, timeout=300, cwd=root)
     assert again.returncode == 0 and "Nothing to be done" in again.stdout
+
+
+def test_image_and_noise_starts_replay_byte_identical(tiny_pipeline_dir, tmp_path):
+    """--init-image (with --resize), a row of --init-noise, and one frame of --interpolate."""
+    rng = np.random.default_rng(1)
+    start = png(rng.integers(0, 256, (24, 20, 3)), tmp_path / "start.png")  # another size: --resize
+    steps = ["--steps", 3, "--sampler", "ddim", "-q"]
+    runs = {
+        "i2i": ["--init-image", start, "--strength", 0.5, "--resize", "--seed", 2, "-n", 2],
+        "noise": ["--init-noise", tmp_path / "noise.safetensors", "--seed", 5, "-n", 2],
+        "frames": ["--interpolate", "3,row:1", "--init-noise", tmp_path / "noise.safetensors", "--frames", 3,
+                   "--seed", 9],
+    }
+    inverted = ddpm("invert", tiny_pipeline_dir, start, start, "--resize", "--steps", 3,
+                    "-o", tmp_path / "noise.safetensors", "-q")
+    assert inverted.returncode == 0, inverted.stderr
+    for name, options in runs.items():
+        made = ddpm("sample", tiny_pipeline_dir, *options, *steps, "-o", tmp_path / name)
+        assert made.returncode == 0, made.stderr
+    originals = [tmp_path / "i2i" / "000003.png", tmp_path / "noise" / "000006.png", tmp_path / "frames" / "frame-001.png"]
+    metas = [read_png_metadata(path) for path in originals]
+    assert metas[0]["resize"] is True and metas[0]["strength"] == 0.5
+    assert metas[1]["init_noise_row"] == 1 and (metas[2]["frame"], metas[2]["seed"]) == (1, 10)
+    again = ddpm("replay", *originals, "-o", tmp_path / "again", "-q")
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.split() == [str(tmp_path / "again" / path.name) for path in originals]
+    for path in originals:
+        assert (tmp_path / "again" / path.name).read_bytes() == path.read_bytes(), path
+    assert sorted(p.name for p in (tmp_path / "again").iterdir()) == sorted(p.name for p in originals)  # no frame left over

@@ -52,7 +52,7 @@ class InitImages:
 
     def settings(self) -> dict:
         """Metadata every image of the run shares: the strength."""
-        return {"strength": self.strength} if self.images else {}
+        return {"strength": self.strength, "resize": self.resize or None} if self.images else {}  # ddpm replay needs both
 
     def describe(self, steps: int | None) -> str:
         """For the run's announcement line."""

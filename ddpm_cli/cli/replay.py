@@ -51,6 +51,7 @@ class Key:
     flag: str | None
     commands: tuple[str, ...] = GENERATING
     switch: bool = False  # "--a/--no-a": the first flag when true, the second when false
+    values: tuple[tuple[object, str], ...] = ()  # recorded value -> the flag's spelling of it
     checks: str | None = None  # the input file whose SHA-256 this key records
 
 
@@ -73,7 +74,7 @@ KEYS: tuple[Key, ...] = (
     Key("steps", "--steps"),
     Key("spacing", "--spacing"),
     *(Key(name, option.flag) for name, option in OPTIONS.items()),  # every sampler option: eta, variance...
-    Key("clip_x0", "--clip-x0/--no-clip-x0", switch=True),
+    Key("clip_x0", "--clip-x0", values=((True, "on"), (False, "off"))),
     Key("seed", "--seed"),
     Key("size", "--width/--height", ("txt2img",)),  # WIDTHxHEIGHT
     Key("scale", "--scale", ("upscale",)),
@@ -85,7 +86,10 @@ KEYS: tuple[Key, ...] = (
     Key("resize", "--resize", IMAGE_FROM, switch=True),
     Key("init_noise", "--init-noise", IMAGE_FROM),
     Key("init_noise_row", "--init-noise-row", IMAGE_FROM),
-    Key("dtype", "--dtype"),
+    Key("interpolate", "--interpolate", IMAGE_FROM),  # a frame: every frame is made, this one kept
+    Key("frames", "--frames", IMAGE_FROM),
+    Key("frame", None, IMAGE_FROM),  # which frame; its seed is the run's first seed + frame
+    Key("dtype", "--dtype", values=tuple(DTYPE_FLAGS.items())),
     Key("device", "--device"),
     Key("revision", "--revision"),  # the Hub commit the model was read from
     # recorded for information, or checked, never passed:
@@ -208,8 +212,9 @@ def command_line(command: str, settings: dict, output: Path, *extra: str) -> lis
             width, _, height = str(value).partition("x")
             options += ["--width", width, "--height", height]
         elif key.flag in flags:
-            options += [key.flag, DTYPE_FLAGS.get(str(value), str(value)) if key.name == "dtype" else str(value)]
-    return [command, *options, "-n", "1", "-o", str(output), *extra, "--", *positional]
+            options += [key.flag, next((word for known, word in key.values if known == value), str(value))]
+    count = [] if "interpolate" in settings else ["-n", "1"]  # --interpolate makes --frames images
+    return [command, *options, *count, "-o", str(output), *extra, "--", *positional]
 
 
 def commands():
@@ -235,6 +240,34 @@ def run_command(args: list[str]) -> int:
     except typer.TyperException as exc:
         raise fail(f"{' '.join(exc.format_message().split())} (replaying: ddpm {' '.join(args)})", EXIT_USAGE) from None
     return code if isinstance(code, int) else 0
+
+
+def replay_frame(command: str, settings: dict, target: Path, overwrite: bool, extra: list[str]) -> int:
+    """A frame of --interpolate: the command makes every frame again (frame k has the run's first seed
+    + k) in a hidden folder beside ``target``; frame k is published as ``target``, the rest removed."""
+    import contextlib
+    import io
+    import shutil
+    import tempfile
+
+    from ddpm_cli.engine.io.atomic import publish
+
+    frame = int(settings.get("frame", 0))
+    first = {**settings, "seed": int(settings["seed"]) - frame}
+    folder = Path(tempfile.mkdtemp(prefix=".replay-", dir=target.parent))
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # the frames' temporary paths
+            code = run_command(command_line(command, first, folder, *extra))
+        if code:
+            return code
+        made = sorted(folder.glob(f"*frame-{frame:03d}.png"))
+        if len(made) != 1:
+            raise fail(f"replaying {target.name} made no frame {frame}; was --frames changed?", EXIT_USAGE)
+        publish(made[0], target, overwrite)
+        print(target, flush=True)
+        return 0
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 @handle_errors
@@ -268,7 +301,10 @@ def replay(
     writable_folder(output)
     for path, command, settings, target in plans:
         check_model(path, settings, quiet)
-        extra = ["--overwrite"] * overwrite + ["--allow-pickle"] * allow_pickle + ["-q"] * quiet
-        code = run_command(command_line(command, settings, target, *extra))
+        extra = ["--allow-pickle"] * allow_pickle + ["-q"] * quiet
+        if "interpolate" in settings:
+            code = replay_frame(command, settings, target, overwrite, extra)
+        else:
+            code = run_command(command_line(command, settings, target, *extra, *["--overwrite"] * overwrite))
         if code:
             raise typer.Exit(code)
