@@ -148,3 +148,22 @@ def test_txt2img_on_a_latent_text_model(sd_dir, pictures, tmp_path):
     assert np.array_equal(pixels(tmp_path / "frames" / "a-cat-frame-000.png"), pixels(tmp_path / "seeded" / "a-cat-000004.png"))
     assert np.array_equal(pixels(tmp_path / "frames" / "a-cat-frame-002.png"), pixels(tmp_path / "seeded" / "a-cat-000005.png"))
     assert Image.open(tmp_path / "frames" / "a-cat-grid.png").size == (3 * 16 + 2 * 2, 16)
+
+
+def test_invert_refuses_bad_input_before_loading(tiny_pipeline_dir, pictures, tmp_path):
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG not really")
+    out = tmp_path / "n.safetensors"
+    out_exists = tmp_path / "exists.safetensors"
+    out_exists.write_bytes(b"keep")
+    for args, words in (((pictures / "a.png",), "-o"),
+                        ((tmp_path / "none.png", "-o", out), "no such image"),
+                        ((broken, "-o", out), "broken.png"),
+                        ((pictures / "a.png", "-o", tmp_path / "n.npy"), ".safetensors"),
+                        ((pictures / "a.png", "-o", out, "--cfg", 2), "--cfg"),
+                        ((pictures / "a.png", "-o", out, "--class", "1"), "not class-conditional"),
+                        ((pictures / "a.png", "-o", out_exists), "exists")):
+        result = ddpm("invert", tiny_pipeline_dir, *args)
+        assert result.returncode == 2 and words in result.stderr, (args, result.stderr)
+        assert len(result.stderr.strip().splitlines()) == 1 and not out.exists(), (args, result.stderr)
+    assert out_exists.read_bytes() == b"keep"
