@@ -228,3 +228,37 @@ def test_image_and_noise_starts_replay_byte_identical(tiny_pipeline_dir, tmp_pat
     for path in originals:
         assert (tmp_path / "again" / path.name).read_bytes() == path.read_bytes(), path
     assert sorted(p.name for p in (tmp_path / "again").iterdir()) == sorted(p.name for p in originals)  # no frame left over
+
+
+def test_upscale_and_hub_models_replay_byte_identical(tiny_pipeline_dir, tmp_path, monkeypatch):
+    """An SR3-format upscaler (random, untrained), and a model read from the Hub cache, whose snapshot's
+    commit is recorded and given back as --revision."""
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    from tests.conftest import tiny_unet
+
+    sr = tmp_path / "sr"
+    unet = tiny_unet(channels=3, size=16)
+    UNet2DModel(**{**unet.config, "in_channels": 6}).save_pretrained(sr / "unet")
+    DDPMScheduler().save_pretrained(sr / "scheduler")
+    (sr / "ddpm_model.json").write_text('{"task": "superres", "scale": 2}')
+    low = png(np.random.default_rng(2).integers(0, 256, (8, 8, 3)), tmp_path / "low.png")
+    made = ddpm("upscale", sr, low, "--steps", 3, "--seed", 1, "-o", tmp_path / "made", "-q")
+    assert made.returncode == 0, made.stderr
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--someone--tiny"
+    shutil.copytree(tiny_pipeline_dir, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    hub = ddpm("sample", "someone/tiny", "--steps", 2, "-n", 1, "-o", tmp_path / "made" / "hub.png", "-q")
+    assert hub.returncode == 0, hub.stderr
+    originals = [tmp_path / "made" / "low-x2-000001.png", tmp_path / "made" / "hub.png"]
+    assert read_png_metadata(originals[0])["image_sha256"] == hashlib.sha256(low.read_bytes()).hexdigest()
+    assert read_png_metadata(originals[1])["revision"] == commit
+    again = ddpm("replay", *originals, "-o", tmp_path / "again", "-q")
+    assert again.returncode == 0, again.stderr
+    for path in originals:
+        assert (tmp_path / "again" / path.name).read_bytes() == path.read_bytes(), path
