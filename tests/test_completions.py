@@ -32,3 +32,14 @@ def test_completing_offers_choices_without_importing_torch():
     assert result.stdout.split() == ["ddpm", "ddim", "NO-TORCH"]
     commands = run_completion({"_DDPM_COMPLETE": "complete_bash", "COMP_WORDS": "ddpm s", "COMP_CWORD": "1"})
     assert commands.stdout.split() == ["sample", "NO-TORCH"]
+
+
+def test_every_sampler_and_noise_schedule_is_offered():
+    from ddpm_cli.engine.choices import SAMPLERS
+
+    samplers = run_completion({"_DDPM_COMPLETE": "complete_bash", "COMP_WORDS": "ddpm sample x --sampler ",
+                               "COMP_CWORD": "4"})
+    assert samplers.stdout.split() == [*SAMPLERS, "NO-TORCH"] and "dpmpp-3m-sde" in SAMPLERS
+    sigmas = run_completion({"_DDPM_COMPLETE": "complete_bash", "COMP_WORDS": "ddpm txt2img x --sigmas k",
+                             "COMP_CWORD": "4"})
+    assert sigmas.stdout.split() == ["karras", "NO-TORCH"]

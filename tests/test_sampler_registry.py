@@ -60,19 +60,26 @@ def test_an_option_the_sampler_does_not_take_is_refused_naming_the_samplers_that
         assert message.endswith(f"it applies to {takers}") and "\n" not in message
     with pytest.raises(InputError, match="unknown sampler option 'churn'"):
         SamplerSettings("ddim", options={"churn": 1.0}).resolved(pipeline)
-    with pytest.raises(InputError, match="unknown sampler 'euler'"):
-        SamplerSettings("euler").resolved(pipeline)
+    with pytest.raises(InputError, match="unknown sampler 'euler-x'"):
+        SamplerSettings("euler-x").resolved(pipeline)
+    with pytest.raises(InputError, match="--sigmas does not apply to the ddim sampler; it applies to dpmpp-2m, euler,"):
+        SamplerSettings("ddim", options={"sigmas": "karras"}).resolved(pipeline)
+    with pytest.raises(InputError, match="unknown --sigmas 'rho'"):
+        SamplerSettings("euler", options={"sigmas": "rho"}).resolved(pipeline)
 
 
 def test_resolved_settings_hold_every_option_of_their_sampler(pipeline):
     ddim = SamplerSettings("ddim", eta=0.3).resolved(pipeline)
     assert ddim.options == {"eta": 0.3} and ddim.eta is None
-    assert ddim.describe() == {"sampler": "ddim", "steps": 50, "spacing": "leading", "eta": 0.3}
+    assert ddim.describe() == {"sampler": "ddim", "steps": 50, "spacing": "leading", "eta": 0.3, "clip_x0": True}
     assert SamplerSettings("ddim").resolved(pipeline).options == {"eta": 0.0}
     ddpm = SamplerSettings("ddpm", 10).resolved(pipeline)
     assert ddpm.options == {"variance": "fixed_small"} and ddpm.resolved(pipeline) == ddpm  # the model's variance
-    assert SamplerSettings("dpmpp-2m").resolved(pipeline).describe() == {"sampler": "dpmpp-2m", "steps": 20,
-                                                                          "spacing": "trailing"}
+    assert SamplerSettings("dpmpp-2m").resolved(pipeline).describe() == {
+        "sampler": "dpmpp-2m", "steps": 20, "spacing": "trailing", "sigmas": "default", "clip_x0": True}
+    karras = SamplerSettings("heun", 10, options={"sigmas": "karras"}, clip_x0=False).resolved(pipeline)
+    assert karras.describe() == {"sampler": "heun", "steps": 10, "spacing": "trailing", "sigmas": "karras",
+                                 "clip_x0": False}
     with pytest.raises(InputError, match="needs a model that outputs its variance"):
         SamplerSettings("ddpm", variance="learned_range").resolved(pipeline)
     with pytest.raises(InputError, match="--eta must be >= 0"):

@@ -28,6 +28,8 @@ class Generation:
     eta: float | None = None
     spacing: str | None = None
     variance: str | None = None
+    sigmas: str | None = None
+    clip_x0: str | None = None  # --clip-x0 on|off; None: the model's config
     seed: str | int | None = None  # --seed N|random (None: 0)
     seed_list: str | None = None  # --seeds LIST, which replaces --seed and -n
     num_images: int | None = None  # -n; None: not given (images_default, or one per --seeds entry)
@@ -98,7 +100,9 @@ class Generation:
         from ddpm_cli.engine.models.pipeline import load_pipeline
 
         pipeline = load_pipeline(self.model, self.revision, self.device, self.dtype, self.allow_pickle, self.compile)
-        settings = SamplerSettings(self.sampler, self.steps, self.eta, self.spacing, self.variance).resolved(pipeline)
+        clip = None if self.clip_x0 is None else self.clip_x0 == "on"
+        settings = SamplerSettings(self.sampler, self.steps, self.eta, self.spacing, self.variance,
+                                   options={"sigmas": self.sigmas}, clip_x0=clip).resolved(pipeline)
         return pipeline, settings
 
     def announce(self, pipeline, settings, extra: str = "") -> None:

@@ -14,7 +14,7 @@ from typing import Annotated, Literal
 import typer
 
 from ddpm_cli.cli.errors import EXIT_USAGE, fail
-from ddpm_cli.engine.choices import DTYPES, SAMPLERS, SPACINGS, VARIANCES
+from ddpm_cli.engine.choices import CLIP_X0, DTYPES, SAMPLERS, SIGMAS, SPACINGS, VARIANCES
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 FORMATS = ("text", "json")
@@ -23,6 +23,8 @@ DEFAULT_OUTPUT = Path("samples")
 Sampler = Literal[SAMPLERS]
 Spacing = Literal[SPACINGS]
 Variance = Literal[VARIANCES]
+Sigmas = Literal[SIGMAS]
+ClipX0 = Literal[CLIP_X0]
 Dtype = Literal[DTYPES]
 Format = Literal[FORMATS]
 
@@ -84,10 +86,13 @@ NumImagesOpt = num_images_option(1)
 PerPromptOpt = num_images_option(1, "Images per prompt")
 BatchSizeOpt = Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Images sampled together.")]
 SamplerOpt = Annotated[Sampler, typer.Option("--sampler", autocompletion=complete(SAMPLERS), help=f"One of {', '.join(SAMPLERS)}.")]
-StepsOpt = steps_option("ddpm every training step, ddim 50, dpmpp-2m 20")
+StepsOpt = steps_option("ddpm every training step, ddim 50, euler, euler-a and lms 30, heun and dpm2 15 (two network "
+                        "calls a step), the DPM-Solver++ family and unipc 20")
 EtaOpt = Annotated[float | None, typer.Option("--eta", min=0.0, show_default=False, help="Samplers that take it (ddim): noise added at each step, 0 deterministic, 1 like DDPM [default: 0].")]
 SpacingOpt = Annotated[Spacing | None, typer.Option("--spacing", autocompletion=complete(SPACINGS), show_default=False, help=f"Timestep spacing: {', '.join(SPACINGS)} [default: the sampler's usual].")]
 VarianceOpt = Annotated[Variance | None, typer.Option("--variance", autocompletion=complete(VARIANCES), show_default=False, help=f"Samplers that take it (ddpm): the reverse-step variance, {', '.join(VARIANCES)} [default: the model's].")]
+SigmasOpt = Annotated[Sigmas | None, typer.Option("--sigmas", autocompletion=complete(SIGMAS), show_default=False, help="Samplers that take it (all but ddpm, ddim, euler-a): noise levels, default (at the spaced timesteps), karras (Karras et al. 2022, rho 7) or exponential; diffusers' use_karras_sigmas / use_exponential_sigmas [default: default].")]
+ClipX0Opt = Annotated[ClipX0 | None, typer.Option("--clip-x0", autocompletion=complete(CLIP_X0), show_default=False, help="Clip each step's predicted clean image to [-1, 1]: on or off [default: as the model's config says (clip_sample), for every sampler; diffusers clips only with DDPM, DDIM and Heun, so off matches its other schedulers].")]
 OutputOpt = Annotated[Path | None, typer.Option("--output", "-o", show_default=False, help=f"Folder for the images, or a .png file for a single image [default: {DEFAULT_OUTPUT}].")]
 ClassOpt = Annotated[list[str] | None, typer.Option("--class", metavar="CLASS", show_default=False, help="Class-conditional models: the class, by index or name (once) [default: none, unconditional].")]
 

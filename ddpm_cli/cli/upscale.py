@@ -12,7 +12,7 @@ from ddpm_cli.cli.errors import EXIT_USAGE, fail, handle_errors
 from ddpm_cli.cli.generation import Generation
 from ddpm_cli.cli.options import (AllowPickleOpt, BatchSizeOpt, CompileOpt, DeviceOpt, DtypeOpt, EtaOpt, FormatOpt, GridOpt,
                                   NumImagesOpt, OutdirAlias, OutputOpt, OverwriteOpt, QuietOpt, RevisionOpt, SamplerOpt,
-                                  ImageSeedOpt, SeedListOpt, SkipExistingOpt, SpacingOpt, VarianceOpt, steps_option)
+                                  ImageSeedOpt, SeedListOpt, SkipExistingOpt, SpacingOpt, VarianceOpt, SigmasOpt, ClipX0Opt, steps_option)
 from ddpm_cli.cli.render import Job
 
 UPSCALE_DDPM_STEPS = 100  # the ancestral sampler's default here, rather than every training timestep
@@ -46,6 +46,8 @@ def upscale(
     eta: EtaOpt = None,
     spacing: SpacingOpt = None,
     variance: VarianceOpt = None,
+    sigmas: SigmasOpt = None,
+    clip_x0: ClipX0Opt = None,
     seed: ImageSeedOpt = None,
     seed_list: SeedListOpt = None,
     num_images: NumImagesOpt = None,

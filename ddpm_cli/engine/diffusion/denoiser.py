@@ -1,4 +1,5 @@
-"""One call shape over the networks: ``denoiser(x, t) -> network output`` at integer timestep t.
+"""One call shape over the networks: ``denoiser(x, t) -> network output`` at timestep t (an integer,
+or fractional for the sigma samplers' interpolated noise levels).
 
 Samplers see only this call. The sampler state stays in float32; the network may run in fp16 or
 bf16, and its output is cast back. Conditioning (class labels now; text embeddings later) rides
@@ -45,8 +46,9 @@ class UNetDenoiser:
     def _forward(self, x: torch.Tensor, t: int | torch.Tensor, kwargs: Conditioning) -> torch.Tensor:
         if torch.is_tensor(t):  # one timestep per image (likelihood evaluation); repeated for guidance's 2 branches
             timestep = t.to(x.device, torch.long).repeat(x.shape[0] // t.shape[0])
-        else:
-            timestep = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
+        else:  # fractional timesteps (interpolated noise levels) as float32, as diffusers gives them
+            integral = isinstance(t, int) or float(t).is_integer()
+            timestep = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long if integral else torch.float32)
         self.evaluations += x.shape[0]
         return self.forward(x.to(self.dtype), timestep, **kwargs).to(x.dtype)
 

@@ -34,6 +34,8 @@ class SamplerOption:
 OPTIONS: dict[str, SamplerOption] = {
     "eta": SamplerOption("--eta", 0.0, "noise added at each step: 0 deterministic, 1 as much as ancestral sampling"),
     "variance": SamplerOption("--variance", None, "the reverse-step variance [default: the model's]"),
+    "sigmas": SamplerOption("--sigmas", "default", "noise levels: default (at the timesteps), karras (Karras et al. "
+                                                   "2022, rho 7) or exponential (even in log sigma)"),
 }
 
 
@@ -42,7 +44,10 @@ class SamplerEntry:
     """One sampler: ``function`` is "module:name" (loaded on first use), ``options`` the names from
     ``OPTIONS`` it takes as keywords, ``spacing`` and ``steps`` its usual timestep spacing and step
     count (steps None: every training timestep), ``stochastic`` whether it draws fresh noise at each
-    step with its default options, and ``paper`` the method's source."""
+    step with its default options, ``paper`` the method's source, ``solver_grid`` whether leading and
+    linspace spacings follow DPM-Solver's n + 1 rule (``samplers.make_timesteps``), and ``ode``
+    whether it solves the probability-flow ODE (or its SDE) rather than sampling the DDPM posterior,
+    so that it cannot use a learned variance."""
 
     name: str
     function: str
@@ -51,6 +56,8 @@ class SamplerEntry:
     spacing: str = "leading"
     steps: int | None = None
     stochastic: bool = False
+    solver_grid: bool = False
+    ode: bool = True
 
     def load(self) -> Callable:
         module, _, attribute = self.function.partition(":")
@@ -58,13 +65,28 @@ class SamplerEntry:
 
 
 _SAMPLERS = "ddpm_cli.engine.diffusion.samplers"
+_K = "ddpm_cli.engine.diffusion.ksamplers"
+_DPM = "ddpm_cli.engine.diffusion.dpmsolver"
+_S = ("sigmas",)
 
-# DDPM and DDIM use their diffusers schedulers' spacing; DPM-Solver++ ends at a timestep of T/n
-# (diffusers' own default for it differs from "trailing" by one step at most).
+# Each follows its diffusers scheduler's timesteps (see docs/samplers.md). DPM-Solver++ and UniPC
+# end at a timestep of T/n with the trailing spacing used by default, which diffusers recommends.
 REGISTRY: dict[str, SamplerEntry] = {entry.name: entry for entry in (
-    SamplerEntry("ddpm", f"{_SAMPLERS}:sample_ddpm", "Ho et al. 2020", ("variance",), "leading", None, True),
-    SamplerEntry("ddim", f"{_SAMPLERS}:sample_ddim", "Song et al. 2021", ("eta",), "leading", 50),
-    SamplerEntry("dpmpp-2m", f"{_SAMPLERS}:sample_dpmpp_2m", "Lu et al. 2022", (), "trailing", 20),
+    SamplerEntry("ddpm", f"{_SAMPLERS}:sample_ddpm", "Ho et al. 2020", ("variance",), "leading", None, True, ode=False),
+    SamplerEntry("ddim", f"{_SAMPLERS}:sample_ddim", "Song et al. 2021", ("eta",), "leading", 50, ode=False),
+    SamplerEntry("dpmpp-2m", f"{_DPM}:sample_dpmpp_2m", "Lu et al. 2022", _S, "trailing", 20, solver_grid=True),
+    SamplerEntry("euler", f"{_K}:sample_euler", "Karras et al. 2022", _S, "trailing", 30),
+    SamplerEntry("euler-a", f"{_K}:sample_euler_a", "Ho et al. 2020", (), "trailing", 30, True),
+    SamplerEntry("heun", f"{_K}:sample_heun", "Karras et al. 2022", _S, "trailing", 15),
+    SamplerEntry("dpm2", f"{_K}:sample_dpm2", "Lu et al. 2022", _S, "trailing", 15),
+    SamplerEntry("lms", f"{_K}:sample_lms", "Karras et al. 2022", _S, "trailing", 30),
+    SamplerEntry("dpmpp-2s-a", f"{_DPM}:sample_dpmpp_2s_a", "Lu et al. 2022", _S, "trailing", 20, True,
+                 solver_grid=True),
+    SamplerEntry("dpmpp-2m-sde", f"{_DPM}:sample_dpmpp_2m_sde", "Lu et al. 2022", _S, "trailing", 20, True,
+                 solver_grid=True),
+    SamplerEntry("dpmpp-3m-sde", f"{_DPM}:sample_dpmpp_3m_sde", "Lu et al. 2022", _S, "trailing", 20, True,
+                 solver_grid=True),
+    SamplerEntry("unipc", f"{_DPM}:sample_unipc", "Zhao et al. 2023", _S, "trailing", 20, solver_grid=True),
 )}
 
 SAMPLERS = tuple(REGISTRY)

@@ -12,7 +12,10 @@ Every sampler is ``sample_x(model, x, schedule, timesteps, noise=None, callback=
 - ``callback(info)`` runs after each step with ``{"i", "t", "t_prev", "x", "denoised"}``, where x
   is now at timestep t_prev (-1: the clean end); a tensor it returns replaces x (inpainting puts
   the known region back this way), None keeps it;
-- ``options`` are the keyword-only options its registry entry lists (``eta``, ``variance``).
+- ``options`` are the keyword-only options its registry entry lists (``eta``, ``variance``, ``sigmas``).
+
+DDPM and DDIM live here; the sigma-space samplers (Euler, Heun, DPM2, LMS) in ``ksamplers.py``,
+DPM-Solver++ and UniPC in ``dpmsolver.py``. Timesteps may be fractional there (``sigmas.py``).
 
 Coefficients are Python floats computed in float64, so the loop issues no host-device synchronisation.
 """
@@ -34,19 +37,26 @@ Noise = Callable[[], torch.Tensor] | None
 Callback = Callable[[dict], torch.Tensor | None] | None
 
 
-def make_timesteps(num_train_timesteps: int, steps: int, spacing: str = "leading", offset: int = 0) -> list[int]:
+def make_timesteps(num_train_timesteps: int, steps: int, spacing: str = "leading", offset: int = 0,
+                   solver_grid: bool = False) -> list[int]:
     """The decreasing timesteps visited by an n-step sampler (Table 2 of Lin et al. 2024).
 
     leading: 0, T/n, 2T/n... (DDPM/DDIM in diffusers); trailing: T-1, T-1-T/n, ... down to T/n-1;
     linspace: n points evenly from T-1 to 0. ``offset`` is diffusers' ``steps_offset``.
+    ``solver_grid``: DPM-Solver's and UniPC's rule in diffusers for leading and linspace: n + 1
+    points (leading: step T // (n + 1)), the lowest dropped, so 10 leading steps are 900 ... 90.
     """
     T = num_train_timesteps
     if not 1 <= steps <= T:
         raise InputError(f"--steps must be between 1 and {T} (the model's training timesteps), got {steps}")
-    if spacing == "leading":
+    if spacing == "leading" and solver_grid:
+        values = np.arange(1, steps + 1) * (T // (steps + 1)) + offset
+    elif spacing == "leading":
         values = np.arange(0, steps) * (T // steps) + offset
     elif spacing == "trailing":
         values = np.round(np.arange(T, 0, -T / steps)).astype(np.int64) - 1
+    elif spacing == "linspace" and solver_grid:
+        values = np.linspace(0, T - 1, steps + 1).round()[1:]
     elif spacing == "linspace":
         values = np.linspace(0, T - 1, steps).round()
     else:
@@ -142,40 +152,5 @@ def sample_ddim(model: Model, x: torch.Tensor, schedule: NoiseSchedule, timestep
         x = alpha_bar_prev**0.5 * x0 + direction
         if sigma > 0:
             x = x + sigma * noise()
-        x = after_step(callback, i, t, t_prev, x, x0)
-    return x
-
-
-def _lambda(alpha_bar: float) -> float:
-    """Half log-SNR, lambda = log(alpha) - log(sigma), with lambda = +inf at the clean end."""
-    return math.inf if alpha_bar >= 1.0 else 0.5 * math.log(alpha_bar / (1.0 - alpha_bar))
-
-
-@torch.no_grad()
-def sample_dpmpp_2m(model: Model, x: torch.Tensor, schedule: NoiseSchedule, timesteps: list[int], noise: Noise = None,
-                    callback: Callback = None) -> torch.Tensor:
-    """DPM-Solver++(2M), Algorithm 2 of Lu et al. (2022b), data prediction, multistep.
-
-    The first step and the last (to sigma = 0) are first order, as in diffusers' defaults.
-    """
-    x0_prev, h_prev = None, None
-    for i, t in enumerate(timesteps):
-        t_prev = _prev(timesteps, i)
-        alpha_bar_s, alpha_bar_t = schedule.alpha_bar(t), schedule.alpha_bar(t_prev)
-        x0, _ = schedule.split_prediction(model(x, t), x, t)
-        sigma_s, sigma_t = (1.0 - alpha_bar_s) ** 0.5, (1.0 - alpha_bar_t) ** 0.5
-        alpha_t = alpha_bar_t**0.5
-        h = _lambda(alpha_bar_t) - _lambda(alpha_bar_s)
-        phi = -math.expm1(-h)  # 1 - e^{-h}
-        last = i + 1 == len(timesteps)
-        if x0_prev is None or last:
-            # First-order update (DDIM in data prediction form).
-            denoised = x0
-        else:
-            # Second-order multistep correction with r = h_prev / h.
-            r = h_prev / h
-            denoised = (1.0 + 0.5 / r) * x0 - (0.5 / r) * x0_prev
-        x = (sigma_t / sigma_s) * x + (alpha_t * phi) * denoised
-        x0_prev, h_prev = x0, h
         x = after_step(callback, i, t, t_prev, x, x0)
     return x

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ddpm_cli.engine.choices import LEARNED_VARIANCES
+from ddpm_cli.engine.choices import LEARNED_VARIANCES, SIGMAS
 from ddpm_cli.engine.errors import InputError, NumericalError
 from ddpm_cli.engine.diffusion.noise import SeededNoise
 from ddpm_cli.engine.models.pipeline import Condition, Pipeline
@@ -34,6 +34,8 @@ def resolve_option(name: str, value, pipeline: Pipeline):
         return variance
     if name == "eta" and value is not None and value < 0:
         raise InputError(f"--eta must be >= 0, got {value}")
+    if name == "sigmas" and value is not None and value not in SIGMAS:
+        raise InputError(f"unknown --sigmas {value!r}; choose one of {', '.join(SIGMAS)}")
     return OPTIONS[name].default if value is None else value
 
 
