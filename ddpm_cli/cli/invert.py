@@ -11,8 +11,8 @@ import typer
 
 from ddpm_cli.cli.errors import EXIT_USAGE, fail, handle_errors, writable_folder
 from ddpm_cli.cli.generation import Generation
-from ddpm_cli.cli.options import (AllowPickleOpt, BatchSizeOpt, ClassOpt, DeviceOpt, DtypeOpt, OverwriteOpt, QuietOpt,
-                                  RevisionOpt, SpacingOpt, format_option, one, steps_option)
+from ddpm_cli.cli.options import (AllowPickleOpt, BatchSizeOpt, ClassOpt, DeviceOpt, OverwriteOpt, QuietOpt, RevisionOpt,
+                                  SpacingOpt, dtype_option, format_option, one, steps_option)
 from ddpm_cli.cli.progress import StepProgress, say
 
 EXAMPLES = """
@@ -27,6 +27,8 @@ Examples:
 DEFAULT_STEPS = 50
 FormatOpt = format_option("the noise file's path")
 InvertStepsOpt = steps_option(f"{DEFAULT_STEPS}; sample back with the same")
+# fp32 everywhere by default: refinement drives each step's residual to ~1e-4, below bf16's resolution
+InvertDtypeOpt = dtype_option("fp32, on every device: inversion needs full precision")
 
 
 def image_paths(inputs: list[Path]) -> list[Path]:
@@ -83,7 +85,7 @@ def invert(
     batch_size: BatchSizeOpt = 16,
     output_format: FormatOpt = "text",
     device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "auto",
+    dtype: InvertDtypeOpt = "auto",
     revision: RevisionOpt = None,
     allow_pickle: AllowPickleOpt = False,
     overwrite: OverwriteOpt = False,
@@ -113,7 +115,7 @@ def invert(
     from ddpm_cli.engine.tasks.invert import invert_batch
 
     run = Generation(model, sampler="ddim", steps=steps or DEFAULT_STEPS, spacing=spacing, batch_size=batch_size,
-                     device=device, dtype=dtype, revision=revision, allow_pickle=allow_pickle, quiet=quiet)
+                     device=device, dtype="fp32" if dtype == "auto" else dtype, revision=revision, allow_pickle=allow_pickle, quiet=quiet)
     pipeline, settings = run.load()
     if prompt is None and class_spec is None and pipeline.text_encoder is not None:
         raise fail(f"{model} is text-conditional; pass --prompt (\"\" for unconditional)", EXIT_USAGE)
