@@ -114,7 +114,7 @@ def test_outdir_and_other_old_spellings_still_work(tiny_pipeline_dir, tmp_path):
     one_error_line(data, 2, "DATA and --data are the same option")
 
 
-def test_txt2img_and_encode_take_model_first_or_by_the_old_m():
+def test_txt2img_and_encode_take_model_first_or_by_the_old_m(tmp_path):
     from ddpm_cli.cli.encode import split_positionals as encode_args
     from ddpm_cli.cli.txt2img import split_positionals as txt2img_args
 
@@ -123,7 +123,16 @@ def test_txt2img_and_encode_take_model_first_or_by_the_old_m():
     assert txt2img_args(["a cat"], "runs/emoji", None) == ("runs/emoji", "a cat")
     assert txt2img_args(["runs/emoji"], None, "prompts.txt") == ("runs/emoji", None)
     assert txt2img_args([], None, "prompts.txt") == ("emoji", None)
-    assert encode_args(["vae", "a.png", "b.png"], None, False) == ("vae", ["a.png", "b.png"])
+    vae = tmp_path / "vae"
+    vae.mkdir()
+    (vae / "config.json").write_text('{"_class_name": "AutoencoderKL"}')
+    (tmp_path / "photos").mkdir()
+    assert encode_args([str(vae), "a.png", "b.png"], None, False) == (str(vae), ["a.png", "b.png"])
+    assert encode_args(["owner/sd-vae", "a.png"], None, False) == ("owner/sd-vae", ["a.png"])
+    # without a MODEL that names a VAE: the built-in one, and every word is an input
+    assert encode_args(["a.png", "b.png"], None, False) == ("emoji-vae", ["a.png", "b.png"])
+    assert encode_args([str(tmp_path / "photos")], None, False) == ("emoji-vae", [str(tmp_path / "photos")])
+    assert encode_args(["fashion-mnist", "a.png"], None, False) == ("emoji-vae", ["fashion-mnist", "a.png"])
     assert encode_args(["a.png", "b.png"], "vae", False) == ("vae", ["a.png", "b.png"])
     assert encode_args(["latents.safetensors"], None, True) == (None, ["latents.safetensors"])
     assert encode_args(["vae", "latents.safetensors"], None, True) == ("vae", ["latents.safetensors"])

@@ -8,7 +8,7 @@ import sys
 import typer
 
 from ddpm_cli import __version__
-from ddpm_cli.cli import bench, encode, evaluate, inpaint, invert, models, replay, sample, train, txt2img, upscale
+from ddpm_cli.cli import bench, encode, evaluate, info, inpaint, invert, models, replay, sample, train, txt2img, upscale
 from ddpm_cli.cli.errors import EXIT_INTERRUPTED, EXIT_USAGE
 from ddpm_cli.cli.options import RULE
 
@@ -38,6 +38,7 @@ evaluate.eval_app.command("sweep", epilog=evaluate.EXAMPLES + "\n" + RULE)(evalu
 app.add_typer(evaluate.eval_app, name="eval")
 app.command("bench", epilog=bench.EXAMPLES)(bench.bench)
 app.command("models", epilog=models.EXAMPLES)(models.models)
+app.command("info", epilog=info.EXAMPLES)(info.info)
 
 
 def _version(value: bool) -> None:

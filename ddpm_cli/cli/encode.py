@@ -1,4 +1,4 @@
-"""``ddpm encode MODEL INPUTS... -o latents.safetensors``: images to a VAE's latents, and ``--decode`` back."""
+"""``ddpm encode [MODEL] INPUTS... -o latents.safetensors``: images to a VAE's latents, and ``--decode`` back."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ EXAMPLES = """
 Examples:
 
 \b
+  ddpm encode ./photos --resolution 32 -o photos.safetensors      # the built-in VAE (emoji-vae)
   ddpm encode runs/vae ./photos --resolution 128 -o photos.safetensors
   ddpm encode runs/vae fashion-mnist -o fmnist.safetensors            # a built-in data set, labels kept
   ddpm encode stabilityai/sd-vae-ft-mse a.png b.jpg -o two.safetensors
@@ -28,12 +29,35 @@ Examples:
 FormatOpt = format_option("the latents file's path; with --decode one image path per line")
 
 
+DEFAULT_VAE = "emoji-vae"  # built in: `ddpm train emoji --task autoencoder` (see its MODEL_CARD.md)
+
+
+def names_a_vae(word: str) -> bool:
+    """Whether ``word`` (the first positional) names a VAE rather than an input: a folder holding a VAE
+    (vae/ or an AutoencoderKL config.json), a built-in model with one, or a Hub id that is not a path."""
+    from ddpm_cli.engine.models.resolve import BUILTIN_DIR, builtin_models, is_hub_id
+
+    folder = Path(BUILTIN_DIR) / word if word in builtin_models() else Path(word).expanduser()
+    if folder.is_dir():
+        if (folder / "vae").is_dir() or (folder / "vqvae").is_dir():
+            return True
+        try:
+            return json.loads((folder / "config.json").read_text()).get("_class_name", "").startswith(("Autoencoder", "VQModel"))
+        except (OSError, ValueError, AttributeError):
+            return False
+    return not Path(word).exists() and is_hub_id(word)
+
+
 def split_positionals(words: list[str], model: str | None, decode: bool) -> tuple[str | None, list[str]]:
-    """(MODEL, INPUTS) from ``MODEL INPUTS...``, or with --decode ``[MODEL] LATENTS`` (MODEL may come from -m)."""
+    """(MODEL, INPUTS) from ``[MODEL] INPUTS...``, or with --decode ``[MODEL] LATENTS`` (MODEL may come from -m).
+    Without a MODEL that names a VAE, encoding uses the built-in DEFAULT_VAE."""
     if model is None and words and (len(words) > 1 or not decode):
-        model, words = words[0], words[1:]
+        if decode or (len(words) > 1 and names_a_vae(words[0])):
+            model, words = words[0], words[1:]
+        else:
+            model = DEFAULT_VAE
     if not words:
-        expected = "[MODEL] LATENTS" if decode else "MODEL INPUTS..."
+        expected = "[MODEL] LATENTS" if decode else "[MODEL] INPUTS..."
         raise fail(f"encode{' --decode' if decode else ''} takes {expected}", EXIT_USAGE)
     return model, words
 
@@ -45,7 +69,7 @@ def parts_folder(output: Path) -> Path:
 
 @handle_errors
 def encode(
-    words: Annotated[list[str], typer.Argument(metavar="MODEL INPUTS...", show_default=False, help="MODEL: the VAE, a Stable Diffusion-format or run folder (its vae/), a VAE folder, or a Hub id (optional with --decode: the one that encoded the file). INPUTS: image files, folders (recursive) or one built-in data set; with --decode, one latents file.")],
+    words: Annotated[list[str], typer.Argument(metavar="[MODEL] INPUTS...", show_default=False, help="MODEL: the VAE [default: the built-in emoji-vae], a Stable Diffusion-format or run folder (its vae/), a VAE folder, or a Hub id (optional with --decode: the one that encoded the file). INPUTS: image files, folders (recursive) or one built-in data set; with --decode, one latents file.")],
     model_alias: ModelAlias = None,
     output: Annotated[Path, typer.Option("--output", "-o", help="The latents file (.safetensors), or with --decode the folder for the images.", show_default=False)] = None,
     decode: Annotated[bool, typer.Option("--decode", help="Turn a latents file back into PNG images.")] = False,

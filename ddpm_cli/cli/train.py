@@ -56,6 +56,7 @@ def train(
     text_embedding: Annotated[str | None, _opt("--text-embedding", autocompletion=complete(TEXT_EMBEDDINGS), help="What the U-Net attends to: tokens (every token's state, as Stable Diffusion) or sentence (one vector per caption: smooth in meaning, so unseen wordings work; best for small caption sets).", default=D.text_embedding)] = None,
     task: Annotated[str | None, _opt("--task", autocompletion=complete(TASKS), help="ddpm (a diffusion model), autoencoder (an AutoencoderKL for latent diffusion, exported to vae/) or superres (an SR3 upscaler for `ddpm upscale`).", default=D.task)] = None,
     scale: Annotated[int | None, _opt("--scale", help="With --task superres: the upscaling factor (2, 3, 4 or 8); --resolution is the high-resolution size.")] = None,
+    init_from: Annotated[str | None, _opt("--init-from", help="Fine-tune: start from this model's weights (a run folder, built-in or Hub id) instead of random ones; the network options must match the ones it was trained with.")] = None,
     latent: Annotated[str | None, _opt("--latent", help="Train in the latent space of this VAE (a pipeline or run folder, a VAE folder or a Hub id); DATA may be a latents file from `ddpm encode`.")] = None,
     loss: Annotated[str | None, _opt("--loss", autocompletion=complete(LOSSES), help="simple (L_simple, the DDPM paper's), vlb (the variational bound itself) or hybrid (L_simple + --vlb-weight x L_vlb, the bound training only the variance; needs --learn-variance).", default=D.loss)] = None,
     learn_variance: Annotated[bool | None, _opt("--learn-variance/--fixed-variance", help="The U-Net also outputs its reverse variance, between beta_tilde_t and beta_t (diffusers' learned_range).", default="fixed")] = None,
@@ -112,7 +113,8 @@ def train(
                 say(f"ddpm: encoding {event['total']} images with the VAE (once, before training)", quiet)
         elif kind == "start":
             say(f"ddpm: training {event['parameters'] / 1e6:.2f}M parameters on {event['data']} ({event['images']} images), "
-                f"{event['device']}, mixed precision {event['mixed_precision']}, from step {event['step']}", quiet)
+                f"{event['device']}, mixed precision {event['mixed_precision']}, from step {event['step']}"
+                + (f" with the weights of {event['init_from']}" if event.get("init_from") else ""), quiet)
         elif kind == "step":
             loss = "-" if event["loss"] is None else f"{event['loss']:.4f}"  # read every few steps
             bar.update(event["step"], f"loss {loss} {event['images_per_s']:.0f} img/s")

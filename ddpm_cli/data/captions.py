@@ -35,6 +35,12 @@ EMOJI_FONT_SIZE = 109  # the only size of the font's colour bitmaps (136×128 px
 EMOJI_BLOCKS = ((0x2600, 0x27BF), (0x1F300, 0x1FAFF))  # inclusive code point ranges
 EMOJI_CACHE_SIZE = 64
 CLDR_ANNOTATIONS = Path("/usr/share/unicode/cldr/common/annotations")
+CLDR_LABELS = Path("/usr/share/unicode/cldr/common/properties/labels.txt")
+# The ``emoji-everyday`` set: the emoji of these CLDR groups and subgroups (labels.txt), everyday
+# things a short prompt names (animals, plants, food, faces, hearts, weather), ~390 of the ~1,280.
+EVERYDAY_GROUPS = ("Animals & Nature", "Food & Drink")
+EVERYDAY_SUBGROUPS = ("face-positive", "face-neutral", "face-negative", "face-sick", "face-role", "face-fantasy",
+                      "cat-face", "monkey-face", "emotion", "sky & weather")
 # Wordings of a training caption; none is "a {}", so "a cat" stays a held-out prompt (tests/heldout_prompts.tsv)
 EMOJI_CAPTION_TEMPLATES = ("{}", "an emoji of {}", "a picture of {}", "{} emoji", "an icon of {}")
 KEYWORD_LIMIT = 24  # a CLDR keyword shared by more training emoji than this ("face", "man") is too vague to caption one
@@ -213,6 +219,49 @@ def load_emoji(resolution: int, channels: int = 3,
         weights = torch.tensor([19595, 38470, 7471], dtype=torch.int32).view(1, 3, 1, 1)
         tensor = (((tensor.to(torch.int32) * weights).sum(1, keepdim=True) + 0x8000) >> 16).to(torch.uint8)
     return tensor.contiguous(), captions
+
+
+def cldr_labels(path: str | os.PathLike = CLDR_LABELS) -> dict[str, tuple[str, str]]:
+    """CLDR's emoji labels: {single-code-point emoji: (group, subgroup)}, e.g. "🐱": ("Smileys & People",
+    "cat-face"); {} when the file is absent (the Debian package unicode-cldr-core is not installed).
+    A line is ``[set] ; group ; subgroup`` where the set lists characters and ranges (a-b); multi-code-point
+    sequences in braces are skipped."""
+    import re
+
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return {}
+    labels: dict[str, tuple[str, str]] = {}
+    for line in lines:
+        parts = [part.strip() for part in line.split(";")]
+        if line.startswith("#") or len(parts) != 3 or not parts[0].startswith("["):
+            continue
+        chars = list(re.sub(r"\{[^}]*\}", "", parts[0][1:-1]).replace(" ", ""))
+        i = 0
+        while i < len(chars):
+            if i + 2 < len(chars) and chars[i + 1] == "-":
+                labels.update((chr(c), (parts[1], parts[2])) for c in range(ord(chars[i]), ord(chars[i + 2]) + 1))
+                i += 3
+            else:
+                labels[chars[i]] = (parts[1], parts[2])
+                i += 1
+    return labels
+
+
+def everyday_emoji(names: list[str], labels: dict[str, tuple[str, str]] | None = None) -> list[int]:
+    """Indices of the emoji (given by Unicode name) in the ``emoji-everyday`` set: those whose CLDR group is
+    one of EVERYDAY_GROUPS or whose subgroup is one of EVERYDAY_SUBGROUPS."""
+    labels = cldr_labels() if labels is None else labels
+    if not labels:
+        raise InputError("the emoji-everyday data set needs the Debian package unicode-cldr-core "
+                         "(apt-get install -y unicode-cldr-core)")
+    chosen = []
+    for i, name in enumerate(names):
+        group, subgroup = labels.get(unicodedata.lookup(name), ("", ""))
+        if group in EVERYDAY_GROUPS or subgroup in EVERYDAY_SUBGROUPS:
+            chosen.append(i)
+    return chosen
 
 
 def cldr_annotations(language: str = "en", folder: str | os.PathLike = CLDR_ANNOTATIONS) -> dict[str, tuple[str | None, list[str]]]:

@@ -17,11 +17,11 @@ import numpy as np
 import torch
 
 from ddpm_cli.engine.errors import InputError
-from ddpm_cli.data.captions import EMOJI_FONT, emoji_caption_choices, folder_captions, load_emoji
+from ddpm_cli.data.captions import EMOJI_FONT, emoji_caption_choices, everyday_emoji, folder_captions, load_emoji
 
 FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                          "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
-BUILTIN_DATASETS = ("fashion-mnist", "fashion-mnist-subset", "emoji")
+BUILTIN_DATASETS = ("fashion-mnist", "fashion-mnist-subset", "emoji", "emoji-everyday")
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 SUBSET_DIR = Path(__file__).resolve().parent / "fashion-mnist-subset"
 _IDX_TYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
@@ -198,8 +198,10 @@ def open_dataset(spec: str, resolution: int, channels: int | None = None, split:
     ``.source`` and ``.name``); it is 1 channel (``channels=3`` replicates it), zero-padded evenly
     when the resolution is 28 + 2k, else bicubic-resized. ``emoji`` is ~1,280 captioned RGB
     emoji on white (resolution 16 or more; ``channels=1`` makes them greyscale), with several
-    caption choices each (``emoji_caption_choices``); it has no
-    held-out images, so its "test" split is the same as "train". A folder defaults to 3
+    caption choices each (``emoji_caption_choices``); ``emoji-everyday`` is the ~390 of them that
+    CLDR groups as animals, nature, food, faces, hearts and weather (``everyday_emoji``), each captioned
+    with its lower-case Unicode name alone. Neither has held-out images, so their "test" split is
+    the same as "train". A folder defaults to 3
     channels (RGB); 1 means greyscale. ``split`` ("train" or "test") applies to the built-ins.
     """
     if not isinstance(resolution, int) or resolution < 1:
@@ -214,6 +216,11 @@ def open_dataset(spec: str, resolution: int, channels: int | None = None, split:
         dataset = ArrayImageSet(images, name="emoji", source=str(EMOJI_FONT), captions=captions)
         dataset.caption_choices = emoji_caption_choices(captions)
         return dataset
+    if name == "emoji-everyday":
+        images, captions = load_emoji(resolution, channels or 3)
+        keep = everyday_emoji(captions)
+        return ArrayImageSet(images[keep], name="emoji-everyday", source=str(EMOJI_FONT),
+                             captions=[captions[i].lower() for i in keep])
     if name in BUILTIN_DATASETS:
         prefix = "train" if split == "train" else "t10k"
         full = [FASHION_MNIST_DIR / f"{prefix}-{kind}-ubyte.gz" for kind in ("images-idx3", "labels-idx1")]

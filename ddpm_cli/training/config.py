@@ -61,6 +61,7 @@ class TrainConfig:
     latent: str | None = None
     kl_weight: float = 1e-6
     scale: int | None = None
+    init_from: str | None = None
 
     @classmethod
     def from_options(cls, options: dict, saved: dict | None = None) -> TrainConfig:

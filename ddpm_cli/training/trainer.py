@@ -87,6 +87,10 @@ class Trainer:
         self.objective = objective_class(config.task)(config, self.dataset, self.device, self.vae, self.on_event)
         torch.manual_seed(config.seed)
         self.model = prepare_module(self.objective.build_model().to(self.device))
+        if config.init_from and checkpoint is None:  # a resumed run has its own weights
+            from ddpm_cli.training.init_weights import load_initial_weights
+
+            load_initial_weights(self.model, config.init_from, config.task)
         self.memory_format = memory_format()
         self.ema = EMA(self.model, config.ema_decay)
         self.fused = self.device.type in ("cuda", "cpu")
@@ -209,7 +213,8 @@ class Trainer:
         parameters = sum(p.numel() for p in self.model.parameters())
         self.on_event({"kind": "start", "step": self.step, "total": self.total, "device": describe(self.device, torch.float32),
                        "parameters": parameters, "data": self.dataset.name, "images": len(self.dataset),
-                       "mixed_precision": c.mixed_precision, "processes": self.world.size})
+                       "mixed_precision": c.mixed_precision, "processes": self.world.size,
+                       "init_from": c.init_from if self.step == 0 else None})
         started = time.perf_counter()
         with self.stop:
             while self.step < self.total:

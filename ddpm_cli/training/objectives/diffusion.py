@@ -120,6 +120,18 @@ class DiffusionObjective(Objective):
         if self.vae is not None:
             info.update(latent=self.dataset.vae_name, image_size=[self.config.resolution] * 2)
         checkpoints.export_pipeline(run_dir, ema_model, self.schedule.to_config(self.variance), info, self.vae)
+        if self.encoder is not None and self.encoder.embedding == "sentence":
+            self._export_captions(run_dir)
+
+    def _export_captions(self, run_dir: Path) -> None:
+        """captions.safetensors: every distinct training caption with its sentence vector (from the
+        embeddings already computed for training), for txt2img's nearest-caption prior."""
+        from ddpm_cli.engine.models.captions import CaptionIndex
+
+        cache = self.captions.cache
+        rows = [row for row, caption in enumerate(cache.captions) if caption]
+        vectors = torch.nn.functional.normalize(cache.embeddings[rows, 0].float(), dim=-1)
+        CaptionIndex([cache.captions[row] for row in rows], vectors.cpu(), self.encoder.identity).save(run_dir)
 
     def _data_spec(self) -> str:
         """The training data as `ddpm eval nll` can reopen it: a built-in's name or a folder's absolute path."""

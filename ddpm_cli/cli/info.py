@@ -1,0 +1,153 @@
+"""``ddpm info MODEL``: one model described from its files alone (configs, safetensors headers, its
+card): what it is, what it takes, how it was trained and which commands use it. Imports no torch."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ddpm_cli.cli.errors import handle_errors
+from ddpm_cli.cli.models import _human, _json, describe
+from ddpm_cli.cli.options import RevisionOpt, format_option
+
+EXAMPLES = """
+Examples:
+
+\b
+  ddpm info emoji
+  ddpm info runs/fashion --format json | jq .parameters
+"""
+
+COMPONENTS = ("unet", "vae", "vqvae", "text_encoder", "transformer")
+# Which commands take a model, by its kind (cli/models.describe's "kind").
+COMMANDS = {"pixel diffusion": "sample, inpaint, eval", "latent diffusion": "sample, inpaint, eval",
+            "inpainting": "inpaint", "VAE": "encode"}
+TRAINING_KEYS = ("data", "task", "scale", "resolution", "class_names", "text_encoder", "text_embedding", "max_length")
+
+
+def safetensors_parameters(path: Path) -> int:
+    """Number of values stored in a safetensors file, read from its header (no weights are loaded)."""
+    try:
+        with path.open("rb") as file:
+            (length,) = struct.unpack("<Q", file.read(8))
+            header = json.loads(file.read(length)) if length < 100_000_000 else {}
+    except (OSError, ValueError, struct.error):
+        return 0
+    total = 0
+    for name, entry in header.items():
+        if name != "__metadata__" and isinstance(entry, dict):
+            count = 1
+            for dim in entry.get("shape", []):
+                count *= int(dim)
+            total += count
+    return total
+
+
+def parameters(folder: Path) -> dict[str, int]:
+    """{component: parameter count} of the safetensors weights in a model folder (flat or per component)."""
+    counts = {}
+    for name in COMPONENTS:
+        files = sorted((folder / name).glob("*.safetensors")) if (folder / name).is_dir() else []
+        if files:
+            counts[name] = sum(safetensors_parameters(path) for path in files)
+    if not counts:
+        files = sorted(folder.glob("*.safetensors"))
+        if files:
+            counts["model"] = sum(safetensors_parameters(path) for path in files)
+    return counts
+
+
+def describe_vae(name: str, folder: Path) -> dict | None:
+    """A VAE-only folder (config.json or vae/config.json of an AutoencoderKL, no U-Net)."""
+    config = _json(folder / "vae" / "config.json") or _json(folder / "config.json")
+    if not str(config.get("_class_name", "")).startswith("Autoencoder"):
+        return None
+    factor = 2 ** (len(config.get("block_out_channels", [])) - 1)
+    size = config.get("sample_size")
+    latent = f"{config.get('latent_channels')}x{size // factor}x{size // factor}" if isinstance(size, int) else "?"
+    return {"name": name, "kind": "VAE", "conditioning": "none", "resolution": f"{size}x{size}",
+            "channels": config.get("in_channels"), "latents": latent, "downsampling": factor, "path": str(folder)}
+
+
+def model_info(spec: str, revision: str | None = None) -> dict:
+    """Everything ``ddpm info`` says about a model (ModelError when it cannot be found)."""
+    from ddpm_cli.engine.models.resolve import BUILTIN_DIR, MODEL_INFO_FILE, builtin_models, locate
+
+    folder = locate(spec, revision)
+    source = "built-in" if spec in builtin_models() and folder == Path(BUILTIN_DIR) / spec else "folder"
+    if "snapshots" in folder.parts:
+        source = f"hub cache (revision {folder.name})"
+    info = describe_vae(spec, folder) or describe(spec, source, folder)
+    if info is None:
+        from ddpm_cli.engine.errors import ModelError
+
+        raise ModelError(f"{folder} holds no U-Net or VAE config; pass a model folder, a built-in name or a Hub id")
+    info["source"] = source
+    info.pop("bytes", None)
+    counts = parameters(folder)
+    info["parameters"] = counts
+    scheduler = _json(folder / "scheduler" / "scheduler_config.json")
+    if scheduler:
+        info["schedule"] = {key: scheduler[key] for key in ("_class_name", "num_train_timesteps", "beta_schedule",
+                                                            "beta_start", "beta_end", "prediction_type",
+                                                            "variance_type", "clip_sample") if key in scheduler}
+    training = _json(folder / MODEL_INFO_FILE)
+    if training:
+        info["training"] = {key: training[key] for key in TRAINING_KEYS if training.get(key) is not None}
+    kind = info["kind"]
+    text = info.get("conditioning") == "text"
+    info["commands"] = ("txt2img, inpaint" if text else "upscale" if kind.startswith("upscaler")
+                        else COMMANDS.get(kind, "sample"))
+    card = folder / "MODEL_CARD.md"
+    if card.is_file():
+        info["card"] = str(card)
+    info["size"] = _human(sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()))
+    return info
+
+
+def _lines(info: dict) -> list[str]:
+    total = sum(info["parameters"].values())
+    parts = ", ".join(f"{name} {count / 1e6:.2f}M" for name, count in info["parameters"].items())
+    lines = [f"{info['name']}: {info['kind']}, {info['source']}",
+             f"  path          {info['path']}",
+             f"  resolution    {info['resolution']}, {info.get('channels')} channel(s)"
+             + (f"; latents {info['latents']}" if "latents" in info else ""),
+             f"  conditioning  {info['conditioning']}",
+             f"  parameters    {total / 1e6:.2f}M" + (f" ({parts})" if len(info["parameters"]) > 1 else ""),
+             f"  size on disk  {info['size']}"]
+    if "schedule" in info:
+        s = info["schedule"]
+        lines.append(f"  schedule      {s.get('beta_schedule', '?')} betas {s.get('beta_start')}-{s.get('beta_end')}, "
+                     f"T={s.get('num_train_timesteps')}, {s.get('prediction_type', 'epsilon')} prediction, "
+                     f"variance {s.get('variance_type', 'fixed_small')}")
+    if "training" in info:
+        lines.append("  training      " + ", ".join(f"{key} {value}" for key, value in info["training"].items()
+                                                      if key != "class_names"))
+        names = info["training"].get("class_names")
+        if names:
+            lines.append(f"  classes       {', '.join(map(str, names))}")
+    lines.append(f"  commands      {info['commands']}")
+    if "card" in info:
+        lines.append(f"  model card    {info['card']}")
+    return lines
+
+
+InfoFormatOpt = format_option("a description")
+
+
+@handle_errors
+def info(
+    model: Annotated[str, typer.Argument(metavar="MODEL", show_default=False, help="A run folder, a built-in model or a Hub id (cached, or downloaded).")],
+    revision: RevisionOpt = None,
+    output_format: InfoFormatOpt = "text",
+) -> None:
+    """Describe one model: kind, resolution, conditioning, parameters, schedule, training data, commands."""
+    described = model_info(model, revision)
+    if output_format == "json":
+        print(json.dumps(described, indent=2))
+        return
+    print("\n".join(_lines(described)))
