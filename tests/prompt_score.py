@@ -5,7 +5,7 @@ image per seed. An image counts as a top-1 hit when the emoji nearest to it, by 
 all the training emoji (32x32, 2x2-average-pooled to 16x16, RGB in [-1, 1]), is one the prompt may mean;
 a top-5 hit when one of those is among its 5 nearest. The rates are the hits over all images.
 
-    python -m tests.prompt_score [MODEL] [--seeds 4] [--grid grid.png] [--prompts "a cat" ...]
+    python -m tests.prompt_score [MODEL] [--seeds 4] [--grid grid.png] [--prior nearest|none] [--prompts "a cat" ...]
 """
 
 from __future__ import annotations
@@ -73,13 +73,17 @@ def score(generated: dict[str, torch.Tensor], references: torch.Tensor, code_poi
     return Score(hit1 / total, hit5 / total, total, per_prompt)
 
 
-def generate(model: str, prompts: list[str], seeds: list[int], batch: int = 256) -> dict[str, torch.Tensor]:
-    """{prompt: images for the seeds}, sampled in batches of up to ``batch`` images in one process."""
+def generate(model: str, prompts: list[str], seeds: list[int], batch: int = 256,
+             prior: str | None = None) -> dict[str, torch.Tensor]:
+    """{prompt: images for the seeds}, sampled in batches of up to ``batch`` images in one process, each
+    prompt given to the model as ``ddpm txt2img --prior PRIOR`` gives it (None: the model's default)."""
+    from ddpm_cli.engine.models.captions import prompt_captions
     from ddpm_cli.engine.models.pipeline import Condition, load_pipeline
     from ddpm_cli.engine.tasks.generate import SamplerSettings, sample_batch
 
     pipeline = load_pipeline(model, device="cpu")
-    jobs = [(p, s) for p in prompts for s in seeds]
+    drawn = {p: caption for p, (caption, _) in prompt_captions(pipeline, prompts, prior).items()}
+    jobs = [(drawn[p], s) for p in prompts for s in seeds]
     images = []
     for start in range(0, len(jobs), batch):
         part = jobs[start:start + batch]
@@ -95,10 +99,11 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=4)
     parser.add_argument("--prompts", nargs="*", help="a subset of the held-out prompts")
     parser.add_argument("--grid", help="save a grid PNG: one row per prompt, one column per seed")
+    parser.add_argument("--prior", choices=("nearest", "none"), help="as txt2img --prior [default: the model's]")
     args = parser.parse_args()
     prompts = heldout_prompts()
     chosen = args.prompts or list(prompts)
-    generated = generate(args.model, chosen, list(range(args.seeds)))
+    generated = generate(args.model, chosen, list(range(args.seeds)), prior=args.prior)
     references, code_points = training_emoji()
     result = score(generated, references, code_points, prompts)
     for prompt, (h1, h5, nearest) in result.per_prompt.items():

@@ -70,7 +70,7 @@ def test_json_format_and_existing_outputs(tiny_pipeline_dir, tmp_path):
 @pytest.mark.parametrize("args,code,message", [
     (["sample", "/no/such/model"], 3, "no such folder: /no/such/model"),
     (["sample", "./runs/nothere"], 3, "no such folder: ./runs/nothere"),
-    (["sample", "{model}", "--sampler", "euler"], 2, "--sampler.*'euler' is not one of 'ddpm', 'ddim'"),
+    (["sample", "{model}", "--sampler", "euler-x"], 2, "--sampler.*'euler-x' is not one of 'ddpm', 'ddim'"),
     (["sample", "{model}", "--device", "cuda"], 2, "CUDA"),
     (["sample", "{model}", "--steps", "5000"], 2, "--steps must be between"),
     (["train", "/no/such/folder", "-o", "{tmp}/run"], 2, "no/such/folder"),

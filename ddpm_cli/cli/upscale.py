@@ -1,4 +1,4 @@
-"""``ddpm upscale MODEL IMAGE``: super-resolution with an SR3 model (`ddpm train --task superres`), a
+"""``ddpm upscale [MODEL] IMAGE``: super-resolution with an SR3 model (`ddpm train --task superres`), a
 Stable Diffusion upscaler (StableDiffusionUpscalePipeline format) or an LDM one (LDMSuperResolutionPipeline)."""
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from ddpm_cli.cli.options import (AllowPickleOpt, BatchSizeOpt, CompileOpt, Devi
                                   ImageSeedOpt, SeedListOpt, SkipExistingOpt, SpacingOpt, VarianceOpt, SigmasOpt, ClipX0Opt, steps_option)
 from ddpm_cli.cli.render import Job
 
+DEFAULT_UPSCALER = "emoji-upscaler"  # built in: `ddpm train emoji --task superres --scale 2` (see its MODEL_CARD.md)
 UPSCALE_DDPM_STEPS = 100  # the ancestral sampler's default here, rather than every training timestep
 UpscaleStepsOpt = steps_option(f"ddpm {UPSCALE_DDPM_STEPS}, ddim 50, dpmpp-2m 20")
 SD_DEFAULTS = {"--prompt": "", "--negative-prompt": "", "--cfg": 9.0, "--noise-level": 20}  # Stable Diffusion upscalers only
@@ -23,6 +24,7 @@ EXAMPLES = """
 Examples:
 
 \b
+  ddpm upscale examples/images/cat-face.png              # the built-in 2x upscaler (emoji-upscaler): 32x32 -> 64x64
   ddpm upscale runs/sr small.png                         # ddpm sampler, 100 steps; out: samples/small-x4-000000.png
   ddpm upscale runs/sr photo.png --tile 64 --overlap 16 --steps 50 -n 3       # tiles of 64x64 output pixels
   ddpm upscale stabilityai/stable-diffusion-x4-upscaler cat.png --prompt "a white cat" --noise-level 20 --steps 50
@@ -32,8 +34,7 @@ Examples:
 
 @handle_errors
 def upscale(
-    model: Annotated[str, typer.Argument(metavar="MODEL", help="A super-resolution run (ddpm train --task superres), or a Stable Diffusion or LDM upscaler folder or Hub id.", show_default=False)],
-    image: Annotated[Path, typer.Argument(metavar="IMAGE", help="The low-resolution image.", show_default=False)],
+    words: Annotated[list[str], typer.Argument(metavar="[MODEL] IMAGE", show_default=False, help=f"MODEL: a super-resolution run (ddpm train --task superres), or a Stable Diffusion or LDM upscaler folder or Hub id [default: the built-in {DEFAULT_UPSCALER}]. IMAGE: the low-resolution image.")],
     scale: Annotated[int | None, typer.Option("--scale", help="Upscaling factor; must be the model's [default: the model's].", show_default=False)] = None,
     tile: Annotated[int | None, typer.Option("--tile", min=8, show_default=False, help="Tile side in pixels of the full-resolution (output) image: larger images are upscaled in overlapping tiles [default: the model's size].")] = None,
     overlap: Annotated[int | None, typer.Option("--overlap", min=0, show_default=False, help="Output pixels shared by neighbouring tiles, blended [default: tile / 4].")] = None,
@@ -67,6 +68,11 @@ def upscale(
     quiet: QuietOpt = False,
 ) -> None:
     """Upscale an image with a diffusion super-resolution model; one PNG per seed ({name}-x{scale}-{seed:06d}.png)."""
+    if len(words) > 2:
+        raise fail(f"upscale takes [MODEL] IMAGE, got {len(words)} arguments ({' '.join(map(repr, words))}); "
+                   "upscale one image per call", EXIT_USAGE)
+    model, image = (DEFAULT_UPSCALER, *words) if len(words) == 1 else words
+    image = Path(image)
     run = Generation.of(locals())
     run.steps = steps or (UPSCALE_DDPM_STEPS if sampler == "ddpm" else None)
     from ddpm_cli.engine.io.images import load_image
