@@ -68,7 +68,7 @@ def _batches(jobs: list[Job], batch_size: int) -> list[list[Job]]:
 
 
 PER_IMAGE_KEYS = ("seed", "prompt", "class", "class_name", "source", "image", "mask", "init_image", "init_image_sha256",
-                  "init_noise_row", "frame")
+                  "init_noise_row", "frame", "batch_size", "batch_index")
 
 
 def shared_settings(settings: list[dict], quiet: bool) -> dict:
@@ -116,8 +116,9 @@ def render(pipeline, jobs: list[Job], skipped: list[Job], settings, cfg: float, 
                 bar.update(done + info["i"] + 1)
 
             images = generate([job.seed for job in batch], on_step, batch[0].condition, **batch[0].inputs)
-            for job, image in zip(batch, images):
-                meta = {**params, **job.params, "seed": job.seed}
+            for index, (job, image) in enumerate(zip(batch, images)):
+                # the batch's size can change a pixel's last bit (batched kernels): `ddpm replay` remakes it
+                meta = {**params, **job.params, "seed": job.seed, "batch_size": len(batch), "batch_index": index}
                 path = save_png(tensor_to_pil(image), job.path, meta, overwrite=overwrite)
                 written.append({"path": str(path), **job.params, "seed": job.seed})
                 if output_format == "text":

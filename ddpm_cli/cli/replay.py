@@ -15,6 +15,7 @@ Weights that changed since (``model_sha256``) only warn: the model is the user's
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
@@ -28,6 +29,7 @@ from ddpm_cli.engine.diffusion.registry import OPTIONS
 GENERATING = ("sample", "txt2img", "inpaint", "upscale")
 IMAGE_FROM = ("sample", "txt2img")  # the commands that start from an init image or init noise
 ARG = "ARG"  # a positional argument, in the order of the table
+REPLAY = "(replay)"  # used by replay itself, not passed on
 DTYPE_FLAGS = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 
 EXAMPLES = """
@@ -61,6 +63,8 @@ KEYS: tuple[Key, ...] = (
     Key("image", ARG, ("upscale",)),
     Key("prompt", "--prompt", ("inpaint", "upscale")),
     Key("negative_prompt", "--negative-prompt", ("txt2img", "inpaint", "upscale")),
+    Key("prior", "--prior", ("txt2img",)),
+    Key("caption", None, ("txt2img",)),  # the training caption --prior nearest drew: follows from prompt and model
     Key("image", "--image", ("inpaint",)),
     Key("mask", "--mask", ("inpaint",)),
     Key("invert_mask", "--invert-mask", ("inpaint",), switch=True),
@@ -89,6 +93,8 @@ KEYS: tuple[Key, ...] = (
     Key("interpolate", "--interpolate", IMAGE_FROM),  # a frame: every frame is made, this one kept
     Key("frames", "--frames", IMAGE_FROM),
     Key("frame", None, IMAGE_FROM),  # which frame; its seed is the run's first seed + frame
+    Key("batch_size", REPLAY),  # images in the network batch that made it: made again in one as large
+    Key("batch_index", REPLAY),  # its place there
     Key("dtype", "--dtype", values=tuple(DTYPE_FLAGS.items())),
     Key("device", "--device"),
     Key("revision", "--revision"),  # the Hub commit the model was read from
@@ -190,7 +196,7 @@ def check_model(path: Path, settings: dict, quiet: bool) -> None:
             f"(SHA-256 {recorded[:12]} then, {str(now)[:12]} now); the replay will differ", quiet)
 
 
-def command_line(command: str, settings: dict, output: Path, *extra: str) -> list[str]:
+def command_line(command: str, settings: dict, output: Path, *extra: str, single: bool = True) -> list[str]:
     """The arguments of `ddpm COMMAND` that make this one image again, written to ``output``, with
     the options ``extra``. A recorded setting whose flag the command does not have is left out: no one
     could have changed it from its default."""
@@ -198,7 +204,7 @@ def command_line(command: str, settings: dict, output: Path, *extra: str) -> lis
     options, positional = [], []
     done = set()
     for key in KEYS:
-        if command not in key.commands or key.flag is None or key.name not in settings or key.name in done:
+        if command not in key.commands or key.flag in (None, REPLAY) or key.name not in settings or key.name in done:
             continue
         done.add(key.name)
         value = settings[key.name]
@@ -213,7 +219,7 @@ def command_line(command: str, settings: dict, output: Path, *extra: str) -> lis
             options += ["--width", width, "--height", height]
         elif key.flag in flags:
             options += [key.flag, next((word for known, word in key.values if known == value), str(value))]
-    count = [] if "interpolate" in settings else ["-n", "1"]  # --interpolate makes --frames images
+    count = ["-n", "1"] if single else []
     return [command, *options, *count, "-o", str(output), *extra, "--", *positional]
 
 
@@ -242,9 +248,37 @@ def run_command(args: list[str]) -> int:
     return code if isinstance(code, int) else 0
 
 
-def replay_frame(command: str, settings: dict, target: Path, overwrite: bool, extra: list[str]) -> int:
-    """A frame of --interpolate: the command makes every frame again (frame k has the run's first seed
-    + k) in a hidden folder beside ``target``; frame k is published as ``target``, the rest removed."""
+def made_alone(settings: dict) -> bool:
+    """Whether the image was made alone: one image in its network batch and not a frame."""
+    return "interpolate" not in settings and int(settings.get("batch_size", 1)) <= 1
+
+
+def batch_run(settings: dict) -> tuple[dict, list[str], Callable[[Path], bool]]:
+    """(settings, extra options, which file to keep) that remake the image inside a batch like its own.
+
+    Batched kernels can round a pixel's last bit differently at another batch size (measured on the
+    built-in emoji model: 2 of 3072 values differ by 1 between batches of 1 and 2), so an image made
+    in a batch of B is made again in a batch of B at the same place, beside B - 1 other seeds, whose
+    images are thrown away. A frame of --interpolate is made again with all its frames (frame k has
+    the run's first seed + k), B at a time."""
+    from ddpm_cli.engine.io.images import read_png_metadata
+
+    size, index, seed = int(settings.get("batch_size", 1)), int(settings.get("batch_index", 0)), int(settings["seed"])
+    if "interpolate" in settings:
+        frame = int(settings.get("frame", 0))
+        return {**settings, "seed": seed - frame}, ["-b", str(size)], lambda p: p.name.endswith(f"frame-{frame:03d}.png")
+    before = list(range(seed - index, seed)) if seed >= index else [seed + size + j for j in range(index)]
+    seeds = [*before, seed, *range(seed + 1, seed + size - index)]
+    batch = {name: value for name, value in settings.items() if name != "seed"}
+    if "init_noise_row" in settings:  # image j of the run starts from row N + j
+        batch["init_noise_row"] = int(settings["init_noise_row"]) - index
+    return batch, ["--seeds", ",".join(map(str, seeds)), "-b", str(size)], \
+        lambda p: read_png_metadata(p).get("seed") == seed
+
+
+def replay_in_batch(command: str, settings: dict, target: Path, overwrite: bool, extra: list[str]) -> int:
+    """Make the image again as ``batch_run`` says, in a hidden folder beside ``target``; publish it as
+    ``target`` and remove the rest."""
     import contextlib
     import io
     import shutil
@@ -252,17 +286,16 @@ def replay_frame(command: str, settings: dict, target: Path, overwrite: bool, ex
 
     from ddpm_cli.engine.io.atomic import publish
 
-    frame = int(settings.get("frame", 0))
-    first = {**settings, "seed": int(settings["seed"]) - frame}
+    batch, options, keep = batch_run(settings)
     folder = Path(tempfile.mkdtemp(prefix=".replay-", dir=target.parent))
     try:
-        with contextlib.redirect_stdout(io.StringIO()):  # the frames' temporary paths
-            code = run_command(command_line(command, first, folder, *extra))
+        with contextlib.redirect_stdout(io.StringIO()):  # the temporary paths
+            code = run_command(command_line(command, batch, folder, *options, *extra, single=False))
         if code:
             return code
-        made = sorted(folder.glob(f"*frame-{frame:03d}.png"))
+        made = [path for path in sorted(folder.glob("*.png")) if keep(path)]
         if len(made) != 1:
-            raise fail(f"replaying {target.name} made no frame {frame}; was --frames changed?", EXIT_USAGE)
+            raise fail(f"replaying {target.name} did not make it again (was --frames changed?)", EXIT_USAGE)
         publish(made[0], target, overwrite)
         print(target, flush=True)
         return 0
@@ -272,7 +305,7 @@ def replay_frame(command: str, settings: dict, target: Path, overwrite: bool, ex
 
 @handle_errors
 def replay(
-    images: Annotated[list[Path], typer.Argument(metavar="IMG.png...", show_default=False, help="PNGs written by sample, txt2img, inpaint or upscale.")],
+    images: Annotated[list[Path], typer.Argument(metavar="IMG.png", show_default=False, help="PNGs written by sample, txt2img, inpaint or upscale.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Folder for the new images, each under its original file name.")] = Path("replay"),
     set_: Annotated[list[str] | None, typer.Option("--set", metavar="KEY=VALUE", show_default=False, help="Change one recorded setting (repeatable): steps=50, sampler=ddim, seed=7, cfg=3, prompt=..., device=cpu, dtype=fp32, image=PATH... Another sampler drops the old one's options and usual spacing.")] = None,
     allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Load pickle (.bin/.ckpt) weights. They can run code: only for sources you trust.")] = False,
@@ -282,6 +315,9 @@ def replay(
     """Make images again from the settings in their PNG metadata; print the new paths.
 
     With nothing changed, on the same device and dtype, each new PNG is byte-identical to the old one.
+    --set takes the keys of the image's metadata (docs/usage.md lists them and the flag each becomes).
+    A missing or changed input file (image, mask, init image or noise) is refused; weights that
+    changed since (model_sha256) warn.
     """
     from ddpm_cli.engine.io.images import read_png_metadata
 
@@ -302,9 +338,9 @@ def replay(
     for path, command, settings, target in plans:
         check_model(path, settings, quiet)
         extra = ["--allow-pickle"] * allow_pickle + ["-q"] * quiet
-        if "interpolate" in settings:
-            code = replay_frame(command, settings, target, overwrite, extra)
-        else:
+        if made_alone(settings):
             code = run_command(command_line(command, settings, target, *extra, *["--overwrite"] * overwrite))
+        else:
+            code = replay_in_batch(command, settings, target, overwrite, extra)
         if code:
             raise typer.Exit(code)
