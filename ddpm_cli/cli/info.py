@@ -11,7 +11,7 @@ from typing import Annotated
 import typer
 
 from ddpm_cli.cli.errors import handle_errors
-from ddpm_cli.cli.models import _human, _json, describe
+from ddpm_cli.cli.models import _human, _json, describe, describe_vae
 from ddpm_cli.cli.options import RevisionOpt, format_option
 
 EXAMPLES = """
@@ -59,18 +59,6 @@ def parameters(folder: Path) -> dict[str, int]:
         if files:
             counts["model"] = sum(safetensors_parameters(path) for path in files)
     return counts
-
-
-def describe_vae(name: str, folder: Path) -> dict | None:
-    """A VAE-only folder (config.json or vae/config.json of an AutoencoderKL, no U-Net)."""
-    config = _json(folder / "vae" / "config.json") or _json(folder / "config.json")
-    if not str(config.get("_class_name", "")).startswith("Autoencoder"):
-        return None
-    factor = 2 ** (len(config.get("block_out_channels", [])) - 1)
-    size = config.get("sample_size")
-    latent = f"{config.get('latent_channels')}x{size // factor}x{size // factor}" if isinstance(size, int) else "?"
-    return {"name": name, "kind": "VAE", "conditioning": "none", "resolution": f"{size}x{size}",
-            "channels": config.get("in_channels"), "latents": latent, "downsampling": factor, "path": str(folder)}
 
 
 def model_info(spec: str, revision: str | None = None) -> dict:

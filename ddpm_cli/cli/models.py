@@ -81,6 +81,21 @@ def describe(name: str, source: str, folder: Path) -> dict | None:
             "path": str(folder)}
 
 
+def describe_vae(name: str, folder: Path, source: str = "folder") -> dict | None:
+    """A VAE-only folder (config.json or vae/config.json of an AutoencoderKL, no U-Net)."""
+    if (folder / "unet").is_dir():  # a pipeline that holds a VAE, not a VAE
+        return None
+    config = _json(folder / "vae" / "config.json") or _json(folder / "config.json")
+    if not str(config.get("_class_name", "")).startswith("Autoencoder"):
+        return None
+    factor = 2 ** (len(config.get("block_out_channels", [])) - 1)
+    size = config.get("sample_size")
+    latent = f"{config.get('latent_channels')}x{size // factor}x{size // factor}" if isinstance(size, int) else "?"
+    return {"name": name, "source": source, "kind": "VAE", "conditioning": "none", "resolution": f"{size}x{size}",
+            "channels": config.get("in_channels"), "latents": latent, "downsampling": factor, "bytes": _bytes(folder),
+            "path": str(folder)}
+
+
 def hub_cache() -> Path:
     """The Hugging Face Hub cache folder, as huggingface_hub finds it."""
     if os.environ.get("HF_HUB_CACHE"):
@@ -103,12 +118,14 @@ def _snapshot(repo: Path) -> Path | None:
 
 
 def list_models() -> list[dict]:
-    rows = [describe(name, "built-in", BUILTIN_DIR / name) for name in builtin_models()]
+    rows = [describe_vae(name, BUILTIN_DIR / name, "built-in") or describe(name, "built-in", BUILTIN_DIR / name)
+            for name in builtin_models()]
     cache = hub_cache()
     for repo in sorted(cache.glob("models--*")) if cache.is_dir() else []:
         snapshot = _snapshot(repo)
         if snapshot is not None:
-            rows.append(describe(repo.name.removeprefix("models--").replace("--", "/", 1), "hub cache", snapshot))
+            name = repo.name.removeprefix("models--").replace("--", "/", 1)
+            rows.append(describe_vae(name, snapshot, "hub cache") or describe(name, "hub cache", snapshot))
     return [row for row in rows if row is not None]
 
 
