@@ -4,7 +4,9 @@ Each image's chunk names the command that made it (sample, txt2img, inpaint, ups
 setting that changes its pixels. ``KEYS`` below is the one table from metadata keys to that
 command's flags; replay builds the command line from it (one image: its seed, ``-n 1``, ``-o`` the
 output file) and runs the same Typer command in this process, so every check of the command applies.
-On the same device and dtype the new PNG is byte-identical to the old one, metadata included.
+On the same device and dtype the new PNG is byte-identical to the old one, metadata included. An
+image made in a batch of several is made again in a batch as large (``batch_run``): batched kernels
+may round its last bits differently otherwise. A frame of --interpolate is made with its frames.
 
 Refused before anything runs (one line, exit 2, nothing written): a PNG without ``ddpm`` metadata, a
 key in it that replay does not know, ``--set`` of a key the command does not take, an input file
