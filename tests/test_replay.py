@@ -190,15 +190,15 @@ def test_replay_makefile_one_target_per_image(tiny_pipeline_dir, tmp_path):
     from pathlib import Path
 
     root = Path(__file__).resolve().parent.parent
-    made = ddpm("sample", tiny_pipeline_dir, "--steps", 2, "-n", 2, "--grid", "-o", tmp_path / "in", "-q")
+    made = ddpm("sample", tiny_pipeline_dir, "--steps", 2, "-n", 1, "--grid", "-o", tmp_path / "in", "-q")
     assert made.returncode == 0, made.stderr
     args = ["make", "-f", str(root / "examples" / "replay.mk"), "-j2", f"IN={tmp_path / 'in'}",
             f"OUT={tmp_path / 'out'}", "SET=steps=3 sampler=ddim", f"DDPM={sys.executable} -m ddpm_cli"]
     first = subprocess.run(args, capture_output=True, text=True, timeout=300, cwd=root)
     assert first.returncode == 0, first.stderr
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["000000.png", "000001.png"]  # not the grid
-    meta = read_png_metadata(tmp_path / "out" / "000001.png")
-    assert (meta["steps"], meta["sampler"], meta["seed"]) == (3, "ddim", 1)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["000000.png"]  # not the grid
+    meta = read_png_metadata(tmp_path / "out" / "000000.png")
+    assert (meta["steps"], meta["sampler"], meta["seed"]) == (3, "ddim", 0)
     again = subprocess.run(args, capture_output=True, text=True, timeout=300, cwd=root)
     assert again.returncode == 0 and "Nothing to be done" in again.stdout
 
