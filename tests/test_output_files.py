@@ -53,6 +53,25 @@ def test_cli_output_has_the_callers_umask_permissions(tiny_pipeline_dir, tmp_pat
         assert _mode(tmp_path / "out" / name) == 0o666 & ~current, name
 
 
+def test_exported_model_files_get_the_umask_permissions(umask, tmp_path):
+    """diffusers' save_pretrained writes weights 0600; a run folder's pipeline must be readable by others."""
+    from ddpm_cli.training.checkpoints import export_pipeline
+
+    umask(0o022)
+    export_pipeline(tmp_path / "run", tiny_unet(), {"num_train_timesteps": 1000}, {"conditioning": "none"})
+    files = [p for p in (tmp_path / "run").rglob("*") if p.is_file()]
+    assert any(p.suffix == ".safetensors" for p in files)
+    assert {p.name: _mode(p) for p in files} == {p.name: 0o644 for p in files}
+    assert _mode(tmp_path / "run" / "unet") == 0o755
+
+    from ddpm_cli.training.checkpoints import save_checkpoint
+
+    model = tiny_unet()
+    optimizer = torch.optim.AdamW(model.parameters())
+    path = save_checkpoint(tmp_path / "run", 1, model, model, optimizer, {"noise": torch.Generator()}, {}, 2)
+    assert {p.name: _mode(p) for p in path.iterdir()} == {p.name: 0o644 for p in path.iterdir()}
+
+
 def test_a_file_created_meanwhile_is_not_replaced(tmp_path):
     target = tmp_path / "x.png"
     with pytest.raises(OutputExistsError, match="another process"):

@@ -130,6 +130,7 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, ema_model:
         save_file({name: g.get_state() for name, g in generators.items()}, tmp / "rng.safetensors")
         (tmp / "optimizer.json").write_text(json.dumps(opt_meta))
         (tmp / STATE_FILE).write_text(json.dumps(dict(state, step=step), indent=2))
+        _umask_permissions(tmp)
         _fsync_tree(tmp)
         if final.exists():
             if damage(final) is None:
@@ -225,6 +226,17 @@ def load_checkpoint(checkpoint: Path, model: torch.nn.Module, ema_model: torch.n
         raise ModelError(f"cannot resume from {checkpoint}: {first}") from exc
 
 
+def _umask_permissions(folder: Path) -> None:
+    """Give every file under ``folder`` the mode the user's umask gives a new file, and every folder
+    that mode plus search (x) where read is allowed."""
+    from ddpm_cli.engine.io.atomic import file_mode
+
+    mode = file_mode()
+    folder_mode = mode | ((mode & 0o444) >> 2)
+    for path in folder.rglob("*"):
+        os.chmod(path, folder_mode if path.is_dir() else mode)
+
+
 def export_files(run_dir: Path, writers: dict) -> None:
     """Write entries of the run folder atomically: ``writers`` maps a name to ``write(path)``.
 
@@ -242,6 +254,7 @@ def export_files(run_dir: Path, writers: dict) -> None:
         tmp.mkdir(parents=True)
         for name, write in writers.items():
             write(tmp / name)
+        _umask_permissions(tmp)  # libraries' writers (safetensors) create their files 0600
         for name in writers:
             target, old = run_dir / name, run_dir / f".{name}.old"
             if target.exists():
