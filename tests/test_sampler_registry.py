@@ -125,6 +125,8 @@ def test_a_step_callback_sees_each_step_and_may_replace_x(name):
                        torch.zeros_like(plain))
     replaced = run(name, timesteps, lambda info: info["x"] * 0.5 if info["i"] == 1 else None)
     assert (replaced - plain).abs().max() > 1e-3
+    # The callback sees x_t, whatever form the sampler steps in, and what it returns is taken as x_t.
+    torch.testing.assert_close(run(name, timesteps, lambda info: info["x"].clone()), plain, atol=1e-5, rtol=1e-5)
 
 
 def test_deterministic_sampling_can_start_midway():

@@ -163,3 +163,25 @@ def test_ddpm_with_learned_range_variance_matches_diffusers(steps):
     expected, _ = diffusers_loop(learned, DDPMScheduler(variance_type="learned_range"), steps)
     got = ours("ddpm", learned, NoiseSchedule.create(), make_timesteps(1000, steps), variance="learned_range")
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_sweep_distance_to_the_converged_ode_solution():
+    """`ddpm eval sweep --metric distance`: each deterministic sampler x --sigmas, distance to Heun's
+    solution from the same seeds, which shrinks as the steps grow; stochastic samplers are refused."""
+    from ddpm_cli.engine.models.pipeline import from_unet
+    from ddpm_cli.evaluation.sweep import check_sweep, distance_point, run_sweep
+    from tests.conftest import tiny_unet
+
+    pipeline = from_unet(tiny_unet(), NoiseSchedule.create(clip_sample=True))
+    evaluate = distance_point(pipeline, 2, 2, 0, reference_steps=20)
+    rows = run_sweep(pipeline, "distance", ["heun", "euler", "ddim"], [2, 5, 20], evaluate, sigmas=["default", "karras"])
+    assert [(r["sampler"], r["sigmas"], r["steps"], r["calls"]) for r in rows][:3] == [
+        ("heun", "default", 2, 3), ("heun", "default", 5, 9), ("heun", "default", 20, 39)]
+    assert {(r["sampler"], r["sigmas"]) for r in rows} == {("heun", "default"), ("heun", "karras"), ("euler", "default"),
+                                                          ("euler", "karras"), ("ddim", "default")}
+    value = {(r["sampler"], r["sigmas"], r["steps"]): r["value"] for r in rows}
+    assert value[("heun", "default", 20)] == 0.0  # the reference itself
+    assert value[("euler", "default", 2)] > value[("euler", "default", 5)] > value[("euler", "default", 20)] > 0
+    assert value[("heun", "karras", 2)] > value[("heun", "karras", 5)] > 1e-4
+    with pytest.raises(InputError, match="euler-a, dpmpp-2m-sde do not converge"):
+        check_sweep("distance", ["euler", "euler-a", "dpmpp-2m-sde"], [5])

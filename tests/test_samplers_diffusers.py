@@ -1,7 +1,8 @@
 """Every sampler x noise-level schedule equals its diffusers scheduler's loop (as a diffusers pipeline
 runs it: init_noise_sigma, scale_model_input, step with the per-image generators) on the same model,
-seeds and settings: a pixel model with a DDPM config (clip_sample true, leading spacing) and the
-tiny Stable Diffusion U-Net with SD's config (scaled_linear, steps_offset 1, leading)."""
+seeds and settings: a pixel model with a DDPM config (clip_sample true, leading spacing, and trailing
+for each sampler once) and the tiny Stable Diffusion U-Net with SD's config (scaled_linear,
+steps_offset 1, leading)."""
 
 import inspect
 
@@ -49,6 +50,8 @@ def models(sd_dir):
     sd_unet = UNet2DConditionModel.from_pretrained(sd_dir / "unet").eval()
     context = torch.randn(len(SEEDS), 77, 32, generator=torch.Generator().manual_seed(0))
     return {"pixel": (tiny_unet(), {}, (1, 8, 8), DDPM_CONFIG),
+            # trailing starts from pure noise at T - 1, where the sigma schedulers scale it by sigma_max
+            "pixel-trailing": (tiny_unet(), {}, (1, 8, 8), {**DDPM_CONFIG, "timestep_spacing": "trailing"}),
             "sd": (sd_unet, {"encoder_hidden_states": context}, (4, 8, 8), SD_CONFIG)}
 
 
@@ -76,8 +79,9 @@ def our_images(name, unet, kwargs, shape, config, sigmas, clip):
     return entry.load()(UNetDenoiser(unet, cond=kwargs), noise(), schedule, timesteps, noise, None, **options)
 
 
-@pytest.mark.parametrize("model", ["pixel", "sd"])
-@pytest.mark.parametrize("name,sigmas", CASES)
+@pytest.mark.parametrize("model,name,sigmas", [(model, *case) for model in ("pixel", "sd") for case in CASES]
+                         # (diffusers' DDIM steps trailing timesteps by T // n, which 7 steps do not divide)
+                         + [("pixel-trailing", name, "default") for name in SCHEDULERS if name != "ddim"])
 def test_every_sampler_equals_its_diffusers_scheduler(models, model, name, sigmas):
     import diffusers
 

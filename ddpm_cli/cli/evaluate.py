@@ -13,7 +13,7 @@ from ddpm_cli.cli.options import (AllowPickleOpt, DataAlias, DeviceOpt, DtypeOpt
                                   Sampler, SeedOpt, VarianceOpt, complete, dtype_option, either, format_option,
                                   split_list)
 from ddpm_cli.cli.progress import StepProgress, say
-from ddpm_cli.engine.choices import SAMPLERS
+from ddpm_cli.engine.choices import SAMPLERS, SIGMAS
 
 EXAMPLES = """
 Examples:
@@ -23,6 +23,7 @@ Examples:
   ddpm eval nll runs/fashion --exact -n 256 --format json | jq .bits_per_dim
   ddpm eval fid runs/cifar --ref ./cifar-train -n 10000 --inception pt_inception-2015-12-05-6726825d.pth
   ddpm eval sweep runs/fashion --metric nll --samplers ddpm --steps 10,20,50,100,1000 -o sweep.png
+  ddpm eval sweep fashion-mnist --metric distance --samplers all --sigmas default,karras --steps 5,10,20 -n 64
 """
 
 eval_app = typer.Typer(help="Measure models: the variational bound in bits/dim, FID, and either against steps.",
@@ -203,10 +204,11 @@ def fid(
 def sweep(
     model: ModelArg,
     data: DataArg = None,
-    metric: Annotated[Literal["nll", "fid"], typer.Option("--metric", autocompletion=complete(("nll", "fid")), help="nll (the bound of the ddpm sampler's respaced chain) or fid.")] = "nll",
-    samplers: Annotated[str, typer.Option("--samplers", help="Comma-separated samplers.")] = "ddpm",
+    metric: Annotated[Literal["nll", "fid", "distance"], typer.Option("--metric", autocompletion=complete(("nll", "fid", "distance")), help="nll (the bound of the ddpm sampler's respaced chain), fid, or distance (RMS pixel distance, 0-1 scale, to the probability-flow ODE solved by heun at 500 steps from the same seeds; deterministic samplers).")] = "nll",
+    samplers: Annotated[str, typer.Option("--samplers", help="Comma-separated samplers, or all.")] = "ddpm",
+    sigmas: Annotated[str, typer.Option("--sigmas", help="Comma-separated noise-level schedules (default, karras, exponential), each with the samplers that take --sigmas.")] = "default",
     steps: Annotated[str, typer.Option("--steps", help="Comma-separated step counts.")] = "10,20,50,100",
-    num_images: Annotated[int | None, typer.Option("--num-images", "-n", min=2, show_default=False, help="Held-out images (nll) or generated images per point (fid) [default: 500].")] = None,
+    num_images: Annotated[int | None, typer.Option("--num-images", "-n", min=2, show_default=False, help="Held-out images (nll), or generated images per point (fid, distance) [default: 500].")] = None,
     images: ImagesAlias = None,
     data_alias: DataAlias = None,
     timesteps: Annotated[int | None, typer.Option("--timesteps", min=1, help="nll: sample this many KL terms per image when a chain is longer [default: every term].")] = None,
@@ -231,11 +233,17 @@ def sweep(
     data = either(data, data_alias, "DATA", "--data")
     chart = Path(either(output, chart, "-o/--output", "--chart", Path("sweep.png")))
     only = {"nll": {"DATA": data, "--timesteps": timesteps, "--variance": variance},
-            "fid": {"--ref": ref, "--inception": inception}}
-    unused = [flag for flag, value in only["fid" if metric == "nll" else "nll"].items() if value is not None]
+            "fid": {"--ref": ref, "--inception": inception}, "distance": {}}
+    unused = [flag for other, flags in only.items() if other != metric for flag, value in flags.items()
+              if value is not None]
     if unused:
         raise fail(f"{unused[0]} does not apply to --metric {metric}", EXIT_USAGE)
-    sampler_list = split_list(samplers, "--samplers", choices=SAMPLERS)
+    sampler_list = split_list(samplers, "--samplers", choices=(*SAMPLERS, "all"))
+    if "all" in sampler_list:
+        from ddpm_cli.engine.diffusion.registry import REGISTRY
+
+        sampler_list = [name for name, entry in REGISTRY.items() if metric != "distance" or not entry.stochastic]
+    sigmas_list = split_list(sigmas, "--sigmas", choices=SIGMAS)
     step_list = split_list(steps, "--steps", int)
     from ddpm_cli.evaluation.sweep import check_sweep, draw_chart, run_sweep
 
@@ -248,21 +256,28 @@ def sweep(
     if dtype == "auto" and metric == "nll":
         dtype = "fp32"
     pipeline = _load(model, device, dtype, revision, allow_pickle)
-    evaluate = _nll_point(pipeline, data, images, timesteps, variance, batch_size, seed, quiet) if metric == "nll" else \
-        _fid_point(pipeline, images, ref, ref_images, inception, batch_size, seed, device, quiet)
+    if metric == "distance":
+        from ddpm_cli.evaluation.sweep import distance_point
+
+        evaluate = distance_point(pipeline, images, batch_size, seed)
+    elif metric == "nll":
+        evaluate = _nll_point(pipeline, data, images, timesteps, variance, batch_size, seed, quiet)
+    else:
+        evaluate = _fid_point(pipeline, images, ref, ref_images, inception, batch_size, seed, device, quiet)
 
     def on_point(row: dict) -> None:
-        say(f"ddpm: {row['sampler']} {row['steps']} steps: {metric} {row['value']:.4f}", quiet)
+        say(f"ddpm: {row['sampler']} ({row['sigmas']} sigmas) {row['steps']} steps: {metric} {row['value']:.4f}", quiet)
 
-    rows = run_sweep(pipeline, metric, sampler_list, step_list, evaluate, on_point)
+    rows = run_sweep(pipeline, metric, sampler_list, step_list, evaluate, on_point, sigmas_list)
     draw_chart(rows, chart, f"{model}: {metric} against steps ({images} images)")
     if output_format == "json":
         print(json.dumps({"model": model, "metric": metric, "chart": str(chart), "rows": rows}, indent=2))
         return
-    print(f"{'sampler':<10} {'steps':>6} {metric:>10} {'stderr':>8} {'images':>7}")
+    print(f"{'sampler':<13} {'sigmas':<12} {'steps':>6} {'calls':>6} {metric:>10} {'stderr':>8} {'images':>7}")
     for row in rows:
         stderr = f"{row['stderr']:.4f}" if row.get("stderr") is not None else "-"
-        print(f"{row['sampler']:<10} {row['steps']:>6} {row['value']:>10.4f} {stderr:>8} {row['images']:>7}")
+        print(f"{row['sampler']:<13} {row['sigmas']:<12} {row['steps']:>6} {row['calls']:>6} {row['value']:>10.4f} "
+              f"{stderr:>8} {row['images']:>7}")
     print(chart)
 
 
