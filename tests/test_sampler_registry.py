@@ -182,3 +182,19 @@ def test_one_kind_per_pipeline(pipeline):
     with pytest.raises(ValueError, match="unknown pipeline kind"):
         Pipeline("x", pipeline.folder, pipeline.unet, pipeline.schedule, "fixed_small", pipeline.device,
                  pipeline.dtype, kind="video")
+
+
+def test_dpm_solver_karras_levels_start_where_a_tail_starts():
+    """DPM-Solver and UniPC span the whole training range with karras/exponential levels (as diffusers)
+    from a whole grid, but a tail (image-to-image) starts at its own first timestep's noise."""
+    from ddpm_cli.engine.diffusion.dpmsolver import noise_levels
+    from ddpm_cli.engine.diffusion.sigmas import sigma_at
+
+    schedule = NoiseSchedule.create()
+    for spacing in SPACINGS:
+        whole = make_timesteps(1000, 10, spacing, 0, True)
+        levels, times = noise_levels(schedule, whole, "karras")
+        assert levels[0] == pytest.approx(sigma_at(schedule, 999)) and times[0] == 999 and len(times) == 10
+        levels, times = noise_levels(schedule, whole[4:], "exponential")
+        assert levels[0] == pytest.approx(sigma_at(schedule, whole[4])) and len(times) == 6
+        assert levels[-2] == pytest.approx(sigma_at(schedule, 0)) and levels[-1] == 0.0

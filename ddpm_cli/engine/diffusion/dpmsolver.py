@@ -16,7 +16,8 @@ import math
 import numpy as np
 import torch
 
-from ddpm_cli.engine.diffusion.samplers import Callback, Model, Noise, _needs_noise, after_step
+from ddpm_cli.engine.choices import SPACINGS
+from ddpm_cli.engine.diffusion.samplers import Callback, Model, Noise, _needs_noise, after_step, make_timesteps
 from ddpm_cli.engine.diffusion.schedule import NoiseSchedule
 from ddpm_cli.engine.diffusion.sigmas import plan
 
@@ -34,6 +35,17 @@ def data_prediction(model: Model, schedule: NoiseSchedule, x: torch.Tensor, sigm
     if schedule.clip_sample:
         x0 = x0.clamp(-schedule.clip_sample_range, schedule.clip_sample_range)
     return x0
+
+
+def noise_levels(schedule: NoiseSchedule, timesteps: list[int], sigmas: str) -> tuple[list[float], list]:
+    """The noise levels and network timesteps (``sigmas.plan``). Karras and exponential levels span
+    the whole training range, as diffusers' DPM-Solver and UniPC have them, when the timesteps are a
+    whole n-step grid; a tail of one (image-to-image starts midway, from a partly noised image)
+    starts at its own first timestep, where that image's noise is."""
+    T = schedule.num_train_timesteps
+    whole = any(timesteps == make_timesteps(T, len(timesteps), spacing, schedule.steps_offset, True)
+                for spacing in SPACINGS)
+    return plan(schedule, timesteps, sigmas, span="full" if whole else "tail", times="dpm")
 
 
 def _coefficients(sigma: float) -> tuple[float, float, float]:
@@ -79,7 +91,7 @@ def _dpm_update(x: torch.Tensor, d: list[torch.Tensor], sigma_s: float, sigma_t:
 
 
 def _multistep(model, x, schedule, timesteps, noise, callback, sigmas: str, order: int, sde: bool) -> torch.Tensor:
-    levels, times = plan(schedule, timesteps, sigmas, span="full", times="dpm")
+    levels, times = noise_levels(schedule, timesteps, sigmas)
     n = len(times)
     history: list[tuple[torch.Tensor, float]] = []  # (x_0, lambda), newest last
     for i, t in enumerate(times):
@@ -139,7 +151,7 @@ def sample_dpmpp_2s_a(model: Model, x: torch.Tensor, schedule: NoiseSchedule, ti
     then a second-order step over both from the level before it, fresh noise in each (diffusers'
     DPMSolverSinglestepScheduler with sde-dpmsolver++, order 2)."""
     _needs_noise(noise, "sample_dpmpp_2s_a")
-    levels, times = plan(schedule, timesteps, sigmas, span="full", times="dpm")
+    levels, times = noise_levels(schedule, timesteps, sigmas)
     orders = singlestep_orders(len(times))
     start, x0_start = x, None
     for i, t in enumerate(times):
@@ -204,7 +216,7 @@ def sample_unipc(model: Model, x: torch.Tensor, schedule: NoiseSchedule, timeste
     """UniPC, Zhao et al. (2023): the bh2 predictor of order 2 with the corrector (UniC) applied to
     each new state once the network has been evaluated there (diffusers' UniPCMultistepScheduler)."""
     order = 2
-    levels, times = plan(schedule, timesteps, sigmas, span="full", times="dpm")
+    levels, times = noise_levels(schedule, timesteps, sigmas)
     n = len(times)
     history: list[tuple[torch.Tensor, float]] = []
     last, predicted, last_order = None, None, 1

@@ -72,7 +72,8 @@ def plan(schedule, timesteps: list[int], kind: str = "default", span: str = "tim
 
     span: the ends of a karras/exponential schedule: "timesteps" from sigma(timesteps[0]) to
     sigma(timesteps[-1]) (diffusers' Euler, Heun, KDPM2, LMS), "full" from sigma(T - 1) to sigma(0)
-    whatever the timesteps (its DPM-Solver and UniPC, which keep only their count).
+    whatever the timesteps (its DPM-Solver and UniPC, which keep only their count), "tail" from
+    sigma(timesteps[0]) to sigma(0) (theirs when starting midway, from a partly noised image).
     times: how t(sigma) is given to the network: "float" as is; "round-karras" rounded for karras
     (KDPM2); "dpm" rounded for karras and truncated for exponential (DPM-Solver's int64 timesteps).
     """
@@ -85,6 +86,8 @@ def plan(schedule, timesteps: list[int], kind: str = "default", span: str = "tim
         return [float(sigma[t]) for t in timesteps] + [0.0], list(timesteps)
     if span == "full":
         high, low = float(sigma[-1]), float(sigma[0])
+    elif span == "tail":
+        high, low = float(sigma[timesteps[0]]), float(sigma[0])
     else:
         high, low = float(sigma[timesteps[0]]), float(sigma[timesteps[-1]])
     ramp = np.linspace(0.0, 1.0, n)
