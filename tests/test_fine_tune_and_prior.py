@@ -59,7 +59,7 @@ def test_init_from_starts_at_the_models_weights_and_refuses_another_network(sent
     other = ddpm("train", root / "data", "--conditioning", "text", "--text-encoder", tiny_bert_dir, "--text-embedding",
                  "sentence", "--text-max-length", 8, "--resolution", 16, "--model-size", "small", "--max-steps", 1,
                  "-b", 4, "--init-from", run, "-o", tmp_path / "other")
-    one_error_line(other, 2, "its network differs from the one these options build")
+    one_error_line(other, 2, "--model-size small contradicts --init-from")
     assert not (tmp_path / "other" / "unet").exists()
 
 

@@ -14,7 +14,7 @@ from ddpm_cli.cli.progress import StepProgress, say
 from ddpm_cli.engine.choices import (BETA_SCHEDULES, CONDITIONINGS, LR_SCHEDULES, MIXED_PRECISION, PREDICTION_TYPES,
                                      LOSSES, TASKS, TEXT_EMBEDDINGS)
 from ddpm_cli.engine.runtime.distributed import world
-from ddpm_cli.training.config import SUMMARY_FILE, TrainConfig
+from ddpm_cli.training.config import LORA_TARGETS, SUMMARY_FILE, TrainConfig
 from ddpm_cli.training.presets import PRESETS
 
 D = TrainConfig  # the defaults shown in --help are the ones the run uses
@@ -56,7 +56,11 @@ def train(
     text_embedding: Annotated[str | None, _opt("--text-embedding", autocompletion=complete(TEXT_EMBEDDINGS), help="What the U-Net attends to: tokens (every token's state, as Stable Diffusion) or sentence (one vector per caption: smooth in meaning, so unseen wordings work; best for small caption sets).", default=D.text_embedding)] = None,
     task: Annotated[str | None, _opt("--task", autocompletion=complete(TASKS), help="ddpm (a diffusion model), autoencoder (an AutoencoderKL for latent diffusion, exported to vae/) or superres (an SR3 upscaler for `ddpm upscale`).", default=D.task)] = None,
     scale: Annotated[int | None, _opt("--scale", help="With --task superres: the upscaling factor (2, 3, 4 or 8); --resolution is the high-resolution size.")] = None,
-    init_from: Annotated[str | None, _opt("--init-from", help="Fine-tune: start from this model's weights (a run folder, built-in or Hub id) instead of random ones; the network options must match the ones it was trained with.")] = None,
+    init_from: Annotated[str | None, _opt("--init-from", help="Fine-tune: start from this model's weights (a run folder, built-in or Hub id) instead of random ones, keeping its architecture, schedule, prediction type, resolution and conditioning (options that contradict them are refused).")] = None,
+    revision: Annotated[str | None, _opt("--revision", help="With --init-from a Hub id: the branch, tag or commit.")] = None,
+    lora_rank: Annotated[int | None, _opt("--lora-rank", help="With --init-from: train only rank-R LoRA adapters on the U-Net (peft); the run exports pytorch_lora_weights.safetensors (diffusers' format) and a pointer to the base model.", min=1)] = None,
+    lora_alpha: Annotated[float | None, _opt("--lora-alpha", help="LoRA alpha: the adapters are scaled by alpha / rank [default: the rank].")] = None,
+    lora_targets: Annotated[str | None, _opt("--lora-targets", autocompletion=complete(LORA_TARGETS), help="Layers that get adapters: attention (query, key, value, output projections) or attention+conv (also the residual blocks' convolutions).", default=D.lora_targets)] = None,
     latent: Annotated[str | None, _opt("--latent", help="Train in the latent space of this VAE (a pipeline or run folder, a VAE folder or a Hub id); DATA may be a latents file from `ddpm encode`.")] = None,
     loss: Annotated[str | None, _opt("--loss", autocompletion=complete(LOSSES), help="simple (L_simple, the DDPM paper's), vlb (the variational bound itself) or hybrid (L_simple + --vlb-weight x L_vlb, the bound training only the variance; needs --learn-variance).", default=D.loss)] = None,
     learn_variance: Annotated[bool | None, _opt("--learn-variance/--fixed-variance", help="The U-Net also outputs its reverse variance, between beta_tilde_t and beta_t (diffusers' learned_range).", default="fixed")] = None,
@@ -112,7 +116,10 @@ def train(
             if event["done"] == 0:
                 say(f"ddpm: encoding {event['total']} images with the VAE (once, before training)", quiet)
         elif kind == "start":
-            say(f"ddpm: training {event['parameters'] / 1e6:.2f}M parameters on {event['data']} ({event['images']} images), "
+            lora = event.get("trainable_parameters", event["parameters"]) < event["parameters"]
+            trained = (f"{event['trainable_parameters'] / 1e6:.3f}M LoRA parameters of {event['parameters'] / 1e6:.2f}M"
+                       if lora else f"{event['parameters'] / 1e6:.2f}M parameters")
+            say(f"ddpm: training {trained} on {event['data']} ({event['images']} images), "
                 f"{event['device']}, mixed precision {event['mixed_precision']}, from step {event['step']}"
                 + (f" with the weights of {event['init_from']}" if event.get("init_from") else ""), quiet)
         elif kind == "step":

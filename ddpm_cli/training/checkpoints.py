@@ -44,9 +44,9 @@ def _fsync_tree(folder: Path) -> None:
             os.fsync(f.fileno())
 
 
-def _tensors(module_or_dict) -> dict[str, torch.Tensor]:
+def _tensors(module_or_dict, names: set[str] | None = None) -> dict[str, torch.Tensor]:
     state = module_or_dict.state_dict() if hasattr(module_or_dict, "state_dict") else module_or_dict
-    return {name: value.detach().contiguous().cpu() for name, value in state.items()}
+    return {name: value.detach().contiguous().cpu() for name, value in state.items() if names is None or name in names}
 
 
 def _flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
@@ -111,8 +111,9 @@ def damage(checkpoint: Path) -> str | None:
 
 def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, ema_model: torch.nn.Module,
                     optimizer: torch.optim.Optimizer, generators: dict[str, torch.Generator], state: dict,
-                    keep: int) -> Path:
-    """Write checkpoint ``step`` atomically, then prune to the newest ``keep``; return its path."""
+                    keep: int, names: set[str] | None = None) -> Path:
+    """Write checkpoint ``step`` atomically, then prune to the newest ``keep``; return its path. With
+    ``names``, only those weights are saved (a LoRA run's adapters)."""
     if not all_finite(model, ema_model):
         raise NumericalError(f"the weights at step {step} are not finite; no checkpoint was written")
     final = checkpoint_path(run_dir, step)
@@ -123,8 +124,8 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, ema_model:
         for stale in folder.glob(f".{PREFIX}*.tmp-*"):
             shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir()
-        save_file(_tensors(model), tmp / "model.safetensors")
-        save_file(_tensors(ema_model), tmp / "ema.safetensors")
+        save_file(_tensors(model, names), tmp / "model.safetensors")
+        save_file(_tensors(ema_model, names), tmp / "ema.safetensors")
         opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
         save_file(opt_tensors, tmp / "optimizer.safetensors")
         save_file({name: g.get_state() for name, g in generators.items()}, tmp / "rng.safetensors")
@@ -208,13 +209,18 @@ def _match_layouts(optimizer: torch.optim.Optimizer) -> None:
 
 
 def load_checkpoint(checkpoint: Path, model: torch.nn.Module, ema_model: torch.nn.Module,
-                    optimizer: torch.optim.Optimizer, generators: dict[str, torch.Generator]) -> dict:
+                    optimizer: torch.optim.Optimizer, generators: dict[str, torch.Generator],
+                    names: set[str] | None = None) -> dict:
     """Restore weights, optimiser and generators in place; return the saved state. A checkpoint
-    that does not fit the model (or is damaged) raises ModelError."""
+    that does not fit the model (or is damaged) raises ModelError. With ``names``, the checkpoint
+    holds exactly those weights and the others keep their values."""
     device = next(model.parameters()).device
     try:
-        model.load_state_dict(load_file(checkpoint / "model.safetensors", device=str(device)))
-        ema_model.load_state_dict(load_file(checkpoint / "ema.safetensors", device=str(device)))
+        for module, file in ((model, "model.safetensors"), (ema_model, "ema.safetensors")):
+            tensors = load_file(checkpoint / file, device=str(device))
+            if names is not None and set(tensors) != names:
+                raise KeyError(f"{file} holds other weights than this run's adapters")
+            module.load_state_dict(tensors, strict=names is None)
         opt_meta = json.loads((checkpoint / "optimizer.json").read_text())
         optimizer.load_state_dict(_unflatten_optimizer(load_file(checkpoint / "optimizer.safetensors"), opt_meta))
         _match_layouts(optimizer)

@@ -9,6 +9,8 @@ from dataclasses import asdict, dataclass, fields
 
 from ddpm_cli.engine.choices import (BETA_SCHEDULES, CONDITIONINGS, LR_SCHEDULES, MIXED_PRECISION, PREDICTION_TYPES,
                                      LOSSES, TASKS, TEXT_EMBEDDINGS)
+
+LORA_TARGETS = ("attention", "attention+conv")
 from ddpm_cli.engine.errors import InputError
 from ddpm_cli.training.presets import AUTOENCODER_PRESETS, PRESETS
 
@@ -62,6 +64,12 @@ class TrainConfig:
     kl_weight: float = 1e-6
     scale: int | None = None
     init_from: str | None = None
+    revision: str | None = None  # of an --init-from Hub id
+    unet_config: dict | None = None  # the --init-from model's U-Net config (training/source.py)
+    scheduler_config: dict | None = None  # and its scheduler config
+    lora_rank: int | None = None  # train low-rank adapters only (training/lora.py)
+    lora_alpha: float | None = None  # their scale is alpha / rank [default: alpha = rank]
+    lora_targets: str = "attention"
 
     @classmethod
     def from_options(cls, options: dict, saved: dict | None = None) -> TrainConfig:
@@ -136,6 +144,17 @@ class TrainConfig:
                   f"--resolution {self.resolution} is not a multiple of --scale {self.scale}")
         else:
             check(self.scale is None, "--scale goes with --task superres")
+        check(self.revision is None or bool(self.init_from), "--revision goes with --init-from (a Hub id's revision)")
+        check(self.lora_targets in LORA_TARGETS,
+              f"unknown --lora-targets {self.lora_targets!r}; choose one of {', '.join(LORA_TARGETS)}")
+        if self.lora_rank is None:
+            check(self.lora_alpha is None, "--lora-alpha goes with --lora-rank")
+        else:
+            check(self.lora_rank >= 1, "--lora-rank must be at least 1")
+            check(self.task == "ddpm", f"--lora-rank trains adapters on a diffusion U-Net, not --task {self.task}; "
+                  "drop --lora-rank")
+            check(bool(self.init_from), "--lora-rank adapts a trained model: give it with --init-from MODEL")
+            check(self.lora_alpha is None or self.lora_alpha > 0, "--lora-alpha must be positive")
 
     def total_steps(self, steps_per_epoch: int) -> int:
         """Optimiser steps in the run; ``steps_per_epoch`` counts micro-batches."""

@@ -14,14 +14,14 @@ from ddpm_cli.engine.errors import InputError, ModelError
 COMPONENT = {"ddpm": "unet", "superres": "unet", "autoencoder": "vae"}
 
 
-def initial_weights(spec: str, task: str) -> tuple[Path, dict[str, torch.Tensor]]:
+def initial_weights(spec: str, task: str, revision: str | None = None) -> tuple[Path, dict[str, torch.Tensor]]:
     """(weights file, tensors) of the network ``task`` trains, from a run folder, built-in or Hub id."""
     from safetensors.torch import load_file
 
     from ddpm_cli.engine.models.resolve import locate
     from ddpm_cli.engine.models.safety import check_weights, safetensors_damage
 
-    root = locate(spec, what="model")
+    root = locate(spec, revision, what="model")
     folder = root / COMPONENT[task] if (root / COMPONENT[task]).is_dir() else root
     check_weights(folder)
     files = sorted(folder.glob("*.safetensors"))
@@ -35,10 +35,10 @@ def initial_weights(spec: str, task: str) -> tuple[Path, dict[str, torch.Tensor]
     return path, load_file(str(path))
 
 
-def load_initial_weights(model: torch.nn.Module, spec: str, task: str) -> Path:
+def load_initial_weights(model: torch.nn.Module, spec: str, task: str, revision: str | None = None) -> Path:
     """Copy ``spec``'s weights into ``model`` (cast to its dtype); InputError naming the first weight whose
     name or shape differs, before anything is copied. Returns the weights file used."""
-    path, tensors = initial_weights(spec, task)
+    path, tensors = initial_weights(spec, task, revision)
     own = model.state_dict()
     missing = [name for name in own if name not in tensors]
     extra = [name for name in tensors if name not in own]

@@ -16,7 +16,8 @@ from ddpm_cli.training.trainer import LOG_FILE, Events, Trainer, learning_rate
 __all__ = ["LOG_FILE", "RUN_ENTRIES", "Trainer", "clear_run", "holds_run", "learning_rate", "make_trainer", "prepare",
            "train"]
 
-RUN_ENTRIES = ("checkpoints", "samples", "unet", "vae", "scheduler", "model_index.json", MODEL_INFO_FILE, SUMMARY_FILE, LOG_FILE)
+RUN_ENTRIES = ("checkpoints", "samples", "unet", "vae", "scheduler", "model_index.json", MODEL_INFO_FILE, SUMMARY_FILE, LOG_FILE,
+               "pytorch_lora_weights.safetensors", "ddpm_lora.json", "tensorboard", "text_encoder", "tokenizer")
 
 
 def holds_run(run_dir: Path) -> bool:
@@ -51,6 +52,11 @@ def prepare(options: dict, resume: str | None = None, overwrite: bool = False,
         checkpoint = checkpoints.resolve_resume(run_dir, resume, warn)
         return TrainConfig.from_options(options, checkpoints.read_state(checkpoint)["config"]), checkpoint
     config = TrainConfig.from_options(options)
+    if config.init_from:  # the source model's architecture, schedule and conditioning
+        from ddpm_cli.training.source import inherit
+
+        inherit(config, {key for key, value in options.items() if value is not None})
+        config.validate()
     if holds_run(run_dir):
         if not overwrite:
             raise InputError(f"{run_dir} already holds a training run; pass --resume latest to continue it, "

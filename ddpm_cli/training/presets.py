@@ -79,7 +79,8 @@ def build_unet(config: dict):
     """UNet2DConditionModel for configs with cross-attention, else UNet2DModel."""
     from diffusers import UNet2DConditionModel, UNet2DModel
 
-    return UNet2DConditionModel(**config) if "cross_attention_dim" in config else UNet2DModel(**config)
+    cls = UNet2DConditionModel if "cross_attention_dim" in config else UNet2DModel
+    return cls.from_config(config)
 
 
 # Autoencoders for latent diffusion (``ddpm train --task autoencoder``): diffusers AutoencoderKL

@@ -87,14 +87,21 @@ class Trainer:
         self.objective = objective_class(config.task)(config, self.dataset, self.device, self.vae, self.on_event)
         torch.manual_seed(config.seed)
         self.model = prepare_module(self.objective.build_model().to(self.device))
-        if config.init_from and checkpoint is None:  # a resumed run has its own weights
+        # A resumed run has its own weights, but a LoRA run's checkpoints hold only its adapters.
+        if config.init_from and (checkpoint is None or config.lora_rank):
             from ddpm_cli.training.init_weights import load_initial_weights
 
-            load_initial_weights(self.model, config.init_from, config.task)
+            load_initial_weights(self.model, config.init_from, config.task, config.revision)
+        self.saved_names = None  # the state-dict names a checkpoint holds (None: all)
+        if config.lora_rank:
+            from ddpm_cli.training.lora import adapter_names, add_adapters
+
+            add_adapters(self.model, config.lora_rank, config.lora_alpha, config.lora_targets)
+            self.saved_names = adapter_names(self.model)
         self.memory_format = memory_format()
         self.ema = EMA(self.model, config.ema_decay)
         self.fused = self.device.type in ("cuda", "cpu")
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay,
+        self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=config.lr, weight_decay=config.weight_decay,
                                            fused=self.fused or None)
         # What the loss calls: the objective's forward of the model, in DDP under torchrun, compiled with --compile.
         self.network = self.objective.trainable(self.model)
@@ -119,7 +126,8 @@ class Trainer:
         self.stop = StopRequests(self.world, self.device)
         state = {}
         if checkpoint is not None:
-            state = checkpoints.load_checkpoint(checkpoint, self.model, self.ema.model, self.optimizer, self.generators)
+            state = checkpoints.load_checkpoint(checkpoint, self.model, self.ema.model, self.optimizer, self.generators,
+                                                self.saved_names)
             self.step, self.nonfinite, self.last_loss = state["step"], state["nonfinite"], state["loss"]
             self.elapsed, self.images_seen = state["elapsed"], state["images_seen"]
             self._truncate_log()
@@ -211,8 +219,9 @@ class Trainer:
         if self.world.main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         parameters = sum(p.numel() for p in self.model.parameters())
+        self.trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         self.on_event({"kind": "start", "step": self.step, "total": self.total, "device": describe(self.device, torch.float32),
-                       "parameters": parameters, "data": self.dataset.name, "images": len(self.dataset),
+                       "parameters": parameters, "trainable_parameters": self.trainable, "data": self.dataset.name, "images": len(self.dataset),
                        "mixed_precision": c.mixed_precision, "processes": self.world.size,
                        "init_from": c.init_from if self.step == 0 else None})
         started = time.perf_counter()
@@ -273,7 +282,7 @@ class Trainer:
                  "images_seen": self.images_seen, "loss": self.last_loss, "version": __version__,
                  "grad_scaler": self.scaler.state_dict() if self.scaler is not None else None}
         path = checkpoints.save_checkpoint(self.run_dir, self.step, self.model, self.ema.model, self.optimizer,
-                                           self.generators, state, self.config.keep_checkpoints)
+                                           self.generators, state, self.config.keep_checkpoints, self.saved_names)
         self.objective.export(self.run_dir, self.ema.model)
         self.on_event({"kind": "checkpoint", "step": self.step, "path": str(path)})
 
@@ -287,7 +296,7 @@ class Trainer:
             "config": self.config.to_dict(), "version": __version__, "steps": self.step,
             "final_loss": self.last_loss, "wall_time_s": round(self.elapsed, 3),
             "images_seen": self.images_seen, "images_per_s": round(self.images_seen / max(self.elapsed, 1e-9), 2),
-            "nonfinite_steps": self.nonfinite, "parameters": parameters,
+            "nonfinite_steps": self.nonfinite, "parameters": parameters, "trainable_parameters": self.trainable,
             "data": {"name": self.dataset.name, "source": str(self.dataset.source), "images": len(self.dataset)},
             "pipeline": str(self.run_dir), "last_grid": str(grids[-1]) if grids else None,
             "reference_loss": reference_loss(self.config),

@@ -32,7 +32,10 @@ GRID_CFG = 2.0
 
 
 def make_schedule(config: TrainConfig) -> NoiseSchedule:
-    """The schedule a config trains with; scaled_linear uses Stable Diffusion's beta range."""
+    """The schedule a config trains with (an --init-from model's own); scaled_linear uses Stable Diffusion's
+    beta range."""
+    if config.scheduler_config:
+        return NoiseSchedule.from_config(config.scheduler_config)
     start, end = (0.00085, 0.012) if config.schedule == "scaled_linear" else (1e-4, 0.02)
     return NoiseSchedule.create(config.schedule, config.num_train_timesteps, start, end,
                                 prediction_type=config.prediction_type, clip_sample=True)
@@ -55,6 +58,9 @@ class DiffusionObjective(Objective):
     @property
     def variance(self) -> str:
         """How the model's reverse variance is set: learned, or the posterior's beta_tilde."""
+        source = (self.config.scheduler_config or {}).get("variance_type")
+        if source in ("fixed_small", "fixed_large") and not self.config.learn_variance:
+            return source  # an --init-from model keeps its own
         return "learned_range" if self.config.learn_variance else "fixed_small"
 
     def _setup_conditioning(self) -> None:
@@ -83,6 +89,12 @@ class DiffusionObjective(Objective):
         config = self.config
         size = self.dataset.images.shape[-1] if self.latent else config.resolution
         channels = self.dataset.channels
+        if config.unet_config:  # --init-from: the source model's network
+            classes = config.unet_config.get("num_class_embeds")
+            if classes and self.class_names and classes != len(self.class_names) + 1:
+                raise InputError(f"--init-from {config.init_from} was trained on {classes - 1} classes, "
+                                 f"{config.data} has {len(self.class_names)}; fine-tune it on data with as many classes")
+            return build_unet(dict(config.unet_config))
         if self.encoder is not None:
             unet = text_unet_config(config.model_size, size, channels, self.encoder.hidden_size)
         else:
@@ -119,6 +131,18 @@ class DiffusionObjective(Objective):
                         text_embedding=self.encoder.embedding)
         if self.vae is not None:
             info.update(latent=self.dataset.vae_name, image_size=[self.config.resolution] * 2)
+        if self.config.lora_rank:  # the adapters and a pointer to the base model, not a whole pipeline
+            from ddpm_cli.training.lora import export_lora
+
+            export_lora(run_dir, ema_model, self.config, info)
+            return
+        if self.config.init_from and self.config.unet_config:
+            from ddpm_cli.training.source import export_stable_diffusion, is_stable_diffusion, source_folder
+
+            source = source_folder(self.config.init_from, self.config.revision)
+            if is_stable_diffusion(source) and (source / "model_index.json").is_file():
+                export_stable_diffusion(run_dir, ema_model, source)
+                return
         checkpoints.export_pipeline(run_dir, ema_model, self.schedule.to_config(self.variance), info, self.vae)
         if self.encoder is not None and self.encoder.embedding == "sentence":
             self._export_captions(run_dir)
