@@ -33,6 +33,7 @@ SCHEDULERS = {
     "dpmpp-3m-sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", "solver_order": 3}, False),
     "dpmpp-2s-a": ("DPMSolverSinglestepScheduler", {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}, False),
     "unipc": ("UniPCMultistepScheduler", {"solver_type": "bh2", "solver_order": 2}, False),
+    "unipc-3": ("UniPCMultistepScheduler", {"solver_type": "bh2", "solver_order": 3}, False),  # --order 3
 }
 SIGMAS = {"default": {}, "karras": {"use_karras_sigmas": True}, "exponential": {"use_exponential_sigmas": True}}
 DDPM_CONFIG = {"beta_schedule": "linear", "beta_start": 0.0001, "beta_end": 0.02, "clip_sample": True,
@@ -40,7 +41,7 @@ DDPM_CONFIG = {"beta_schedule": "linear", "beta_start": 0.0001, "beta_end": 0.02
 SD_CONFIG = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012, "clip_sample": False,
              "set_alpha_to_one": False, "steps_offset": 1, "timestep_spacing": "leading"}
 CASES = [(name, sigmas) for name in SCHEDULERS for sigmas in SIGMAS
-         if sigmas == "default" or "sigmas" in REGISTRY[name].options]
+         if sigmas == "default" or "sigmas" in REGISTRY[name.removesuffix("-3")].options]
 
 
 @pytest.fixture(scope="module")
@@ -69,6 +70,8 @@ def diffusers_images(unet, kwargs, shape, scheduler):
 
 
 def our_images(name, unet, kwargs, shape, config, sigmas, clip):
+    order = 3 if name == "unipc-3" else None
+    name = name.removesuffix("-3")
     entry = sampler_entry(name)
     schedule = NoiseSchedule.from_config({**config, "clip_sample": clip})
     # DPMSolverSinglestep has no spacing setting: its grid is linspace's (n + 1 points, the lowest dropped).
@@ -76,6 +79,8 @@ def our_images(name, unet, kwargs, shape, config, sigmas, clip):
     timesteps = make_timesteps(1000, STEPS, spacing, schedule.steps_offset, entry.solver_grid)
     noise = SeededNoise(SEEDS, shape)
     options = {"sigmas": sigmas} if "sigmas" in entry.options else {}
+    if order:
+        options["order"] = order
     return entry.load()(UNetDenoiser(unet, cond=kwargs), noise(), schedule, timesteps, noise, None, **options)
 
 

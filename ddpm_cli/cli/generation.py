@@ -29,6 +29,7 @@ class Generation:
     spacing: str | None = None
     variance: str | None = None
     sigmas: str | None = None
+    order: int | None = None
     clip_x0: str | None = None  # --clip-x0 on|off; None: the model's config
     seed: str | int | None = None  # --seed N|random (None: 0)
     seed_list: str | None = None  # --seeds LIST, which replaces --seed and -n
@@ -102,7 +103,8 @@ class Generation:
         pipeline = load_pipeline(self.model, self.revision, self.device, self.dtype, self.allow_pickle, self.compile)
         clip = None if self.clip_x0 is None else self.clip_x0 == "on"
         settings = SamplerSettings(self.sampler, self.steps, self.eta, self.spacing, self.variance,
-                                   options={"sigmas": self.sigmas}, clip_x0=clip).resolved(pipeline)
+                                   options={"sigmas": self.sigmas, "order": self.order},
+                                   clip_x0=clip).resolved(pipeline)
         return pipeline, settings
 
     def announce(self, pipeline, settings, extra: str = "") -> None:

@@ -11,7 +11,7 @@ from ddpm_cli.cli.errors import EXIT_USAGE, fail, handle_errors
 from ddpm_cli.cli.generation import Generation
 from ddpm_cli.cli.options import (AllowPickleOpt, BatchSizeOpt, ClassOpt, CompileOpt, DeviceOpt, DtypeOpt, EtaOpt,
                                   FormatOpt, GridOpt, NumImagesOpt, OutdirAlias, OutputOpt, OverwriteOpt, QuietOpt, RevisionOpt,
-                                  SamplerOpt, ImageSeedOpt, SeedListOpt, SkipExistingOpt, SpacingOpt, VarianceOpt, SigmasOpt, ClipX0Opt, one, steps_option)
+                                  SamplerOpt, ImageSeedOpt, SeedListOpt, SkipExistingOpt, SpacingOpt, VarianceOpt, SigmasOpt, OrderOpt, ClipX0Opt, one, steps_option)
 from ddpm_cli.cli.render import Job
 
 EXAMPLES = """
@@ -59,6 +59,7 @@ def inpaint(
     spacing: SpacingOpt = None,
     variance: VarianceOpt = None,
     sigmas: SigmasOpt = None,
+    order: OrderOpt = None,
     clip_x0: ClipX0Opt = None,
     seed: ImageSeedOpt = None,
     seed_list: SeedListOpt = None,

@@ -11,7 +11,7 @@ from ddpm_cli.cli.generation import Generation
 from ddpm_cli.engine.models.resolve import builtin_models
 from ddpm_cli.cli.options import (AllowPickleOpt, BatchSizeOpt, ClassOpt, CompileOpt, DeviceOpt, DtypeOpt, EtaOpt,
                                   FormatOpt, GridOpt, InitImageOpt, ResizeOpt, StrengthOpt, num_images_option, OutdirAlias, OutputOpt, OverwriteOpt, QuietOpt, RevisionOpt,
-                                  SamplerOpt, ImageSeedOpt, SeedListOpt, SkipExistingOpt, SpacingOpt, StepsOpt, VarianceOpt, SigmasOpt, ClipX0Opt, one)
+                                  SamplerOpt, ImageSeedOpt, SeedListOpt, SkipExistingOpt, SpacingOpt, StepsOpt, VarianceOpt, SigmasOpt, OrderOpt, ClipX0Opt, one)
 from ddpm_cli.cli.img2img import InitImages
 from ddpm_cli.cli.init_noise import AnimateOpt, FramesOpt, InitNoiseOpt, InitNoiseRowOpt, InterpolateOpt, NoiseStart
 from ddpm_cli.cli.render import Job
@@ -51,6 +51,7 @@ def sample(
     spacing: SpacingOpt = None,
     variance: VarianceOpt = None,
     sigmas: SigmasOpt = None,
+    order: OrderOpt = None,
     clip_x0: ClipX0Opt = None,
     class_spec: ClassOpt = None,
     cfg: Annotated[float | None, typer.Option("--cfg", min=0.0, show_default=False, help="With --class: guidance scale w, 0 unconditional, 1 conditional, >1 stronger [default: 2].")] = None,

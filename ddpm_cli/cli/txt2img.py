@@ -18,7 +18,7 @@ from ddpm_cli.engine.models.resolve import builtin_models
 from ddpm_cli.cli.options import (AllowPickleOpt, BatchSizeOpt, CompileOpt, DeviceOpt, DtypeOpt, EtaOpt, FormatOpt, GridOpt,
                                   InitImageOpt, ResizeOpt, StrengthOpt,
                                   ModelAlias, OutdirAlias, OutputOpt, OverwriteOpt, PerPromptOpt, QuietOpt, RevisionOpt,
-                                  SamplerOpt, ImageSeedOpt, SeedListOpt, SkipExistingOpt, SpacingOpt, VarianceOpt, SigmasOpt, ClipX0Opt, either, steps_option)
+                                  SamplerOpt, ImageSeedOpt, SeedListOpt, SkipExistingOpt, SpacingOpt, VarianceOpt, SigmasOpt, OrderOpt, ClipX0Opt, either, steps_option)
 from ddpm_cli.cli.progress import say
 from ddpm_cli.cli.img2img import InitImages
 from ddpm_cli.cli.init_noise import AnimateOpt, FramesOpt, InitNoiseOpt, InitNoiseRowOpt, InterpolateOpt, NoiseStart
@@ -104,6 +104,7 @@ def txt2img(
     spacing: SpacingOpt = None,
     variance: VarianceOpt = None,
     sigmas: SigmasOpt = None,
+    order: OrderOpt = None,
     clip_x0: ClipX0Opt = None,
     seed: ImageSeedOpt = None,
     seed_list: SeedListOpt = None,

@@ -12,7 +12,7 @@ from ddpm_cli.cli.errors import EXIT_USAGE, fail, handle_errors
 from ddpm_cli.cli.generation import Generation
 from ddpm_cli.cli.options import (AllowPickleOpt, BatchSizeOpt, CompileOpt, DeviceOpt, DtypeOpt, EtaOpt, FormatOpt, GridOpt,
                                   NumImagesOpt, OutdirAlias, OutputOpt, OverwriteOpt, QuietOpt, RevisionOpt, SamplerOpt,
-                                  ImageSeedOpt, SeedListOpt, SkipExistingOpt, SpacingOpt, VarianceOpt, SigmasOpt, ClipX0Opt, steps_option)
+                                  ImageSeedOpt, SeedListOpt, SkipExistingOpt, SpacingOpt, VarianceOpt, SigmasOpt, OrderOpt, ClipX0Opt, steps_option)
 from ddpm_cli.cli.render import Job
 
 DEFAULT_UPSCALER = "emoji-upscaler"  # built in: `ddpm train emoji --task superres --scale 2` (see its MODEL_CARD.md)
@@ -48,6 +48,7 @@ def upscale(
     spacing: SpacingOpt = None,
     variance: VarianceOpt = None,
     sigmas: SigmasOpt = None,
+    order: OrderOpt = None,
     clip_x0: ClipX0Opt = None,
     seed: ImageSeedOpt = None,
     seed_list: SeedListOpt = None,

@@ -20,6 +20,7 @@ from ddpm_cli.engine.choices import SPACINGS
 from ddpm_cli.engine.diffusion.samplers import Callback, Model, Noise, _needs_noise, after_step, make_timesteps
 from ddpm_cli.engine.diffusion.schedule import NoiseSchedule
 from ddpm_cli.engine.diffusion.sigmas import plan
+from ddpm_cli.engine.errors import InputError
 
 
 def data_prediction(model: Model, schedule: NoiseSchedule, x: torch.Tensor, sigma: float, t) -> torch.Tensor:
@@ -212,10 +213,11 @@ def _unipc_update(x, history, sigma_s, sigma_t, order, new_x0=None):
 
 @torch.no_grad()
 def sample_unipc(model: Model, x: torch.Tensor, schedule: NoiseSchedule, timesteps: list[int], noise: Noise = None,
-                 callback: Callback = None, *, sigmas: str = "default") -> torch.Tensor:
-    """UniPC, Zhao et al. (2023): the bh2 predictor of order 2 with the corrector (UniC) applied to
-    each new state once the network has been evaluated there (diffusers' UniPCMultistepScheduler)."""
-    order = 2
+                 callback: Callback = None, *, sigmas: str = "default", order: int = 2) -> torch.Tensor:
+    """UniPC, Zhao et al. (2023): the bh2 predictor of order 2 or 3 with the corrector (UniC) applied
+    to each new state once the network has been evaluated there (diffusers' UniPCMultistepScheduler)."""
+    if order not in (2, 3):
+        raise InputError(f"--order must be 2 or 3, got {order}")
     levels, times = noise_levels(schedule, timesteps, sigmas)
     n = len(times)
     history: list[tuple[torch.Tensor, float]] = []

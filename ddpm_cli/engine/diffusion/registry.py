@@ -34,6 +34,7 @@ class SamplerOption:
 OPTIONS: dict[str, SamplerOption] = {
     "eta": SamplerOption("--eta", 0.0, "noise added at each step: 0 deterministic, 1 as much as ancestral sampling"),
     "variance": SamplerOption("--variance", None, "the reverse-step variance [default: the model's]"),
+    "order": SamplerOption("--order", 2, "the solver's order: 2 or 3"),
     "sigmas": SamplerOption("--sigmas", "default", "noise levels: default (at the timesteps), karras (Karras et al. "
                                                    "2022, rho 7) or exponential (even in log sigma)"),
 }
@@ -86,7 +87,8 @@ REGISTRY: dict[str, SamplerEntry] = {entry.name: entry for entry in (
                  solver_grid=True),
     SamplerEntry("dpmpp-3m-sde", f"{_DPM}:sample_dpmpp_3m_sde", "Lu et al. 2022", _S, "trailing", 20, True,
                  solver_grid=True),
-    SamplerEntry("unipc", f"{_DPM}:sample_unipc", "Zhao et al. 2023", _S, "trailing", 20, solver_grid=True),
+    SamplerEntry("unipc", f"{_DPM}:sample_unipc", "Zhao et al. 2023", ("sigmas", "order"), "trailing", 20,
+                 solver_grid=True),
 )}
 
 SAMPLERS = tuple(REGISTRY)

@@ -34,6 +34,8 @@ def resolve_option(name: str, value, pipeline: Pipeline):
         return variance
     if name == "eta" and value is not None and value < 0:
         raise InputError(f"--eta must be >= 0, got {value}")
+    if name == "order" and value is not None and value not in (2, 3):
+        raise InputError(f"--order must be 2 or 3, got {value}")
     if name == "sigmas" and value is not None and value not in SIGMAS:
         raise InputError(f"unknown --sigmas {value!r}; choose one of {', '.join(SIGMAS)}")
     return OPTIONS[name].default if value is None else value
