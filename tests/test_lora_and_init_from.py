@@ -143,3 +143,74 @@ def test_a_resumed_lora_run_ends_at_the_adapters_of_an_uninterrupted_one(tiny_pi
     assert_same_tensors(load_file(str(tmp_path / "a/pytorch_lora_weights.safetensors")),
                         load_file(str(tmp_path / "b/pytorch_lora_weights.safetensors")))
     assert any(".conv1." in key for key in load_file(str(tmp_path / "a/pytorch_lora_weights.safetensors")))
+
+
+def random_lora(sd_dir, path, seed: int, rank: int = 4, targets=("to_q", "to_k", "to_v", "to_out.0")):
+    """A random LoRA for the tiny Stable Diffusion U-Net (lora_B non-zero), saved by diffusers' own writer."""
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    unet = UNet2DConditionModel.from_pretrained(sd_dir, subfolder="unet")
+    torch.manual_seed(seed)
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=False, target_modules=list(targets)))
+    with torch.no_grad():
+        for name, p in unet.named_parameters():
+            if "lora_B" in name:
+                p.mul_(3.0)
+    path.mkdir()
+    StableDiffusionPipeline.save_lora_weights(path, convert_state_dict_to_diffusers(get_peft_model_state_dict(unet)))
+    return path / "pytorch_lora_weights.safetensors"
+
+
+def test_txt2img_with_loras_equals_diffusers_load_lora_weights(sd_dir, tmp_path):
+    import numpy as np
+    from diffusers import StableDiffusionPipeline
+    from PIL import Image
+
+    from ddpm_cli.engine.io.images import read_png_metadata
+    from ddpm_cli.engine.models.fingerprint import file_sha256
+
+    first, second = random_lora(sd_dir, tmp_path / "a", 1), random_lora(sd_dir, tmp_path / "b", 2)
+    result = ddpm("txt2img", "a red cat", "-m", sd_dir, "--steps", 6, "--cfg", 4, "--seed", 3, "-n", 2,
+                  "--lora", f"{first}:0.7", "--lora", f"{tmp_path / 'b'}:0.5", "-o", tmp_path / "out", "-q")
+    assert result.returncode == 0, result.stderr
+    settings = dict(num_inference_steps=6, guidance_scale=4.0, num_images_per_prompt=2, output_type="np")
+    reference = StableDiffusionPipeline.from_pretrained(sd_dir)
+    plain = reference("a red cat", generator=[torch.Generator().manual_seed(s) for s in (3, 4)], **settings).images
+    reference.load_lora_weights(first, adapter_name="a")
+    reference.load_lora_weights(tmp_path / "b", adapter_name="b")
+    reference.set_adapters(["a", "b"], adapter_weights=[0.7, 0.5])
+    expected = reference("a red cat", generator=[torch.Generator().manual_seed(s) for s in (3, 4)], **settings).images
+    assert np.abs(expected - plain).max() > 0.05  # the LoRAs change the images
+    for i, seed in enumerate((3, 4)):
+        path = tmp_path / "out" / f"a-red-cat-{seed:06d}.png"
+        ours = np.asarray(Image.open(path), dtype=float) / 255
+        assert np.abs(ours - expected[i]).max() <= 1 / 255 + 1e-6
+    meta = read_png_metadata(tmp_path / "out" / "a-red-cat-000003.png")
+    assert meta["lora"] == [f"{first}:0.7", f"{tmp_path / 'b' / 'pytorch_lora_weights.safetensors'}:0.5"]
+    assert meta["lora_sha256"] == [file_sha256(first), file_sha256(tmp_path / "b/pytorch_lora_weights.safetensors")]
+    replayed = ddpm("replay", tmp_path / "out" / "a-red-cat-000004.png", "-o", tmp_path / "again", "-q")
+    assert replayed.returncode == 0, replayed.stderr
+    assert (tmp_path / "again/a-red-cat-000004.png").read_bytes() == (tmp_path / "out/a-red-cat-000004.png").read_bytes()
+
+
+def test_lora_refuses_a_pickle_another_architecture_and_wrong_shapes(sd_dir, tiny_pipeline_dir, tmp_path):
+    from safetensors.torch import save_file
+
+    lora = random_lora(sd_dir, tmp_path / "a", 1)
+    pickle = tmp_path / "lora.bin"
+    torch.save({}, pickle)
+    state = load_file(str(lora))
+    key = next(k for k in state if k.endswith("lora.down.weight"))
+    state[key] = state[key][:, :-1].contiguous()
+    save_file(state, str(tmp_path / "narrow.safetensors"))
+    cases = [(["sample", tiny_pipeline_dir, "--lora", pickle], "a pickle file can run code"),
+             (["sample", tiny_pipeline_dir, "--lora", lora], "is for another architecture: this U-Net has no layer"),
+             (["txt2img", "a cat", "-m", sd_dir, "--lora", tmp_path / "narrow.safetensors"],
+              r"is for another architecture: .* takes \(.*\) here, the adapter has")]
+    for i, (args, pattern) in enumerate(cases):
+        out = tmp_path / f"out{i}"
+        one_error_line(ddpm(*args, "--steps", 2, "-o", out), 3, pattern)
+        assert not out.exists() or not any(out.iterdir())

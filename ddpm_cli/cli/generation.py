@@ -42,6 +42,7 @@ class Generation:
     device: str = "auto"
     dtype: str = "auto"
     revision: str | None = None
+    lora: list[str] | None = None  # --lora PATH[:SCALE], repeatable
     allow_pickle: bool = False
     compile: bool = False
     overwrite: bool = False
@@ -100,7 +101,13 @@ class Generation:
         from ddpm_cli.engine.tasks.generate import SamplerSettings
         from ddpm_cli.engine.models.pipeline import load_pipeline
 
-        pipeline = load_pipeline(self.model, self.revision, self.device, self.dtype, self.allow_pickle, self.compile)
+        from ddpm_cli.engine.models.lora import LoraSpec, check_file
+
+        self.loras = [LoraSpec.parse(spec) for spec in self.lora or []]
+        for spec in self.loras:  # missing, pickle or damaged files: refused before the model loads
+            check_file(spec)
+        pipeline = load_pipeline(self.model, self.revision, self.device, self.dtype, self.allow_pickle, self.compile,
+                                 loras=self.loras)
         clip = None if self.clip_x0 is None else self.clip_x0 == "on"
         settings = SamplerSettings(self.sampler, self.steps, self.eta, self.spacing, self.variance,
                                    options={"sigmas": self.sigmas, "order": self.order},
@@ -142,8 +149,12 @@ class Generation:
         (``command`` first among them), with what `ddpm replay` needs: the device, the SHA-256 of the
         U-Net's weights (hashed once per file, cached) and the Hub commit of a Hub model."""
         from ddpm_cli import __version__
-        from ddpm_cli.engine.models.fingerprint import hub_commit, weights_sha256
+        from ddpm_cli.engine.models.fingerprint import file_sha256, hub_commit, weights_sha256
 
+        loras = getattr(self, "loras", [])
+        if loras:
+            extra = {**extra, "lora": [spec.label for spec in loras],
+                     "lora_sha256": [file_sha256(spec.path) for spec in loras]}
         params = {"model": self.model, **settings.describe(), **extra, "size": f"{size[1]}x{size[0]}",
                   "dtype": str(pipeline.dtype).removeprefix("torch."), "device": str(pipeline.device),
                   "revision": hub_commit(pipeline.folder), "model_sha256": weights_sha256(pipeline.folder),

@@ -72,6 +72,7 @@ StrengthOpt = Annotated[float | None, typer.Option("--strength", show_default=Fa
 ResizeOpt = Annotated[bool, typer.Option("--resize", help="With --init-image: resize an image of another size to the output's (Lanczos) instead of refusing it.")]
 FormatOpt = format_option("one path per line")
 RevisionOpt = Annotated[str | None, typer.Option("--revision", help="Hub revision (branch, tag or commit) of MODEL.")]
+LoraOpt = Annotated[list[str] | None, typer.Option("--lora", metavar="PATH[:SCALE]", show_default=False, help="Load a LoRA (diffusers-format .safetensors, or a folder holding pytorch_lora_weights.safetensors, e.g. a `ddpm train --lora-rank` run) onto the U-Net with this scale [default: 1]; repeatable. Recorded with its SHA-256 in the metadata.")]
 CompileOpt = Annotated[bool, typer.Option("--compile", help="torch.compile the U-Net first (worth it for many images).")]
 AllowPickleOpt = Annotated[bool, typer.Option("--allow-pickle", help="Load pickle (.bin/.ckpt) weights. They can run code: only for sources you trust.")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace output files that exist.")]
@@ -89,7 +90,7 @@ SamplerOpt = Annotated[Sampler, typer.Option("--sampler", autocompletion=complet
 StepsOpt = steps_option("ddpm every training step, ddim 50, euler, euler-a and lms 30, heun and dpm2 15 (two network "
                         "calls a step), the DPM-Solver++ family and unipc 20")
 EtaOpt = Annotated[float | None, typer.Option("--eta", min=0.0, show_default=False, help="Samplers that take it (ddim): noise added at each step, 0 deterministic, 1 like DDPM [default: 0].")]
-SpacingOpt = Annotated[Spacing | None, typer.Option("--spacing", autocompletion=complete(SPACINGS), show_default=False, help=f"Timestep spacing: {', '.join(SPACINGS)} [default: the sampler's usual].")]
+SpacingOpt = Annotated[Spacing | None, typer.Option("--spacing", autocompletion=complete(SPACINGS), show_default=False, help=f"Timestep spacing: {', '.join(SPACINGS)} [default: the sampler's usual: leading for ddpm and ddim, trailing for the others, which diffusers recommends even where a model's config says leading; --spacing leading reproduces such a config, with each sampler's own leading rule].")]
 VarianceOpt = Annotated[Variance | None, typer.Option("--variance", autocompletion=complete(VARIANCES), show_default=False, help=f"Samplers that take it (ddpm): the reverse-step variance, {', '.join(VARIANCES)} [default: the model's].")]
 SigmasOpt = Annotated[Sigmas | None, typer.Option("--sigmas", autocompletion=complete(SIGMAS), show_default=False, help="Samplers that take it (all but ddpm, ddim, euler-a): noise levels, default (at the spaced timesteps), karras (Karras et al. 2022, rho 7) or exponential; diffusers' use_karras_sigmas / use_exponential_sigmas [default: default].")]
 OrderOpt = Annotated[int | None, typer.Option("--order", min=2, max=3, show_default=False, help="Samplers that take it (unipc): the solver's order, 2 or 3 [default: 2].")]

@@ -100,9 +100,10 @@ KEYS: tuple[Key, ...] = (
     Key("dtype", "--dtype", values=tuple(DTYPE_FLAGS.items())),
     Key("device", "--device"),
     Key("revision", "--revision"),  # the Hub commit the model was read from
+    Key("lora", "--lora"),  # a list: one --lora PATH:SCALE each
     # recorded for information, or checked, never passed:
     Key("size", None, ("sample", "inpaint", "upscale")),  # follows from the model or the input image
-    *(Key(name, None) for name in ("command", "task", "class_name", "version", "model_sha256")),
+    *(Key(name, None) for name in ("command", "task", "class_name", "version", "model_sha256", "lora_sha256")),
     *(Key(f"{name}_sha256", None, checks=name) for name in ("image", "mask", "init_image", "init_noise")),
 )
 
@@ -216,6 +217,8 @@ def command_line(command: str, settings: dict, output: Path, *extra: str, single
             on, _, off = key.flag.partition("/")
             given = on if str(value).lower() in ("1", "true", "yes", "on") else off
             options += [given] if given in flags else []
+        elif isinstance(value, list) and key.flag in flags:  # a repeatable option
+            options += [word for item in value for word in (key.flag, str(item))]
         elif key.flag == "--width/--height":
             width, _, height = str(value).partition("x")
             options += ["--width", width, "--height", height]

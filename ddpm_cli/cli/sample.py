@@ -9,6 +9,7 @@ import typer
 from ddpm_cli.cli.errors import handle_errors
 from ddpm_cli.cli.generation import Generation
 from ddpm_cli.engine.models.resolve import builtin_models
+from ddpm_cli.cli.options import LoraOpt
 from ddpm_cli.cli.options import (AllowPickleOpt, BatchSizeOpt, ClassOpt, CompileOpt, DeviceOpt, DtypeOpt, EtaOpt,
                                   FormatOpt, GridOpt, InitImageOpt, ResizeOpt, StrengthOpt, num_images_option, OutdirAlias, OutputOpt, OverwriteOpt, QuietOpt, RevisionOpt,
                                   SamplerOpt, ImageSeedOpt, SeedListOpt, SkipExistingOpt, SpacingOpt, StepsOpt, VarianceOpt, SigmasOpt, OrderOpt, ClipX0Opt, one)
@@ -72,6 +73,7 @@ def sample(
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     revision: RevisionOpt = None,
+    lora: LoraOpt = None,
     allow_pickle: AllowPickleOpt = False,
     compile: CompileOpt = False,
     overwrite: OverwriteOpt = False,

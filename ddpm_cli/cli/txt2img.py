@@ -15,6 +15,7 @@ from ddpm_cli.cli.errors import EXIT_USAGE, fail, handle_errors
 from ddpm_cli.cli.generation import Generation
 from ddpm_cli.engine.choices import PRIORS
 from ddpm_cli.engine.models.resolve import builtin_models
+from ddpm_cli.cli.options import LoraOpt
 from ddpm_cli.cli.options import (AllowPickleOpt, BatchSizeOpt, CompileOpt, DeviceOpt, DtypeOpt, EtaOpt, FormatOpt, GridOpt,
                                   InitImageOpt, ResizeOpt, StrengthOpt,
                                   ModelAlias, OutdirAlias, OutputOpt, OverwriteOpt, PerPromptOpt, QuietOpt, RevisionOpt,
@@ -130,6 +131,7 @@ def txt2img(
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     revision: RevisionOpt = None,
+    lora: LoraOpt = None,
     allow_pickle: AllowPickleOpt = False,
     compile: CompileOpt = False,
     overwrite: OverwriteOpt = False,

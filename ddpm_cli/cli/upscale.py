@@ -10,6 +10,7 @@ import typer
 
 from ddpm_cli.cli.errors import EXIT_USAGE, fail, handle_errors
 from ddpm_cli.cli.generation import Generation
+from ddpm_cli.cli.options import LoraOpt
 from ddpm_cli.cli.options import (AllowPickleOpt, BatchSizeOpt, CompileOpt, DeviceOpt, DtypeOpt, EtaOpt, FormatOpt, GridOpt,
                                   NumImagesOpt, OutdirAlias, OutputOpt, OverwriteOpt, QuietOpt, RevisionOpt, SamplerOpt,
                                   ImageSeedOpt, SeedListOpt, SkipExistingOpt, SpacingOpt, VarianceOpt, SigmasOpt, OrderOpt, ClipX0Opt, steps_option)
@@ -62,6 +63,7 @@ def upscale(
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     revision: RevisionOpt = None,
+    lora: LoraOpt = None,
     allow_pickle: AllowPickleOpt = False,
     compile: CompileOpt = False,
     overwrite: OverwriteOpt = False,

@@ -62,13 +62,13 @@ def write_lora_file(model: torch.nn.Module, path: Path, rank: int, alpha: float 
     """Write ``path`` with diffusers' own LoRA writer (keys ``unet.*``, the LoraConfig in its metadata)."""
     import tempfile
 
-    from diffusers import StableDiffusionPipeline
+    from diffusers.loaders import StableDiffusionLoraLoaderMixin  # its LoRA file methods, without the pipeline
 
     metadata = lora_config(rank, alpha, targets).to_dict()
     metadata = {key: metadata[key] for key in ("r", "lora_alpha", "target_modules", "init_lora_weights", "use_dora",
                                                "lora_bias") if key in metadata}
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
-        StableDiffusionPipeline.save_lora_weights(tmp, unet_lora_layers=diffusers_state(model),
+        StableDiffusionLoraLoaderMixin.save_lora_weights(tmp, unet_lora_layers=diffusers_state(model),
                                                   unet_lora_adapter_metadata=metadata)
         (Path(tmp) / LORA_FILE).rename(path)
 

@@ -218,13 +218,18 @@ def from_unet(unet: torch.nn.Module, schedule: NoiseSchedule, name: str = "in-me
 
 
 def load_pipeline(model: str, revision: str | None = None, device: str = "auto", dtype: str = "auto",
-                  allow_pickle: bool = False, compile: bool = False) -> Pipeline:
-    """Resolve MODEL, check its weights, and load its U-Net and noise schedule, accelerated
-    (CUDA graphs on CUDA, torch.compile when ``compile``; see ``acceleration``)."""
+                  allow_pickle: bool = False, compile: bool = False, loras: list | None = None) -> Pipeline:
+    """Resolve MODEL, check its weights, and load its U-Net (with ``loras``, engine.models.lora.LoraSpec, on
+    it) and noise schedule, accelerated (CUDA graphs on CUDA, torch.compile when ``compile``; see
+    ``acceleration``)."""
     folder = resolve_model(model, revision)
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     unet = load_unet(folder, torch_device, torch_dtype, allow_pickle=allow_pickle)
+    if loras:
+        from ddpm_cli.engine.models.lora import apply_loras
+
+        apply_loras(unet, loras)
     vae = load_vae(folder, torch_device, torch_dtype) if (folder / "vae").is_dir() else None
     info = read_json(folder / MODEL_INFO_FILE) if (folder / MODEL_INFO_FILE).is_file() else {}
     index = read_json(folder / "model_index.json") if (folder / "model_index.json").is_file() else {}
