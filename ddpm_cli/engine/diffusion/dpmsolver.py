@@ -17,7 +17,14 @@ import numpy as np
 import torch
 
 from ddpm_cli.engine.choices import SPACINGS
-from ddpm_cli.engine.diffusion.samplers import Callback, Model, Noise, _needs_noise, after_step, make_timesteps
+from ddpm_cli.engine.diffusion.samplers import (
+    Callback,
+    Model,
+    Noise,
+    _needs_noise,
+    after_step,
+    make_timesteps,
+)
 from ddpm_cli.engine.diffusion.schedule import NoiseSchedule
 from ddpm_cli.engine.diffusion.sigmas import plan
 from ddpm_cli.engine.errors import InputError

@@ -17,7 +17,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ddpm_cli.engine.diffusion.samplers import Callback, Model, Noise, _needs_noise, after_step
+from ddpm_cli.engine.diffusion.samplers import (
+    Callback,
+    Model,
+    Noise,
+    _needs_noise,
+    after_step,
+)
 from ddpm_cli.engine.diffusion.schedule import NoiseSchedule
 from ddpm_cli.engine.diffusion.sigmas import log_sigma_table, plan, sigma_to_t, vp_scale
 

@@ -2,8 +2,8 @@
 
 Every sampler is ``sample_x(model, x, schedule, timesteps, noise=None, callback=None, **options) -> x``:
 
-- ``model(x, t) -> network output`` at integer timestep t (``denoiser.py``; wrappers in ``wrappers.py``
-  add input channels or tile it);
+- ``model(x, t) -> network output`` at timestep t, an integer or, for interpolated noise levels,
+  fractional (``denoiser.py``; wrappers in ``wrappers.py`` add input channels or tile it);
 - ``x`` is the state at ``timesteps[0]``: x_T, or a partially noised image when the list starts
   lower (the chain need not start at T);
 - ``timesteps`` is a decreasing list (from :func:`make_timesteps`, or a tail of one), and the
@@ -12,7 +12,8 @@ Every sampler is ``sample_x(model, x, schedule, timesteps, noise=None, callback=
 - ``callback(info)`` runs after each step with ``{"i", "t", "t_prev", "x", "denoised"}``, where x
   is now at timestep t_prev (-1: the clean end); a tensor it returns replaces x (inpainting puts
   the known region back this way), None keeps it;
-- ``options`` are the keyword-only options its registry entry lists (``eta``, ``variance``, ``sigmas``).
+- ``options`` are the keyword-only options its registry entry lists (``eta``, ``variance``, ``sigmas``,
+  ``order``).
 
 DDPM and DDIM live here; the sigma-space samplers (Euler, Heun, DPM2, LMS) in ``ksamplers.py``,
 DPM-Solver++ and UniPC in ``dpmsolver.py``. Timesteps may be fractional there (``sigmas.py``).
