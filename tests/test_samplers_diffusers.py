@@ -101,3 +101,24 @@ def test_every_sampler_equals_its_diffusers_scheduler(models, model, name, sigma
     # the difference is measured relative to max(1, |x|), i.e. absolute on the image scale [-1, 1].
     difference = ((got - expected).abs() / expected.abs().clamp(min=1.0)).max().item()
     assert difference < 1e-4, f"{name} {sigmas} on {model}: max scaled |difference| {difference:.2e}"
+
+
+@pytest.mark.parametrize("name", ["dpmpp-2m", "euler", "unipc"])
+def test_settings_reproduce_a_ddpm_config_with_spacing_leading_and_clip_x0_off(name):
+    """Through SamplerSettings and sample_batch (each sampler's own leading rule, --clip-x0 off), a
+    DDPM config (clip_sample true, leading) gives diffusers' images; ddpm's default (x_0 clipped,
+    trailing) deliberately does not."""
+    import diffusers
+
+    from ddpm_cli.engine.models.pipeline import from_unet
+    from ddpm_cli.engine.tasks.generate import SamplerSettings, sample_batch
+
+    unet = tiny_unet()
+    class_name, settings, _ = SCHEDULERS[name]
+    scheduler = getattr(diffusers, class_name).from_config({**DDPM_CONFIG, **settings})
+    expected = diffusers_images(unet, {}, (1, 8, 8), scheduler).clamp(-1, 1)
+    pipeline = from_unet(unet, NoiseSchedule.from_config(DDPM_CONFIG))
+    same = sample_batch(pipeline, SEEDS, SamplerSettings(name, STEPS, spacing="leading", clip_x0=False))
+    assert (same - expected).abs().max() < 1e-4
+    default = sample_batch(pipeline, SEEDS, SamplerSettings(name, STEPS))
+    assert (default - expected).abs().max() > 1e-2
