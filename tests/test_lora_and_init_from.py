@@ -214,3 +214,54 @@ def test_lora_refuses_a_pickle_another_architecture_and_wrong_shapes(sd_dir, tin
         out = tmp_path / f"out{i}"
         one_error_line(ddpm(*args, "--steps", 2, "-o", out), 3, pattern)
         assert not out.exists() or not any(out.iterdir())
+
+
+def test_validation_split_logs_the_held_out_loss_and_tensorboard_gets_the_scalars(tiny_pipeline_dir, tmp_path):
+    from diffusers import DDPMPipeline
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tmp_path / "run"
+    trainer = trainer_for({"data": "fashion-mnist-subset", "output": str(run), "init_from": str(tiny_pipeline_dir),
+                           "max_steps": 4, "checkpoint_every": 4, "validation_split": 0.05, "validate_every": 2,
+                           "log_with": "tensorboard", "lr": 1e-3})
+    assert len(trainer.held_out) == 150 and not set(trainer.held_out) & set(trainer.batches.items.tolist())
+    batch, noise = trainer._validation_batch()
+    summary = trainer.run()
+    lines = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    held = {line["step"]: line["val_loss"] for line in lines if "val_loss" in line}
+    assert sorted(held) == [0, 2, 4]
+    # step 0: the source model's loss, computed here with diffusers' scheduler and U-Net
+    source = DDPMPipeline.from_pretrained(tiny_pipeline_dir)
+    losses = []
+    with torch.no_grad():
+        for k in range(10):
+            t = torch.full((batch.images.shape[0],), int((k + 0.5) * 100), dtype=torch.long)
+            xt = source.scheduler.add_noise(batch.images, noise, t)
+            losses.append(torch.nn.functional.mse_loss(source.unet(xt, t).sample, noise).item())
+    assert abs(held[0] - sum(losses) / 10) < 1e-5
+    best = min(held, key=held.get)
+    assert summary["validation"]["best_step"] == best and summary["validation"]["best_loss"] == held[best]
+
+    events = EventAccumulator(str(run / "tensorboard")).Reload()
+    tags = events.Tags()
+    for tag in ("train/loss", "train/lr", "train/images_per_s", "train/grad_norm", "validation/loss"):
+        assert tag in tags["scalars"], tag
+    assert [e.step for e in events.Scalars("validation/loss")] == [0, 2, 4]
+    assert abs(events.Scalars("validation/loss")[0].value - held[0]) < 1e-6
+    assert "samples" in tags["images"]
+
+
+def test_log_with_and_validation_refusals(tmp_path, monkeypatch):
+    import importlib.util
+
+    from ddpm_cli.engine.errors import InputError
+    from ddpm_cli.training.config import TrainConfig
+
+    one_error_line(ddpm("train", "fashion-mnist-subset", "--validate-every", 5, "-o", tmp_path / "a"), 2,
+                   "--validate-every needs held-out data: add --validation-split")
+    one_error_line(ddpm("train", "fashion-mnist-subset", "--validation-split", 1.5, "-o", tmp_path / "b"), 2,
+                   r"--validation-split must be in \[0, 1\)")
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real(name, *a))
+    with pytest.raises(InputError, match=r"needs the tensorboard package: pip install"):
+        TrainConfig.from_options({"log_with": "tensorboard"})

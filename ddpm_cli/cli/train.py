@@ -14,7 +14,7 @@ from ddpm_cli.cli.progress import StepProgress, say
 from ddpm_cli.engine.choices import (BETA_SCHEDULES, CONDITIONINGS, LR_SCHEDULES, MIXED_PRECISION, PREDICTION_TYPES,
                                      LOSSES, TASKS, TEXT_EMBEDDINGS)
 from ddpm_cli.engine.runtime.distributed import world
-from ddpm_cli.training.config import LORA_TARGETS, SUMMARY_FILE, TrainConfig
+from ddpm_cli.training.config import LOG_WITH, LORA_TARGETS, SUMMARY_FILE, TrainConfig
 from ddpm_cli.training.presets import PRESETS
 
 D = TrainConfig  # the defaults shown in --help are the ones the run uses
@@ -83,6 +83,9 @@ def train(
     sample_every: Annotated[int | None, _opt("--sample-every", help="Steps between sample grids [default: --checkpoint-every].", min=1)] = None,
     compile: Annotated[bool | None, _opt("--compile/--no-compile", help="torch.compile the U-Net (a minute or two of compiling first; faster steps after).", default="off")] = None,
     num_workers: Annotated[int | None, _opt("--num-workers", help="Image decoding processes for folders [default: min(4, cores - 1)].", min=0)] = None,
+    log_with: Annotated[str | None, _opt("--log-with", autocompletion=complete(LOG_WITH), help="none, or tensorboard: event files in RUN/tensorboard (loss, learning rate, images/s, gradient norm, held-out loss, sample grids); pip install 'ddpm-cli[tensorboard]', then: tensorboard --logdir RUN.", default=D.log_with)] = None,
+    validation_split: Annotated[float | None, _opt("--validation-split", help="Hold back this share of DATA (e.g. 0.1) and log the EMA weights' loss on it (up to 64 images, 10 fixed timesteps, fixed noise) at step 0 and every --validate-every steps, in log.jsonl (val_loss) and TensorBoard.")] = None,
+    validate_every: Annotated[int | None, _opt("--validate-every", help="Steps between held-out losses [default: --checkpoint-every].", min=1)] = None,
     resume: Annotated[str | None, _opt("--resume", help="Continue a run: latest, or a checkpoint folder.")] = None,
     device: DeviceOpt = "auto",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Start over in a run folder that holds a run (its files are removed).")] = False,
@@ -125,6 +128,8 @@ def train(
         elif kind == "step":
             loss = "-" if event["loss"] is None else f"{event['loss']:.4f}"  # read every few steps
             bar.update(event["step"], f"loss {loss} {event['images_per_s']:.0f} img/s")
+        elif kind == "validation" and not bar.interactive:
+            say(f"ddpm: held-out loss {event['loss']:.4f} at step {event['step']}", quiet)
         elif kind == "nonfinite":
             say(f"ddpm: warning: non-finite loss at step {event['step']} skipped ({event['in_a_row']} in a row)", quiet)
         elif kind == "sample" and not bar.interactive:
@@ -136,6 +141,10 @@ def train(
     with bar:
         summary = trainer.run()
     if main:
+        held = summary.get("validation")
+        if held:
+            say(f"ddpm: held-out loss: best {held['best_loss']:.4f} at step {held['best_step']} "
+                f"({held['first_loss']:.4f} at step {held['first_step']}; {held['images']} held-out images)", quiet)
         note = short_run_note(summary)
         if note:
             say(note, quiet)

@@ -20,7 +20,10 @@ from ddpm_cli.data.sources import ArrayImageSet, ImageSet
 class EpochBatches:
     """Deterministic, resumable batch order (drop last): ``indices(step)`` depends only on (seed, step)."""
 
-    def __init__(self, n_items: int, batch_size: int, seed: int):
+    def __init__(self, n_items: int, batch_size: int, seed: int, items: list[int] | None = None):
+        """``items``: the item indices to draw from (default all ``n_items``), e.g. those not held out."""
+        self.items = None if items is None else torch.tensor(items, dtype=torch.long)
+        n_items = n_items if items is None else len(items)
         if batch_size < 1:
             raise InputError(f"--batch-size must be at least 1, got {batch_size}")
         if batch_size > n_items:
@@ -42,7 +45,8 @@ class EpochBatches:
         if step < 0:
             raise ValueError(f"step must be >= 0, got {step}")
         epoch, k = divmod(step, self.steps_per_epoch)
-        return self.permutation(epoch)[k * self.batch_size:(k + 1) * self.batch_size].tolist()
+        chosen = self.permutation(epoch)[k * self.batch_size:(k + 1) * self.batch_size]
+        return (chosen if self.items is None else self.items[chosen]).tolist()
 
 
 def crop_and_flip(images: list[torch.Tensor], resolution: int, center_crop: bool, random_flip: bool,

@@ -17,7 +17,8 @@ from ddpm_cli.training.presets import AUTOENCODER_PRESETS, PRESETS
 SUMMARY_FILE = "ddpm_train.json"  # written in the run folder when a run finishes
 # Options a resumed run may change; every other option comes from the run being resumed.
 RESUMABLE = {"max_steps", "epochs", "checkpoint_every", "keep_checkpoints", "sample_every", "device",
-             "num_workers", "max_nonfinite", "compile"}
+             "num_workers", "max_nonfinite", "compile", "log_with", "validate_every"}
+LOG_WITH = ("none", "tensorboard")
 
 
 @dataclass
@@ -70,6 +71,9 @@ class TrainConfig:
     lora_rank: int | None = None  # train low-rank adapters only (training/lora.py)
     lora_alpha: float | None = None  # their scale is alpha / rank [default: alpha = rank]
     lora_targets: str = "attention"
+    log_with: str = "none"  # none or tensorboard (event files under the run folder's tensorboard/)
+    validation_split: float = 0.0  # share of DATA held out for the validation loss
+    validate_every: int | None = None  # steps between validation losses [default: --checkpoint-every]
 
     @classmethod
     def from_options(cls, options: dict, saved: dict | None = None) -> TrainConfig:
@@ -144,6 +148,18 @@ class TrainConfig:
                   f"--resolution {self.resolution} is not a multiple of --scale {self.scale}")
         else:
             check(self.scale is None, "--scale goes with --task superres")
+        check(self.log_with in LOG_WITH, f"unknown --log-with {self.log_with!r}; choose one of {', '.join(LOG_WITH)}")
+        if self.log_with == "tensorboard":
+            import importlib.util
+
+            check(importlib.util.find_spec("tensorboard") is not None,
+                  "--log-with tensorboard needs the tensorboard package: pip install 'ddpm-cli[tensorboard]'")
+        check(0.0 <= self.validation_split < 1.0, "--validation-split must be in [0, 1), e.g. 0.1")
+        check(self.validate_every is None or self.validate_every >= 1, "--validate-every must be at least 1")
+        check(self.validate_every is None or self.validation_split > 0,
+              "--validate-every needs held-out data: add --validation-split P")
+        check(self.validation_split == 0 or self.task == "ddpm",
+              f"--validation-split measures a diffusion loss; --task {self.task} does not take it yet")
         check(self.revision is None or bool(self.init_from), "--revision goes with --init-from (a Hub id's revision)")
         check(self.lora_targets in LORA_TARGETS,
               f"unknown --lora-targets {self.lora_targets!r}; choose one of {', '.join(LORA_TARGETS)}")

@@ -45,6 +45,7 @@ from ddpm_cli.training.stop import StopRequests, TrainingStopped, signal_name
 
 LOG_FILE = "log.jsonl"
 LOG_EVERY = 10
+VALIDATION_IMAGES = 64  # held-out images the validation loss is measured on
 
 Events = Callable[[dict], None]
 
@@ -116,11 +117,15 @@ class Trainer:
             "noise": torch.Generator(self.device).manual_seed(config.seed + 2),
         }
         self.draws = Draws(self.generators["noise"], self.device, self.world)
-        self.batches = EpochBatches(len(self.dataset), config.batch_size, config.seed)
+        self.held_out, items = self._split(config)
+        self.batches = EpochBatches(len(self.dataset), config.batch_size, config.seed, items)
         self.total = config.total_steps(self.batches.steps_per_epoch)
         self.step, self.nonfinite, self.elapsed, self.images_seen, self.last_loss = 0, 0, 0.0, 0, None
         self.pending: list[torch.Tensor] = []  # (loss, skipped) of the steps not read yet, on the device
         self.recent: list[float] = []  # finite losses read since the last log line
+        self.recent_norms: list[float] = []  # and their steps' gradient norms (before clipping)
+        self.validation, self.best, self.first_val = None, None, None  # held-out batch; (loss, step) best, first
+        self.board = None  # the TensorBoard writer of --log-with tensorboard
         self.consecutive, self.last_finite, self.shown_loss, self.lr = 0, True, None, config.lr
         self.data: Iterator[tuple[torch.Tensor, dict]] | None = None
         self.stop = StopRequests(self.world, self.device)
@@ -130,6 +135,7 @@ class Trainer:
                                                 self.saved_names)
             self.step, self.nonfinite, self.last_loss = state["step"], state["nonfinite"], state["loss"]
             self.elapsed, self.images_seen = state["elapsed"], state["images_seen"]
+            self.best, self.first_val = state.get("best_val"), state.get("first_val")
             self._truncate_log()
         amp_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision)
         self.autocast = torch.autocast(self.device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
@@ -155,7 +161,8 @@ class Trainer:
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         clip = self.config.grad_clip if self.config.grad_clip > 0 else math.inf
-        skipped = (~torch.isfinite(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))).float()
+        norm = torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], clip)
+        skipped = (~torch.isfinite(norm)).float()
         if self.scaler is not None:  # the scaler skips non-finite steps itself
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -165,7 +172,7 @@ class Trainer:
             del self.optimizer.found_inf
         elif not skipped.item():
             self.optimizer.step()
-        return skipped
+        return skipped, norm.float()
 
     def train_step(self) -> torch.Tensor:
         """One optimiser step over one global batch; returns (loss, skipped) on the device, unread."""
@@ -186,11 +193,11 @@ class Trainer:
                 loss = self.objective.loss(self.forward, Batch(images, conditioning), self.draws) / c.grad_accum
                 (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
             loss_sum += loss.detach()
-        skipped = self._optimizer_step()
+        skipped, norm = self._optimizer_step()
         self.ema.update(self.model, self.step, skipped)
         self.step += 1
         self.images_seen += c.batch_size * c.grad_accum
-        return torch.stack([loss_sum, skipped])
+        return torch.stack([loss_sum, skipped, norm])
 
     def _read_losses(self) -> None:
         """Read the pending steps' losses (one synchronisation, averaged over processes) and count the
@@ -199,11 +206,12 @@ class Trainer:
             return
         values = distributed.average(torch.stack(self.pending)).tolist()
         first, self.pending = self.step - len(values) + 1, []
-        for step, (loss, skipped) in enumerate(values, start=first):
+        for step, (loss, skipped, norm) in enumerate(values, start=first):
             self.last_finite = math.isfinite(loss) and not skipped
             if self.last_finite:
                 self.consecutive = 0
                 self.recent.append(loss)
+                self.recent_norms.append(norm)
                 self.shown_loss = loss
                 continue
             self.nonfinite, self.consecutive = self.nonfinite + 1, self.consecutive + 1
@@ -224,6 +232,12 @@ class Trainer:
                        "parameters": parameters, "trainable_parameters": self.trainable, "data": self.dataset.name, "images": len(self.dataset),
                        "mixed_precision": c.mixed_precision, "processes": self.world.size,
                        "init_from": c.init_from if self.step == 0 else None})
+        if self.world.main and c.log_with == "tensorboard":
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.board = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=self.step + 1 if self.step else None)
+        if self.held_out and self.step == 0:
+            self._validate()  # the held-out loss before any training: the source model's, when fine-tuning
         started = time.perf_counter()
         with self.stop:
             while self.step < self.total:
@@ -235,6 +249,8 @@ class Trainer:
                 log = self.step % LOG_EVERY == 0 or last or stopping
                 checkpoint = self.step % c.checkpoint_every == 0 or last
                 grid = self.step % (c.sample_every or c.checkpoint_every) == 0 or last
+                if self.held_out and (self.step % (c.validate_every or c.checkpoint_every) == 0 or last):
+                    self._validate()
                 if log or checkpoint or grid:
                     self._read_losses()
                 if log and self.recent:
@@ -250,6 +266,8 @@ class Trainer:
                     self._preview()
                 started = time.perf_counter()
         summary = self._summary(parameters)
+        if self.board is not None:
+            self.board.close()
         distributed.barrier()
         return summary
 
@@ -271,15 +289,74 @@ class Trainer:
     def _log(self, loss: float, lr: float) -> None:
         if not self.world.main:
             return
-        line = {"step": self.step, "loss": loss, "lr": lr, "images_per_s": self.images_seen / max(self.elapsed, 1e-9)}
+        norms, self.recent_norms = self.recent_norms, []
+        line = {"step": self.step, "loss": loss, "lr": lr, "images_per_s": self.images_seen / max(self.elapsed, 1e-9),
+                "grad_norm": sum(norms) / len(norms) if norms else None}
+        self._write_log(line)
+        if self.board is not None:
+            for name in ("loss", "lr", "images_per_s", "grad_norm"):
+                if line[name] is not None:
+                    self.board.add_scalar(f"train/{name}", line[name], self.step)
+
+    def _write_log(self, line: dict) -> None:
         with open(self.run_dir / LOG_FILE, "a") as f:
             f.write(json.dumps(line) + "\n")
+
+    def _split(self, config: TrainConfig) -> tuple[list[int] | None, list[int] | None]:
+        """(held-out items, training items) of --validation-split: a seeded draw, the same on resume."""
+        if not config.validation_split:
+            return None, None
+        n = len(self.dataset)
+        count = max(1, round(config.validation_split * n))
+        if n - count < config.batch_size:
+            raise InputError(f"--validation-split {config.validation_split} holds back {count} of {n} images, leaving "
+                             f"fewer than --batch-size {config.batch_size} to train on; lower one of them")
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(config.seed + 3)).tolist()
+        return sorted(order[:count]), sorted(order[count:])
+
+    def _validation_batch(self) -> tuple[Batch, torch.Tensor]:
+        """The held-out images (at most VALIDATION_IMAGES, uncropped, unflipped, conditioning never dropped)
+        and their fixed noise, made once."""
+        import dataclasses
+
+        if self.validation is None:
+            count = min(len(self.held_out), VALIDATION_IMAGES)
+            plain = dataclasses.replace(self.config, batch_size=count, cond_drop=0.0, random_flip=False,
+                                        center_crop=True, num_workers=0)
+            generators = {"augment": torch.Generator().manual_seed(0),
+                          "noise": torch.Generator(self.device).manual_seed(0)}
+            feed = Feed(plain, self.dataset, EpochBatches(len(self.dataset), count, 0, self.held_out[:count]),
+                        self.device, self.world, generators, self.memory_format, self.objective.class_names,
+                        self.objective.captions)
+            images, conditioning = next(feed(0))
+            noise = torch.randn(images.shape, generator=torch.Generator(self.device).manual_seed(self.config.seed + 4),
+                                device=self.device)
+            self.validation = (Batch(images, conditioning), noise)
+        return self.validation
+
+    def _validate(self) -> None:
+        """The EMA weights' (the exported ones') loss on the held-out batch, in log.jsonl and TensorBoard."""
+        batch, noise = self._validation_batch()
+        with self.autocast:
+            losses = self.objective.validation_loss(self.ema.model, batch, noise)
+        loss = float(distributed.average(torch.tensor(sum(losses.values()) / len(losses), device=self.device)))
+        if self.first_val is None:
+            self.first_val = [loss, self.step]
+        if self.best is None or loss < self.best[0]:
+            self.best = [loss, self.step]
+        self.on_event({"kind": "validation", "step": self.step, "loss": loss})
+        if not self.world.main:
+            return
+        self._write_log({"step": self.step, "val_loss": loss, "val_loss_t": {str(t): v for t, v in losses.items()}})
+        if self.board is not None:
+            self.board.add_scalar("validation/loss", loss, self.step)
 
     def _checkpoint(self) -> None:
         if not self.world.main:
             return
         state = {"config": self.config.to_dict(), "nonfinite": self.nonfinite, "elapsed": self.elapsed,
                  "images_seen": self.images_seen, "loss": self.last_loss, "version": __version__,
+                 "best_val": self.best, "first_val": self.first_val,
                  "grad_scaler": self.scaler.state_dict() if self.scaler is not None else None}
         path = checkpoints.save_checkpoint(self.run_dir, self.step, self.model, self.ema.model, self.optimizer,
                                            self.generators, state, self.config.keep_checkpoints, self.saved_names)
@@ -288,6 +365,12 @@ class Trainer:
 
     def _preview(self) -> None:
         path = self.objective.preview(self.run_dir, self.ema.model, self.step)
+        if self.board is not None:
+            import numpy as np
+
+            from ddpm_cli.engine.io.images import load_image
+
+            self.board.add_image("samples", np.asarray(load_image(path)), self.step, dataformats="HWC")
         self.on_event({"kind": "sample", "step": self.step, "path": str(path)})
 
     def _summary(self, parameters: int) -> dict:
@@ -301,6 +384,9 @@ class Trainer:
             "pipeline": str(self.run_dir), "last_grid": str(grids[-1]) if grids else None,
             "reference_loss": reference_loss(self.config),
         }
+        if self.best is not None:
+            summary["validation"] = {"best_loss": self.best[0], "best_step": self.best[1], "first_loss": self.first_val[0],
+                                     "first_step": self.first_val[1], "images": len(self.held_out)}
         if self.world.main:
             write_text(self.run_dir / SUMMARY_FILE, json.dumps(summary, indent=2))
         return summary

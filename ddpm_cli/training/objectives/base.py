@@ -79,6 +79,10 @@ class Objective:
     def loss(self, network: Network, batch: Batch, draws: Draws) -> torch.Tensor:
         raise NotImplementedError
 
+    def validation_loss(self, network: Network, batch: Batch, noise: torch.Tensor) -> dict[int, float]:
+        """The loss on held-out ``batch`` at fixed timesteps with fixed ``noise``: {timestep: loss}."""
+        raise NotImplementedError
+
     def export(self, run_dir: Path, ema_model: torch.nn.Module) -> None:
         raise NotImplementedError
 

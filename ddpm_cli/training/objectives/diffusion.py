@@ -29,6 +29,7 @@ from ddpm_cli.training.presets import build_unet, text_unet_config, unet_config
 
 GRID_SEEDS = list(range(16))
 GRID_CFG = 2.0
+VALIDATION_TIMESTEPS = 10
 
 
 def make_schedule(config: TrainConfig) -> NoiseSchedule:
@@ -121,6 +122,20 @@ class DiffusionObjective(Objective):
             output = torch.cat([output[:, :channels].detach(), output[:, channels:]], dim=1)
         vlb = vlb_terms(self.schedule, x0, xt, t, output, self.variance).mean() * T
         return mse + self.config.vlb_weight * vlb if loss == "hybrid" else vlb
+
+    @torch.no_grad()
+    def validation_loss(self, network: Network, batch: Batch, noise: torch.Tensor) -> dict[int, float]:
+        """L_simple on held-out images at VALIDATION_TIMESTEPS evenly spaced timesteps (the middle of each
+        tenth of 0..T-1), the same noise each time: comparable from one validation to the next."""
+        x0, T = batch.images, self.schedule.num_train_timesteps
+        losses = {}
+        for k in range(VALIDATION_TIMESTEPS):
+            value = int((k + 0.5) * T / VALIDATION_TIMESTEPS)
+            t = torch.full((x0.shape[0],), value, device=x0.device, dtype=torch.long)
+            xt = self.schedule.q_sample(x0, t, noise).contiguous(memory_format=self.memory_format)
+            output = network(xt, t, **batch.conditioning).sample.float()[:, :x0.shape[1]]
+            losses[value] = F.mse_loss(output, self.schedule.training_target(x0, noise, t))
+        return {t: float(loss) for t, loss in losses.items()}
 
     def export(self, run_dir: Path, ema_model: torch.nn.Module) -> None:
         """The run folder's diffusers pipeline (EMA weights), with the VAE of a latent run in vae/."""
