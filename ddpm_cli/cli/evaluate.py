@@ -10,7 +10,7 @@ import typer
 
 from ddpm_cli.cli.errors import EXIT_USAGE, fail, handle_errors, writable_folder
 from ddpm_cli.cli.options import (AllowPickleOpt, DataAlias, DeviceOpt, DtypeOpt, ImagesAlias, QuietOpt, RevisionOpt,
-                                  Sampler, SeedOpt, VarianceOpt, complete, dtype_option, either, format_option,
+                                  ClipX0Opt, Sampler, SeedOpt, SigmasOpt, VarianceOpt, complete, dtype_option, either, format_option,
                                   split_list)
 from ddpm_cli.cli.progress import StepProgress, say
 from ddpm_cli.engine.choices import SAMPLERS, SIGMAS
@@ -148,6 +148,8 @@ def fid(
     inception: InceptionOpt = None,
     sampler: Annotated[Sampler | None, typer.Option("--sampler", autocompletion=complete(SAMPLERS), show_default=False, help="Sampler for MODEL [default: dpmpp-2m].")] = None,
     steps: Annotated[int | None, typer.Option("--steps", min=1, show_default=False, help="Steps for MODEL [default: the sampler's].")] = None,
+    sigmas: SigmasOpt = None,
+    clip_x0: ClipX0Opt = None,
     batch_size: BatchOpt = 64,
     seed: SeedOpt = 0,
     output_format: FidFormatOpt = "text",
@@ -161,8 +163,12 @@ def fid(
     if ref is None:
         raise fail("eval fid needs --ref: a folder, a built-in data set or a statistics .npz", EXIT_USAGE)
     folder = _is_image_folder(source)
-    if folder and (sampler is not None or steps is not None):
-        raise fail(f"--sampler and --steps apply to a MODEL; {source} is a folder of images", EXIT_USAGE)
+    if folder and any(value is not None for value in (sampler, steps, sigmas, clip_x0)):
+        raise fail(f"--sampler and --steps apply to a MODEL (and --sigmas, --clip-x0); {source} is a folder of images",
+                   EXIT_USAGE)
+    from ddpm_cli.engine.diffusion.registry import check_options
+
+    check_options(sampler or "dpmpp-2m", {"sigmas": sigmas})  # refused before any weights load
     from ddpm_cli.evaluation.fid import feature_stats, frechet_distance, image_stats
 
     net, weights = _inception(inception, device)
@@ -183,7 +189,9 @@ def fid(
         from ddpm_cli.evaluation.sweep import generated_features
 
         pipeline = _load(source, device, dtype, revision, allow_pickle)
-        settings = SamplerSettings(sampler or "dpmpp-2m", steps).resolved(pipeline)
+        clip = None if clip_x0 is None else clip_x0 == "on"
+        settings = SamplerSettings(sampler or "dpmpp-2m", steps, options={"sigmas": sigmas},
+                                   clip_x0=clip).resolved(pipeline)
         size, channels = pipeline.image_size[0], pipeline.image_channels
         say(f"ddpm: {source}: {num_images} images, {settings.sampler} {settings.steps} steps", quiet)
         with StepProgress("sampling", num_images, quiet) as bar:
