@@ -105,7 +105,8 @@ def test_lora_trains_adapters_only_and_diffusers_loads_them(sd_dir, captions, tm
 
     run = tmp_path / "lora"
     trainer = trainer_for({"data": str(captions), "output": str(run), "init_from": str(sd_dir), "lora_rank": 4,
-                           "lora_alpha": 8.0, "lr": 1e-2, "max_steps": 3, "ema_decay": 0.0})
+                           "lora_alpha": 8.0, "lora_targets": "attention+conv", "lr": 1e-2, "max_steps": 3,
+                           "ema_decay": 0.0})
     trainable = {name for name, p in trainer.model.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in name for name in trainable)
     base = {name: p.detach().clone() for name, p in trainer.model.named_parameters() if not p.requires_grad}
@@ -121,6 +122,9 @@ def test_lora_trains_adapters_only_and_diffusers_loads_them(sd_dir, captions, tm
 
     pipeline = StableDiffusionPipeline.from_pretrained(sd_dir)
     pipeline.load_lora_weights(run)  # diffusers' own loader takes the run folder
+    loaded = {name for name in pipeline.unet.state_dict() if "lora_A" in name}
+    assert any(".attn1.to_q." in name for name in loaded) and any(".conv1." in name for name in loaded)
+    assert len(loaded) == len({n for n in trainer.model.state_dict() if "lora_A" in n})  # every adapter
     x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     t, hidden = torch.tensor([10, 700]), torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -265,3 +269,26 @@ def test_log_with_and_validation_refusals(tmp_path, monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real(name, *a))
     with pytest.raises(InputError, match=r"needs the tensorboard package: pip install"):
         TrainConfig.from_options({"log_with": "tensorboard"})
+
+
+def test_a_pixel_lora_run_loads_back_with_lora_onto_its_base_model(tiny_pipeline_dir, tmp_path):
+    from ddpm_cli.engine.models.load import load_unet
+    from ddpm_cli.engine.models.lora import LoraSpec, apply_loras
+
+    run = tmp_path / "run"
+    trainer = trainer_for({"data": "fashion-mnist-subset", "output": str(run), "init_from": str(tiny_pipeline_dir),
+                           "lora_rank": 2, "lora_targets": "attention+conv", "lr": 1e-2, "max_steps": 2,
+                           "checkpoint_every": 2, "ema_decay": 0.0})
+    trainer.run()
+    full, half = load_unet(tiny_pipeline_dir, "cpu", torch.float32), load_unet(tiny_pipeline_dir, "cpu", torch.float32)
+    apply_loras(full, [LoraSpec.parse(str(run))])
+    apply_loras(half, [LoraSpec.parse(f"{run}:0.5")])
+    x, t = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0)), torch.tensor([10, 500])
+    with torch.no_grad():
+        plain = load_unet(tiny_pipeline_dir, "cpu", torch.float32)(x, t).sample
+        trained, ours, halfway = trainer.ema.model(x, t).sample, full(x, t).sample, half(x, t).sample
+    assert sum(1 for name in full.state_dict() if "lora_A" in name) == \
+        sum(1 for name in trainer.model.state_dict() if "lora_A" in name)
+    assert (trained - plain).abs().max() > 1e-3
+    torch.testing.assert_close(ours, trained, atol=1e-5, rtol=1e-5)
+    assert (halfway - plain).abs().max() > 1e-4 and (halfway - trained).abs().max() > 1e-4

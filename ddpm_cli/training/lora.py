@@ -50,12 +50,13 @@ def adapter_names(model: torch.nn.Module) -> set[str]:
 
 
 def diffusers_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The adapters as diffusers' LoRA training scripts save them (before the ``unet.`` prefix)."""
-    from diffusers.utils import convert_state_dict_to_diffusers
+    """The adapters in peft's key layout (``<layer>.lora_A.weight``), which diffusers' loader takes as it
+    is. (diffusers' older ``lora.down``/``lora.up`` layout, convert_state_dict_to_diffusers, renames the
+    attention layers only: a file with convolution adapters would mix both layouts, and diffusers would
+    then load the convolutions' adapters and silently drop the attention ones.)"""
     from peft.utils import get_peft_model_state_dict
 
-    state = get_peft_model_state_dict(model)
-    return {name: value.detach().float().cpu().contiguous() for name, value in convert_state_dict_to_diffusers(state).items()}
+    return {name: value.detach().float().cpu().contiguous() for name, value in get_peft_model_state_dict(model).items()}
 
 
 def write_lora_file(model: torch.nn.Module, path: Path, rank: int, alpha: float | None, targets: str) -> None:

@@ -8,6 +8,7 @@ and every adapter names a layer of this U-Net with the shapes that layer takes.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -114,5 +115,7 @@ def apply_loras(unet: torch.nn.Module, specs: list[LoraSpec]) -> None:
         # UNet2DModel lacks diffusers' adapter methods (UNet2DConditionModel has them): the same class with them.
         unet.__class__ = type(f"{type(unet).__name__}WithLoRA", (type(unet), PeftAdapterMixin), {})
     for name, (state, alphas, metadata) in zip(names, read):
-        unet.load_lora_adapter(state, prefix="unet", network_alphas=alphas, adapter_name=name, metadata=metadata)
+        with warnings.catch_warnings():  # peft's multi-line notes on config/state differences (checked above)
+            warnings.simplefilter("ignore", RuntimeWarning)
+            unet.load_lora_adapter(state, prefix="unet", network_alphas=alphas, adapter_name=name, metadata=metadata)
     unet.set_adapters(names, [spec.scale for spec in specs])

@@ -63,6 +63,11 @@ def _is_model_folder(folder: Path) -> bool:
 
 
 def _checked_folder(folder: Path) -> Path:
+    pointer = folder / "ddpm_lora.json"  # a `ddpm train --lora-rank` run: adapters for a base model
+    if not _is_model_folder(folder) and pointer.is_file():
+        base = read_json(pointer).get("base_model")
+        raise ModelError(f"{folder} holds LoRA adapters, not a model; load them onto their base model: "
+                         f"ddpm sample {base} --lora {folder}")
     if not _is_model_folder(folder):
         raise ModelError(
             f"{folder} is not a diffusers model folder (no model_index.json); "
