@@ -292,3 +292,11 @@ def test_a_pixel_lora_run_loads_back_with_lora_onto_its_base_model(tiny_pipeline
     assert (trained - plain).abs().max() > 1e-3
     torch.testing.assert_close(ours, trained, atol=1e-5, rtol=1e-5)
     assert (halfway - plain).abs().max() > 1e-4 and (halfway - trained).abs().max() > 1e-4
+
+
+def test_init_from_refuses_data_whose_channels_the_model_cannot_take(sd_dir, tiny_pipeline_dir, captions, tmp_path):
+    latents = tmp_path / "latents.safetensors"
+    assert ddpm("encode", captions, "-m", sd_dir, "-o", latents, "-q").returncode == 0  # 4 latent channels
+    result = ddpm("train", latents, "--init-from", tiny_pipeline_dir, "--max-steps", 1, "-o", tmp_path / "run")
+    one_error_line(result, 2, r"--init-from .* takes 3-channel inputs, but .*latents.safetensors gives 4 latent channels")
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())

@@ -95,6 +95,11 @@ class DiffusionObjective(Objective):
             if classes and self.class_names and classes != len(self.class_names) + 1:
                 raise InputError(f"--init-from {config.init_from} was trained on {classes - 1} classes, "
                                  f"{config.data} has {len(self.class_names)}; fine-tune it on data with as many classes")
+            wanted = config.unet_config.get("in_channels")
+            if wanted != channels:
+                what = "latent channels" if self.latent else "channels"
+                raise InputError(f"--init-from {config.init_from} takes {wanted}-channel inputs, but {config.data} gives "
+                                 f"{channels} {what}; fine-tune it on data it can take")
             return build_unet(dict(config.unet_config))
         if self.encoder is not None:
             unet = text_unet_config(config.model_size, size, channels, self.encoder.hidden_size)
