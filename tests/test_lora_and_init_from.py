@@ -300,3 +300,40 @@ def test_init_from_refuses_data_whose_channels_the_model_cannot_take(sd_dir, tin
     result = ddpm("train", latents, "--init-from", tiny_pipeline_dir, "--max-steps", 1, "-o", tmp_path / "run")
     one_error_line(result, 2, r"--init-from .* takes 3-channel inputs, but .*latents.safetensors gives 4 latent channels")
     assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
+
+
+def test_gradient_checkpointing_trains_the_same_steps(tiny_pipeline_dir, tmp_path):
+    from ddpm_cli.training.loop import train
+
+    options = {"data": "fashion-mnist-subset", "init_from": str(tiny_pipeline_dir), "batch_size": 4, "num_workers": 0,
+               "max_steps": 2, "checkpoint_every": 2, "lr": 1e-3}
+    plain = train({**options, "output": str(tmp_path / "a")})
+    recomputed = train({**options, "output": str(tmp_path / "b"), "gradient_checkpointing": True})
+    assert plain["final_loss"] == recomputed["final_loss"]
+    name = "unet/diffusion_pytorch_model.safetensors"
+    a, b = load_file(str(tmp_path / "a" / name)), load_file(str(tmp_path / "b" / name))
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5)
+
+
+def test_init_from_a_hub_id_takes_the_revision_given(tiny_pipeline_dir, tmp_path, monkeypatch):
+    import shutil
+
+    from safetensors.torch import save_file
+
+    repo = tmp_path / "hub" / "models--someone--tiny"
+    main, tagged = "0123456789abcdef0123456789abcdef01234567", "89abcdef0123456789abcdef0123456789abcdef"
+    for commit in (main, tagged):
+        shutil.copytree(tiny_pipeline_dir, repo / "snapshots" / commit)
+    name = "unet/diffusion_pytorch_model.safetensors"
+    other = {key: value + 0.5 for key, value in load_file(str(tiny_pipeline_dir / name)).items()}
+    save_file(other, str(repo / "snapshots" / tagged / name))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(main)
+    (repo / "refs" / "v2").write_text(tagged)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for revision, expected in ((None, load_file(str(tiny_pipeline_dir / name))), ("v2", other)):
+        trainer = trainer_for({"data": "fashion-mnist-subset", "output": str(tmp_path / f"run-{revision}"),
+                               "init_from": "someone/tiny", "revision": revision})
+        assert_same_tensors(trainer.model.state_dict(), expected)

@@ -30,6 +30,7 @@ Examples:
   ddpm sample fashion-mnist --init-image shoe.png --strength 0.6  # image-to-image; a folder: {image}-{seed}.png
   ddpm sample fashion-mnist --init-noise noise.safetensors --sampler ddim --steps 50   # x_T from `ddpm invert`
   ddpm sample fashion-mnist --interpolate 3,17 --frames 12 --grid --animate gif --sampler ddim
+  ddpm sample fashion-mnist --lora runs/lora:0.8 --lora style.safetensors:0.5   # LoRA files (diffusers' format)
 """
 
 SAMPLE_IMAGES = 8

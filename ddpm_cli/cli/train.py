@@ -31,6 +31,9 @@ Examples:
   ddpm encode ./photos -m runs/vae --resolution 128 -o photos.safetensors   # encode once, then:
   ddpm train photos.safetensors -o runs/latent                              # DDPM on the latents
   ddpm train ./photos --task superres --scale 4 --resolution 64 -o runs/sr  # then: ddpm upscale runs/sr small.png
+  ddpm train emoji --init-from fashion-mnist -o runs/tuned                  # fine-tune: its architecture and schedule
+  ddpm train emoji --init-from fashion-mnist --lora-rank 8 -o runs/lora     # then: ddpm sample fashion-mnist --lora runs/lora
+  ddpm train ./photos --validation-split 0.1 --log-with tensorboard -o runs/watched   # tensorboard --logdir runs/watched
 """
 
 
@@ -81,6 +84,7 @@ def train(
     checkpoint_every: Annotated[int | None, _opt("--checkpoint-every", help="Steps between checkpoints.", default=D.checkpoint_every, min=1)] = None,
     keep_checkpoints: Annotated[int | None, _opt("--keep-checkpoints", help="Newest checkpoints kept.", default=D.keep_checkpoints, min=1)] = None,
     sample_every: Annotated[int | None, _opt("--sample-every", help="Steps between sample grids [default: --checkpoint-every].", min=1)] = None,
+    gradient_checkpointing: Annotated[bool | None, _opt("--gradient-checkpointing/--no-gradient-checkpointing", help="Recompute the U-Net's activations in the backward pass instead of keeping them: less memory, about a third more compute per step.", default="off")] = None,
     compile: Annotated[bool | None, _opt("--compile/--no-compile", help="torch.compile the U-Net (a minute or two of compiling first; faster steps after).", default="off")] = None,
     num_workers: Annotated[int | None, _opt("--num-workers", help="Image decoding processes for folders [default: min(4, cores - 1)].", min=0)] = None,
     log_with: Annotated[str | None, _opt("--log-with", autocompletion=complete(LOG_WITH), help="none, or tensorboard: event files in RUN/tensorboard (loss, learning rate, images/s, gradient norm, held-out loss, sample grids); pip install 'ddpm-cli[tensorboard]', then: tensorboard --logdir RUN.", default=D.log_with)] = None,

@@ -17,7 +17,8 @@ from ddpm_cli.training.presets import AUTOENCODER_PRESETS, PRESETS
 SUMMARY_FILE = "ddpm_train.json"  # written in the run folder when a run finishes
 # Options a resumed run may change; every other option comes from the run being resumed.
 RESUMABLE = {"max_steps", "epochs", "checkpoint_every", "keep_checkpoints", "sample_every", "device",
-             "num_workers", "max_nonfinite", "compile", "log_with", "validate_every"}
+             "num_workers", "max_nonfinite", "compile", "log_with", "validate_every",
+             "gradient_checkpointing"}
 LOG_WITH = ("none", "tensorboard")
 
 
@@ -74,6 +75,7 @@ class TrainConfig:
     log_with: str = "none"  # none or tensorboard (event files under the run folder's tensorboard/)
     validation_split: float = 0.0  # share of DATA held out for the validation loss
     validate_every: int | None = None  # steps between validation losses [default: --checkpoint-every]
+    gradient_checkpointing: bool = False  # recompute the U-Net's block activations in the backward pass
 
     @classmethod
     def from_options(cls, options: dict, saved: dict | None = None) -> TrainConfig:

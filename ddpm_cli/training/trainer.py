@@ -93,6 +93,11 @@ class Trainer:
             from ddpm_cli.training.init_weights import load_initial_weights
 
             load_initial_weights(self.model, config.init_from, config.task, config.revision)
+        if config.gradient_checkpointing:
+            if not getattr(self.model, "_supports_gradient_checkpointing", False):
+                raise InputError(f"--gradient-checkpointing: the {type(self.model).__name__} of --task {config.task} "
+                                 "does not support it; drop the option")
+            self.model.enable_gradient_checkpointing()
         self.saved_names = None  # the state-dict names a checkpoint holds (None: all)
         if config.lora_rank:
             from ddpm_cli.training.lora import adapter_names, add_adapters
