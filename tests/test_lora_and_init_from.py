@@ -176,7 +176,8 @@ def test_txt2img_with_loras_equals_diffusers_load_lora_weights(sd_dir, tmp_path)
     from ddpm_cli.engine.io.images import read_png_metadata
     from ddpm_cli.engine.models.fingerprint import file_sha256
 
-    first, second = random_lora(sd_dir, tmp_path / "a", 1), random_lora(sd_dir, tmp_path / "b", 2)
+    first = random_lora(sd_dir, tmp_path / "a", 1)
+    random_lora(sd_dir, tmp_path / "b", 2)
     result = ddpm("txt2img", "a red cat", "-m", sd_dir, "--steps", 6, "--cfg", 4, "--seed", 3, "-n", 2,
                   "--lora", f"{first}:0.7", "--lora", f"{tmp_path / 'b'}:0.5", "-o", tmp_path / "out", "-q")
     assert result.returncode == 0, result.stderr
@@ -337,3 +338,23 @@ def test_init_from_a_hub_id_takes_the_revision_given(tiny_pipeline_dir, tmp_path
         trainer = trainer_for({"data": "fashion-mnist-subset", "output": str(tmp_path / f"run-{revision}"),
                                "init_from": "someone/tiny", "revision": revision})
         assert_same_tensors(trainer.model.state_dict(), expected)
+
+
+def test_a_loras_text_encoder_part_is_named_as_not_loaded(sd_dir, tmp_path):
+    """Many shared Stable Diffusion LoRAs adapt the text encoder too; ddpm loads the U-Net's adapters
+    only, and says so in one warning line rather than dropping them silently."""
+    from safetensors.torch import save_file
+
+    lora = random_lora(sd_dir, tmp_path / "a", 1)
+    state = load_file(str(lora))
+    state["text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight"] = torch.zeros(4, 32)
+    state["text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_B.weight"] = torch.zeros(32, 4)
+    save_file(state, str(tmp_path / "both.safetensors"))
+    result = ddpm("txt2img", "a cat", "-m", sd_dir, "--steps", 2, "--lora", tmp_path / "both.safetensors",
+                  "-o", tmp_path / "out")
+    assert result.returncode == 0, result.stderr
+    warnings = [line for line in result.stderr.splitlines() if "warning" in line]
+    assert warnings == [f"ddpm: warning: --lora {tmp_path / 'both.safetensors'}: its 2 text-encoder tensors are not "
+                        "loaded (ddpm applies a LoRA's U-Net adapters only)"]
+    plain = ddpm("txt2img", "a cat", "-m", sd_dir, "--steps", 2, "--lora", lora, "-o", tmp_path / "plain")
+    assert plain.returncode == 0 and "warning" not in plain.stderr, plain.stderr

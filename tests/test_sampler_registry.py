@@ -90,7 +90,7 @@ def sample_toy(model, x, schedule, timesteps, noise=None, callback=None, *, eta=
     """A test sampler: DDIM's deterministic update (Song et al. 2021), recording its eta on the result."""
     for i, t in enumerate(timesteps):
         t_prev = timesteps[i + 1] if i + 1 < len(timesteps) else -1
-        alpha_bar, alpha_bar_prev = schedule.alpha_bar(t), schedule.alpha_bar(t_prev)
+        alpha_bar_prev = schedule.alpha_bar(t_prev)
         x0, eps = schedule.split_prediction(model(x, t), x, t)
         x = after_step(callback, i, t, t_prev, alpha_bar_prev**0.5 * x0 + (1.0 - alpha_bar_prev) ** 0.5 * eps, x0)
     sample_toy.eta = eta

@@ -101,11 +101,15 @@ class Generation:
         from ddpm_cli.engine.tasks.generate import SamplerSettings
         from ddpm_cli.engine.models.pipeline import load_pipeline
 
-        from ddpm_cli.engine.models.lora import LoraSpec, check_file
+        from ddpm_cli.engine.models.lora import LoraSpec, check_file, text_encoder_adapters
 
         self.loras = [LoraSpec.parse(spec) for spec in self.lora or []]
         for spec in self.loras:  # missing, pickle or damaged files: refused before the model loads
             check_file(spec)
+            skipped = text_encoder_adapters(spec)
+            if skipped:
+                say(f"ddpm: warning: --lora {spec.path}: its {skipped} text-encoder tensors are not loaded "
+                    "(ddpm applies a LoRA's U-Net adapters only)", self.quiet)
         pipeline = load_pipeline(self.model, self.revision, self.device, self.dtype, self.allow_pickle, self.compile,
                                  loras=self.loras)
         clip = None if self.clip_x0 is None else self.clip_x0 == "on"

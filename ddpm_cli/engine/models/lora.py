@@ -63,6 +63,17 @@ def check_file(spec: LoraSpec) -> None:
         raise ModelError(f"--lora {path} is damaged ({damaged})")
 
 
+TEXT_ENCODER_PREFIXES = ("text_encoder", "lora_te")  # diffusers' and kohya's names for text-encoder adapters
+
+
+def text_encoder_adapters(spec: LoraSpec) -> int:
+    """How many of the file's tensors adapt a text encoder (not loaded: ddpm loads U-Net adapters)."""
+    from safetensors import safe_open
+
+    with safe_open(str(spec.path), framework="pt") as file:
+        return sum(key.startswith(TEXT_ENCODER_PREFIXES) for key in file.keys())
+
+
 def read_lora(spec: LoraSpec) -> tuple[dict, dict | None, dict | None]:
     """(state dict, network alphas, metadata) as diffusers' loader reads and converts the file."""
     from diffusers.loaders import StableDiffusionLoraLoaderMixin  # its LoRA file methods, without the pipeline
