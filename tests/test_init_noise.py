@@ -9,7 +9,8 @@ from PIL import Image
 
 from ddpm_cli.engine.diffusion.noise import SeededNoise
 from ddpm_cli.engine.io.images import read_png_metadata
-from ddpm_cli.engine.io.noise_file import NoiseFile, read_noise, save_noise, sha256_file
+from ddpm_cli.engine.io.noise_file import NoiseFile, read_noise, save_noise
+from ddpm_cli.engine.models.fingerprint import file_sha256
 from tests.test_cli import ddpm
 
 DDIM = ("--sampler", "ddim", "--steps", 4)
@@ -47,7 +48,7 @@ def test_invert_writes_the_noise_and_what_made_it(tiny_pipeline_dir, pictures, t
     assert json.loads(result.stdout)["shape"] == [2, 3, 16, 16]
     data = read_noise(out)
     assert data.model == str(tiny_pipeline_dir) and data.settings["steps"] == 5 and data.settings["refine"] == 2
-    assert data.image_sha256 == [sha256_file(pictures / "a.png"), sha256_file(pictures / "b.png")]
+    assert data.image_sha256 == [file_sha256(pictures / "a.png"), file_sha256(pictures / "b.png")]
     pipeline = load_pipeline(str(tiny_pipeline_dir), device="cpu", dtype="fp32")
     images = read_images([pictures / "a.png", pictures / "b.png"], (16, 16), 3, False)
     torch.testing.assert_close(data.noise, invert_batch(pipeline, images, 5, refine=2), atol=1e-5, rtol=1e-5)
@@ -69,7 +70,7 @@ def test_init_noise_rows_replace_the_seeded_noise(tiny_pipeline_dir, tmp_path):
     for row, seed in ((0, 5), (1, 6)):
         assert np.array_equal(pixels(tmp_path / "given" / f"{row:06d}.png"), pixels(tmp_path / "seeded" / f"{seed:06d}.png"))
         meta = read_png_metadata(tmp_path / "given" / f"{row:06d}.png")
-        assert meta["init_noise_row"] == row and meta["init_noise_sha256"] == sha256_file(noise)
+        assert meta["init_noise_row"] == row and meta["init_noise_sha256"] == file_sha256(noise)
     one = ddpm("sample", tiny_pipeline_dir, "--init-noise", noise, "--init-noise-row", 1, *DDIM, "-o", tmp_path / "one.png")
     assert one.returncode == 0 and np.array_equal(pixels(tmp_path / "one.png"), pixels(tmp_path / "seeded" / "000006.png"))
 

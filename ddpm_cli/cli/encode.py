@@ -35,16 +35,12 @@ DEFAULT_VAE = "emoji-vae"  # built in: `ddpm train emoji --task autoencoder` (se
 def names_a_vae(word: str) -> bool:
     """Whether ``word`` (the first positional) names a VAE rather than an input: a folder holding a VAE
     (vae/ or an AutoencoderKL config.json), a built-in model with one, or a Hub id that is not a path."""
+    from ddpm_cli.cli.models import vae_config
     from ddpm_cli.engine.models.resolve import BUILTIN_DIR, builtin_models, is_hub_id
 
     folder = Path(BUILTIN_DIR) / word if word in builtin_models() else Path(word).expanduser()
     if folder.is_dir():
-        if (folder / "vae").is_dir() or (folder / "vqvae").is_dir():
-            return True
-        try:
-            return json.loads((folder / "config.json").read_text()).get("_class_name", "").startswith(("Autoencoder", "VQModel"))
-        except (OSError, ValueError, AttributeError):
-            return False
+        return bool(vae_config(folder))
     return not Path(word).exists() and is_hub_id(word)
 
 

@@ -4,7 +4,7 @@ card): what it is, what it takes, how it was trained and which commands use it. 
 from __future__ import annotations
 
 import json
-import struct
+import math
 from pathlib import Path
 from typing import Annotated
 
@@ -31,20 +31,10 @@ TRAINING_KEYS = ("data", "task", "scale", "resolution", "class_names", "text_enc
 
 def safetensors_parameters(path: Path) -> int:
     """Number of values stored in a safetensors file, read from its header (no weights are loaded)."""
-    try:
-        with path.open("rb") as file:
-            (length,) = struct.unpack("<Q", file.read(8))
-            header = json.loads(file.read(length)) if length < 100_000_000 else {}
-    except (OSError, ValueError, struct.error):
-        return 0
-    total = 0
-    for name, entry in header.items():
-        if name != "__metadata__" and isinstance(entry, dict):
-            count = 1
-            for dim in entry.get("shape", []):
-                count *= int(dim)
-            total += count
-    return total
+    from ddpm_cli.engine.models.safety import safetensors_header
+
+    return sum(math.prod(entry.get("shape", [])) for name, entry in safetensors_header(path).items()
+               if name != "__metadata__" and isinstance(entry, dict))
 
 
 def parameters(folder: Path) -> dict[str, int]:
@@ -75,7 +65,6 @@ def model_info(spec: str, revision: str | None = None) -> dict:
 
         raise ModelError(f"{folder} holds no U-Net or VAE config; pass a model folder, a built-in name or a Hub id")
     info["source"] = source
-    info.pop("bytes", None)
     counts = parameters(folder)
     info["parameters"] = counts
     scheduler = _json(folder / "scheduler" / "scheduler_config.json")
@@ -93,7 +82,7 @@ def model_info(spec: str, revision: str | None = None) -> dict:
     card = folder / "MODEL_CARD.md"
     if card.is_file():
         info["card"] = str(card)
-    info["size"] = _human(sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()))
+    info["size"] = _human(info.pop("bytes"))
     return info
 
 

@@ -67,10 +67,11 @@ class NoiseStart:
                 raise fail("--interpolate row:N takes its rows from --init-noise FILE; give it", EXIT_USAGE)
         self.data, self.sha256, self.table = None, None, {}
         if init_noise is not None:
-            from ddpm_cli.engine.io.noise_file import read_noise, sha256_file
+            from ddpm_cli.engine.io.noise_file import read_noise
+            from ddpm_cli.engine.models.fingerprint import file_sha256
 
             self.data = read_noise(init_noise)  # an InputError (exit 2) when missing, unreadable or foreign
-            self.sha256 = sha256_file(init_noise)
+            self.sha256 = file_sha256(init_noise)
             rows = self.data.noise.shape[0]
             for number in [self.first_row] + [n for kind, n in self.ends if kind == "row"]:
                 if number >= rows:

@@ -110,7 +110,8 @@ def invert(
         probe_image(path)  # a bad image fails before the model loads
     writable_folder(output.parent if str(output.parent) else ".")
 
-    from ddpm_cli.engine.io.noise_file import NoiseFile, save_noise, sha256_file
+    from ddpm_cli.engine.io.noise_file import NoiseFile, save_noise
+    from ddpm_cli.engine.models.fingerprint import file_sha256
     from ddpm_cli.engine.runtime.device import describe
     from ddpm_cli.engine.tasks.invert import invert_batch
 
@@ -139,7 +140,7 @@ def invert(
                 "refine": refine, **guidance, "resize": resize or None,
                 "dtype": str(pipeline.dtype).removeprefix("torch.")}
     data = NoiseFile(noise, model, str(Path(pipeline.folder).resolve()), [str(path) for path in paths],
-                     [sha256_file(path) for path in paths], {k: v for k, v in recorded.items() if v is not None})
+                     [file_sha256(path) for path in paths], {k: v for k, v in recorded.items() if v is not None})
     save_noise(output, data, overwrite=overwrite)
     if output_format == "json":
         print(json.dumps({"output": str(output), "model": model, "images": data.images, "shape": list(noise.shape),

@@ -81,11 +81,23 @@ def describe(name: str, source: str, folder: Path) -> dict | None:
             "path": str(folder)}
 
 
+VAE_CLASSES = ("Autoencoder", "VQModel")  # diffusers' class names of VAEs start so
+
+
+def vae_config(folder: Path) -> dict:
+    """The config of the VAE a folder holds (vae/, vqvae/, or a VAE's own config.json); {} when none."""
+    for config in (_json(folder / "vae" / "config.json"), _json(folder / "vqvae" / "config.json"),
+                   _json(folder / "config.json")):
+        if str(config.get("_class_name", "")).startswith(VAE_CLASSES):
+            return config
+    return {}
+
+
 def describe_vae(name: str, folder: Path, source: str = "folder") -> dict | None:
     """A VAE-only folder (config.json or vae/config.json of an AutoencoderKL, no U-Net)."""
     if (folder / "unet").is_dir():  # a pipeline that holds a VAE, not a VAE
         return None
-    config = _json(folder / "vae" / "config.json") or _json(folder / "config.json")
+    config = vae_config(folder)
     if not str(config.get("_class_name", "")).startswith("Autoencoder"):
         return None
     factor = 2 ** (len(config.get("block_out_channels", [])) - 1)

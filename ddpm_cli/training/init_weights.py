@@ -18,10 +18,10 @@ def initial_weights(spec: str, task: str, revision: str | None = None) -> tuple[
     """(weights file, tensors) of the network ``task`` trains, from a run folder, built-in or Hub id."""
     from safetensors.torch import load_file
 
-    from ddpm_cli.engine.models.resolve import locate
     from ddpm_cli.engine.models.safety import check_weights, safetensors_damage
+    from ddpm_cli.training.source import source_folder
 
-    root = locate(spec, revision, what="model")
+    root = source_folder(spec, revision)
     folder = root / COMPONENT[task] if (root / COMPONENT[task]).is_dir() else root
     check_weights(folder)
     files = sorted(folder.glob("*.safetensors"))

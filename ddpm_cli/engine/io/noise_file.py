@@ -4,7 +4,6 @@ model, the DDIM steps and spacing, the refinement, the condition, and each image
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -16,15 +15,6 @@ from ddpm_cli.engine.errors import InputError
 from ddpm_cli.engine.io.atomic import atomic_output
 
 NOISE_FORMAT = "ddpm-noise/1"
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    """The file's SHA-256 (hex), read in blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 @dataclass

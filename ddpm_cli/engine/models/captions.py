@@ -63,13 +63,6 @@ class CaptionIndex:
                       metadata={"captions": json.dumps(self.captions, ensure_ascii=False), "encoder": self.encoder})
         return path
 
-    @classmethod
-    def build(cls, encoder, captions: list[str], batch_size: int = 256) -> CaptionIndex:
-        """Encode ``captions`` (distinct, in order) with a sentence-embedding TextEncoder."""
-        captions = list(dict.fromkeys(captions))
-        parts = [encoder.encode(captions[i:i + batch_size])[0][:, 0].float() for i in range(0, len(captions), batch_size)]
-        return cls(captions, torch.nn.functional.normalize(torch.cat(parts), dim=-1), encoder.identity)
-
     def nearest(self, encoder, prompts: list[str]) -> list[tuple[str, float]]:
         """(nearest caption, cosine similarity) per prompt; a prompt that is a caption maps to itself."""
         known = {caption: i for i, caption in enumerate(self.captions)}

@@ -68,10 +68,9 @@ TEXT_ENCODER_PREFIXES = ("text_encoder", "lora_te")  # diffusers' and kohya's na
 
 def text_encoder_adapters(spec: LoraSpec) -> int:
     """How many of the file's tensors adapt a text encoder (not loaded: ddpm loads U-Net adapters)."""
-    from safetensors import safe_open
+    from ddpm_cli.engine.models.safety import safetensors_header
 
-    with safe_open(str(spec.path), framework="pt") as file:
-        return sum(key.startswith(TEXT_ENCODER_PREFIXES) for key in file.keys())
+    return sum(key.startswith(TEXT_ENCODER_PREFIXES) for key in safetensors_header(spec.path))
 
 
 def read_lora(spec: LoraSpec) -> tuple[dict, dict | None, dict | None]:

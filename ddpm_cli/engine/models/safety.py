@@ -54,30 +54,48 @@ def _looks_like_pickle(head: bytes) -> bool:
     return head[:1] == b"\x80" and len(head) > 1 and 1 <= head[1] <= 5  # PROTO opcode
 
 
+def _read_header(path: Path, size: int) -> tuple[dict, int, str | None]:
+    """(header, its length in bytes, None), or ({}, 0, why it cannot be read) for a file of ``size`` bytes."""
+    if size == 0:
+        return {}, 0, "empty file"
+    if size < 8:
+        return {}, 0, f"only {size} bytes, shorter than the 8-byte header length"
+    with path.open("rb") as fh:
+        (n,) = struct.unpack("<Q", fh.read(8))
+        if n == 0:
+            return {}, 0, "header length is 0"
+        if n > _MAX_HEADER:
+            return {}, 0, f"header length {n} is implausibly large"
+        if 8 + n > size:
+            return {}, 0, f"header of {n} bytes runs past the end of the {size}-byte file"
+        raw = fh.read(n)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return {}, 0, "header is not valid JSON"
+    if not isinstance(header, dict):
+        return {}, 0, "header is not a JSON object"
+    return header, n, None
+
+
+def safetensors_header(path: Path) -> dict:
+    """A safetensors file's header (tensor name -> dtype, shape, offsets), read without loading a tensor;
+    {} when the file cannot be read or its header is not whole."""
+    try:
+        header, _, reason = _read_header(path, path.stat().st_size)
+    except OSError:
+        return {}
+    return header if reason is None else {}
+
+
 def safetensors_damage(path: Path, size: int | None = None) -> str | None:
     """Why a safetensors file is truncated or corrupt, read from its header and size alone (no
     tensor is loaded), or None when it is whole. Each tensor's bytes must lie inside the file and
     match its shape and dtype. Damage inside the data that keeps the size is not seen."""
     size = path.stat().st_size if size is None else size
-    if size == 0:
-        return "empty file"
-    if size < 8:
-        return f"only {size} bytes, shorter than the 8-byte header length"
-    with path.open("rb") as fh:
-        (n,) = struct.unpack("<Q", fh.read(8))
-        if n == 0:
-            return "header length is 0"
-        if n > _MAX_HEADER:
-            return f"header length {n} is implausibly large"
-        if 8 + n > size:
-            return f"header of {n} bytes runs past the end of the {size}-byte file"
-        raw = fh.read(n)
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        return "header is not valid JSON"
-    if not isinstance(header, dict):
-        return "header is not a JSON object"
+    header, n, reason = _read_header(path, size)
+    if reason is not None:
+        return reason
     data_size, end = size - 8 - n, 0
     for name, info in header.items():
         if name == "__metadata__":
