@@ -28,7 +28,10 @@ def debug_enabled() -> bool:
 
 def fail(message: str, code: int) -> typer.Exit:
     """Print ``ddpm: error: message`` on stderr and return the Exit to raise."""
-    print(f"ddpm: error: {message}", file=sys.stderr, flush=True)
+    # One write per line: print() writes the text and the newline separately, so two processes sharing
+    # stderr (torchrun's ranks) could run their lines together.
+    sys.stderr.write(f"ddpm: error: {message}\n")
+    sys.stderr.flush()
     return typer.Exit(code)
 
 
