@@ -121,3 +121,23 @@ def test_bad_options_are_refused(tmp_path):
         prepare(options(tmp_path, model_size="huge"))
     with pytest.raises(InputError, match="not a multiple"):
         Trainer(prepare(options(tmp_path, resolution=30, max_steps=1))[0])
+
+
+def test_max_time_ends_the_run_as_finished_and_resume_counts_the_time_spent(tmp_path):
+    summary = train(options(tmp_path, resolution=8, max_steps=100_000, max_time=0.5, checkpoint_every=100_000))
+    steps = summary["steps"]
+    assert 1 <= steps < 100_000 and summary["wall_time_s"] >= 0.5
+    assert (tmp_path / "run" / "ddpm_train.json").is_file() and (tmp_path / "run" / "model_index.json").is_file()
+    assert [p.name for p in checkpoints.list_checkpoints(tmp_path / "run")] == [f"checkpoint-{steps:07d}"]
+    # Resumed with a budget already spent, the run stops after one more step.
+    resumed = train(options(tmp_path, max_steps=100_000, max_time=0.5), resume="latest")
+    assert resumed["steps"] == steps + 1
+
+
+def test_max_time_is_parsed_as_a_duration(tmp_path):
+    from ddpm_cli.cli.options import duration_seconds
+
+    assert [duration_seconds(t, "--max-time") for t in ("600", "600s", "10m", "1.5h")] == [600, 600, 600, 5400]
+    for bad in ("ten", "-1m", "0", ""):
+        with pytest.raises(Exception):
+            duration_seconds(bad, "--max-time")

@@ -134,3 +134,19 @@ def split_list(values: str, name: str, cast: Callable = str, choices: tuple[str,
     if unknown:
         raise fail(f"unknown {name} {unknown[0]!r}; choose from {', '.join(choices)}", EXIT_USAGE)
     return items
+
+
+_UNITS = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def duration_seconds(text: str, name: str) -> float:
+    """A duration as seconds: 600, 600s, 10m or 1.5h (exit 2 on anything else)."""
+    value = text.strip().lower()
+    unit = value[-1:] if value[-1:] in "smh" else ""
+    try:
+        seconds = float(value[:len(value) - len(unit)]) * _UNITS[unit]
+    except ValueError:
+        raise fail(f"{name} {text!r} is not a duration: give seconds (600), or 10m, 1.5h", EXIT_USAGE) from None
+    if not seconds > 0:
+        raise fail(f"{name} must be positive, e.g. 600 or 10m", EXIT_USAGE)
+    return seconds

@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from ddpm_cli.cli.errors import handle_errors, writable_folder
-from ddpm_cli.cli.options import DeviceOpt, FormatOpt, QuietOpt, complete
+from ddpm_cli.cli.options import DeviceOpt, FormatOpt, QuietOpt, complete, duration_seconds
 from ddpm_cli.cli.progress import StepProgress, say
 from ddpm_cli.engine.choices import (BETA_SCHEDULES, CONDITIONINGS, LR_SCHEDULES, MIXED_PRECISION, PREDICTION_TYPES,
                                      LOSSES, TASKS, TEXT_EMBEDDINGS)
@@ -71,6 +71,7 @@ def train(
     kl_weight: Annotated[float | None, _opt("--kl-weight", help="With --task autoencoder: weight of the KL term.", default=D.kl_weight)] = None,
     cond_drop: Annotated[float | None, _opt("--cond-drop", help="Share of labels replaced by the null class, so one model learns both guidance branches.", default=D.cond_drop)] = None,
     max_steps: Annotated[int | None, _opt("--max-steps", help="Optimiser steps to train for.", default=10_000, min=1)] = None,
+    max_time: Annotated[str | None, _opt("--max-time", help="Stop after this much training time (600, 600s, 10m, 1.5h), at most --max-steps; the run ends there as finished (checkpoint, export). A resumed run counts its earlier time. The learning-rate schedule still spans --max-steps.")] = None,
     epochs: Annotated[int | None, _opt("--epochs", help="Train for this many passes over the data instead of --max-steps.", min=1)] = None,
     batch_size: Annotated[int | None, _opt("--batch-size", "-b", help="Images per micro-batch.", default=D.batch_size, min=1)] = None,
     grad_accum: Annotated[int | None, _opt("--grad-accum", help="Micro-batches per optimiser step.", default=D.grad_accum, min=1)] = None,
@@ -102,6 +103,7 @@ def train(
                if key not in ("resume", "output_format", "quiet", "overwrite", "skip_existing")}
     options["device"] = None if device == "auto" else device
     options["data"] = None if data is None else str(data)
+    options["max_time"] = None if max_time is None else duration_seconds(max_time, "--max-time")
     finished = _finished_run(options["output"] or D.output) if skip_existing else None
     if finished is not None:
         say(f"ddpm: {finished['pipeline']} holds a finished run ({finished['steps']} steps); skipped", quiet)

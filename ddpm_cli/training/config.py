@@ -16,7 +16,7 @@ from ddpm_cli.training.presets import AUTOENCODER_PRESETS, PRESETS
 
 SUMMARY_FILE = "ddpm_train.json"  # written in the run folder when a run finishes
 # Options a resumed run may change; every other option comes from the run being resumed.
-RESUMABLE = {"max_steps", "epochs", "checkpoint_every", "keep_checkpoints", "sample_every", "device",
+RESUMABLE = {"max_steps", "max_time", "epochs", "checkpoint_every", "keep_checkpoints", "sample_every", "device",
              "num_workers", "max_nonfinite", "compile", "log_with", "validate_every",
              "gradient_checkpointing"}
 LOG_WITH = ("none", "tensorboard")
@@ -35,6 +35,7 @@ class TrainConfig:
     prediction_type: str = "epsilon"
     num_train_timesteps: int = 1000
     max_steps: int | None = None
+    max_time: float | None = None  # seconds of training (resumed runs count their earlier time); ends the run early
     epochs: int | None = None
     batch_size: int = 64
     grad_accum: int = 1
@@ -116,6 +117,7 @@ class TrainConfig:
         for name in ("max_steps", "epochs", "sample_every", "resolution"):
             value = getattr(self, name)
             check(value is None or value >= 1, f"--{name.replace('_', '-')} must be at least 1")
+        check(self.max_time is None or self.max_time > 0, "--max-time must be positive, e.g. 600 or 10m")
         check(self.lr > 0, "--lr must be positive")
         check(0.0 <= self.ema_decay < 1.0, "--ema-decay must be in [0, 1)")
         check(self.grad_clip >= 0, "--grad-clip must be >= 0 (0 turns clipping off)")

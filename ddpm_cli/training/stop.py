@@ -77,6 +77,14 @@ class StopRequests:
         raise TrainingStopped(f"stopped at once by a second {signal_name(signum)}; the steps since the last "
                               "checkpoint were not saved", signum)
 
+    def time_up(self, mine: bool) -> bool:
+        """Whether any process has used up the run's time budget (``--max-time``), so all stop together."""
+        if not self.world.distributed:
+            return mine
+        flag = torch.tensor([int(mine)], dtype=torch.int64)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=self.group)
+        return bool(flag.item())
+
     def agreed(self) -> int:
         """The stop request of the whole job: 0 when no process was asked to stop."""
         if not self.world.distributed:

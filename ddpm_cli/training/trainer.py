@@ -249,6 +249,8 @@ class Trainer:
                 self.pending.append(self.train_step())
                 now = time.perf_counter()
                 self.elapsed += now - started
+                if c.max_time and self.stop.time_up(self.elapsed >= c.max_time):
+                    self.total = self.step  # the time budget ends the run here, as its last step
                 last = self.step == self.total
                 stopping = 0 if last else self.stop.agreed()
                 log = self.step % LOG_EVERY == 0 or last or stopping
