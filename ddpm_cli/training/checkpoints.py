@@ -90,10 +90,11 @@ def damage(checkpoint: Path) -> str | None:
     """The first damaged or missing file of a checkpoint and what is wrong with it, or None if the
     checkpoint is usable. Reads headers and sizes only (milliseconds, whatever the model's size)."""
     checkpoint = Path(checkpoint)
-    for name in (*TENSOR_FILES, *JSON_FILES):
+    extras = sorted(p.name for p in checkpoint.glob("*.safetensors") if p.name not in TENSOR_FILES)  # save_checkpoint's extra
+    for name in (*TENSOR_FILES, *extras, *JSON_FILES):
         path = checkpoint / name
         try:
-            if name in TENSOR_FILES:
+            if name.endswith(".safetensors"):
                 problem = safetensors_damage(path)
             else:
                 data = json.loads(path.read_text())
@@ -111,9 +112,11 @@ def damage(checkpoint: Path) -> str | None:
 
 def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, ema_model: torch.nn.Module,
                     optimizer: torch.optim.Optimizer, generators: dict[str, torch.Generator], state: dict,
-                    keep: int, names: set[str] | None = None) -> Path:
+                    keep: int, names: set[str] | None = None,
+                    extra: dict[str, dict[str, torch.Tensor]] | None = None) -> Path:
     """Write checkpoint ``step`` atomically, then prune to the newest ``keep``; return its path. With
-    ``names``, only those weights are saved (a LoRA run's adapters)."""
+    ``names``, only those weights are saved (a LoRA run's adapters); ``extra`` maps further file names
+    to their tensors (read back by :func:`load_extra`)."""
     if not all_finite(model, ema_model):
         raise NumericalError(f"the weights at step {step} are not finite; no checkpoint was written")
     final = checkpoint_path(run_dir, step)
@@ -129,6 +132,8 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, ema_model:
         opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
         save_file(opt_tensors, tmp / "optimizer.safetensors")
         save_file({name: g.get_state() for name, g in generators.items()}, tmp / "rng.safetensors")
+        for name, tensors in (extra or {}).items():
+            save_file(tensors, tmp / name)
         (tmp / "optimizer.json").write_text(json.dumps(opt_meta))
         (tmp / STATE_FILE).write_text(json.dumps(dict(state, step=step), indent=2))
         _umask_permissions(tmp)
@@ -230,6 +235,14 @@ def load_checkpoint(checkpoint: Path, model: torch.nn.Module, ema_model: torch.n
     except (OSError, RuntimeError, ValueError, KeyError, SafetensorError) as exc:  # a damaged or foreign checkpoint
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(f"cannot resume from {checkpoint}: {first}") from exc
+
+
+def load_extra(checkpoint: Path, name: str, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """The tensors of a checkpoint's ``extra`` file ``name``; ModelError when it is missing or unreadable."""
+    try:
+        return load_file(Path(checkpoint) / name, device=str(device))
+    except (OSError, SafetensorError) as exc:
+        raise ModelError(f"cannot resume from {checkpoint}: {name} is missing or unreadable ({exc})") from exc
 
 
 def _umask_permissions(folder: Path) -> None:

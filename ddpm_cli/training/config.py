@@ -20,6 +20,7 @@ RESUMABLE = {"max_steps", "max_time", "epochs", "checkpoint_every", "keep_checkp
              "num_workers", "max_nonfinite", "compile", "log_with", "validate_every",
              "gradient_checkpointing"}
 LOG_WITH = ("none", "tensorboard")
+TIMESTEP_SAMPLERS = ("uniform", "loss-second-moment")
 
 
 @dataclass
@@ -63,6 +64,10 @@ class TrainConfig:
     loss: str = "simple"
     learn_variance: bool = False
     vlb_weight: float = 0.001
+    snr_gamma: float | None = None  # min-SNR-gamma loss weights (training/weighting.py); None: unweighted
+    offset_noise: float = 0.0  # S: noise + S * N(0, 1) per (image, channel), the same on every pixel
+    timestep_sampler: str = "uniform"  # or loss-second-moment (training/timestep_sampler.py)
+    dropout: float | None = None  # in the U-Net's residual blocks [default: 0, or the --init-from model's]
     latent: str | None = None
     kl_weight: float = 1e-6
     scale: int | None = None
@@ -139,6 +144,7 @@ class TrainConfig:
               "--learn-variance needs --loss hybrid or vlb (L_simple gives the variance no gradient)")
         check(self.loss != "hybrid" or self.learn_variance,
               "--loss hybrid trains a learned variance: add --learn-variance (or use --loss vlb)")
+        self._validate_recipe(check)
         if self.task == "autoencoder":
             check(self.model_size in AUTOENCODER_PRESETS, f"--task autoencoder takes --model-size "
                   f"{' or '.join(AUTOENCODER_PRESETS)}, not {self.model_size}")
@@ -175,6 +181,31 @@ class TrainConfig:
                   "drop --lora-rank")
             check(bool(self.init_from), "--lora-rank adapts a trained model: give it with --init-from MODEL")
             check(self.lora_alpha is None or self.lora_alpha > 0, "--lora-alpha must be positive")
+
+    def _validate_recipe(self, check) -> None:
+        """--snr-gamma, --offset-noise, --timestep-sampler, --dropout and --weight-decay."""
+        check(self.weight_decay >= 0, "--weight-decay must be >= 0")
+        check(self.snr_gamma is None or self.snr_gamma > 0, "--snr-gamma must be positive, e.g. 5")
+        check(self.offset_noise >= 0, "--offset-noise must be >= 0, e.g. 0.1")
+        for flag, given in (("--snr-gamma", self.snr_gamma is not None), ("--offset-noise", self.offset_noise > 0)):
+            check(not given or self.task == "ddpm", f"{flag} shapes the diffusion loss of --task ddpm; "
+                  f"--task {self.task} does not take it")
+        check(self.snr_gamma is None or self.loss != "vlb",
+              "--snr-gamma weights L_simple's terms; --loss vlb is the bound, whose terms carry their own weights: "
+              "use --loss simple or hybrid")
+        check(self.timestep_sampler in TIMESTEP_SAMPLERS,
+              f"unknown --timestep-sampler {self.timestep_sampler!r}; choose one of {', '.join(TIMESTEP_SAMPLERS)}")
+        check(self.timestep_sampler == "uniform" or self.loss in ("vlb", "hybrid"),
+              f"--timestep-sampler {self.timestep_sampler} importance-samples the bound's terms: it needs --loss vlb "
+              "or hybrid")
+        check(self.dropout is None or 0.0 <= self.dropout < 1.0, "--dropout must be in [0, 1), e.g. 0.1")
+        check(self.dropout is None or self.task != "autoencoder",
+              "--dropout goes in a U-Net's residual blocks; --task autoencoder's AutoencoderKL has none")
+
+    @property
+    def image_size(self) -> int | tuple[int, int]:
+        """The training images' size: R (square) or (height, width) for --resolution HxW."""
+        return self.resolution if self.width in (None, self.resolution) else (self.resolution, self.width)
 
     def total_steps(self, steps_per_epoch: int) -> int:
         """Optimiser steps in the run; ``steps_per_epoch`` counts micro-batches."""

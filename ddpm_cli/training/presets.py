@@ -70,9 +70,16 @@ def reference_loss(config) -> dict | None:
     """{"loss", "source"} for a run of plain L_simple epsilon training on a data set and preset with a
     measured reference (REFERENCE_LOSSES), else None."""
     plain = (config.task == "ddpm" and config.loss == "simple" and config.prediction_type == "epsilon"
+             and config.snr_gamma is None
              and config.schedule == "linear" and config.num_train_timesteps == 1000 and config.conditioning == "none")
     found = REFERENCE_LOSSES.get((config.model_size, config.data, config.resolution)) if plain else None
     return {"loss": found[0], "source": found[1]} if found else None
+
+
+def with_dropout(config: dict, dropout: float | None) -> dict:
+    """A U-Net config (UNet2DModel or UNet2DConditionModel, both of which take the key) with ``dropout`` in its
+    residual blocks; None keeps the config's own (0 for a preset, an --init-from model's own)."""
+    return config if dropout is None else {**config, "dropout": dropout}
 
 
 def build_unet(config: dict):

@@ -40,6 +40,7 @@ from ddpm_cli.training.ema import EMA
 from ddpm_cli.training.feed import Feed
 from ddpm_cli.training.latents import is_latents_file, open_latent_data
 from ddpm_cli.training.objectives import Batch, Draws, objective_class
+from ddpm_cli.training.objectives.base import OBJECTIVE_STATE_FILE
 from ddpm_cli.training.presets import reference_loss
 from ddpm_cli.training.stop import StopRequests, TrainingStopped, signal_name
 
@@ -121,6 +122,10 @@ class Trainer:
             "augment": torch.Generator().manual_seed(config.seed + 1),
             "noise": torch.Generator(self.device).manual_seed(config.seed + 2),
         }
+        if config.dropout and self.device.type in ("cpu", "cuda"):  # dropout draws from the device's default
+            # generator: checkpointed too, so --resume is exact
+            self.generators["dropout"] = torch.default_generator if self.device.type == "cpu" else \
+                torch.cuda.default_generators[torch.cuda.current_device() if self.device.index is None else self.device.index]
         self.draws = Draws(self.generators["noise"], self.device, self.world)
         self.held_out, items = self._split(config)
         self.batches = EpochBatches(len(self.dataset), config.batch_size, config.seed, items)
@@ -141,6 +146,8 @@ class Trainer:
             self.step, self.nonfinite, self.last_loss = state["step"], state["nonfinite"], state["loss"]
             self.elapsed, self.images_seen = state["elapsed"], state["images_seen"]
             self.best, self.first_val = state.get("best_val"), state.get("first_val")
+            if self.objective.state_dict():  # its own training state (a loss history)
+                self.objective.load_state_dict(checkpoints.load_extra(checkpoint, OBJECTIVE_STATE_FILE, self.device))
             self._truncate_log()
         amp_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision)
         self.autocast = torch.autocast(self.device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
@@ -365,8 +372,10 @@ class Trainer:
                  "images_seen": self.images_seen, "loss": self.last_loss, "version": __version__,
                  "best_val": self.best, "first_val": self.first_val,
                  "grad_scaler": self.scaler.state_dict() if self.scaler is not None else None}
+        objective_state = self.objective.state_dict()  # its own training state (a loss history), if any
         path = checkpoints.save_checkpoint(self.run_dir, self.step, self.model, self.ema.model, self.optimizer,
-                                           self.generators, state, self.config.keep_checkpoints, self.saved_names)
+                                           self.generators, state, self.config.keep_checkpoints, self.saved_names,
+                                           {OBJECTIVE_STATE_FILE: objective_state} if objective_state else None)
         self.objective.export(self.run_dir, self.ema.model)
         self.on_event({"kind": "checkpoint", "step": self.step, "path": str(path)})
 

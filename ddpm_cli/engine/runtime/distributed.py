@@ -91,6 +91,18 @@ def gather(value: object) -> list[object]:
     return values
 
 
+def gather_rows(tensor: torch.Tensor) -> torch.Tensor:
+    """Every rank's rows of ``tensor`` (the same shape on each), concatenated in rank order: the global
+    batch of per-sample values (itself outside torchrun)."""
+    import torch
+
+    if not _joined():
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(torch.distributed.get_world_size())]
+    torch.distributed.all_gather(parts, tensor.contiguous())
+    return torch.cat(parts)
+
+
 def average(tensor: torch.Tensor) -> torch.Tensor:
     """The mean of ``tensor`` over the ranks (itself outside torchrun)."""
     import torch

@@ -5,8 +5,9 @@ checkpoints, resume, the random draws); an objective only says what to train and
 it: ``build_model()`` the module to train (what is checkpointed, averaged and exported),
 ``trainable(model)`` the module whose forward the loss runs (the Trainer wraps it in DDP and
 compiles it), ``loss(network, batch, draws)``, ``export(run_dir, ema_model)`` and
-``preview(run_dir, ema_model, step)``. The loss sees only ``network``, the wrapped forward, so
-under torchrun every gradient goes through DDP's averaging.
+``preview(run_dir, ema_model, step)``; an objective with training state of its own (a loss
+history) returns it from ``state_dict()`` and it is checkpointed with the run. The loss sees only
+``network``, the wrapped forward, so under torchrun every gradient goes through DDP's averaging.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 from ddpm_cli.engine.runtime.distributed import World
 from ddpm_cli.training.config import TrainConfig
 
+OBJECTIVE_STATE_FILE = "objective.safetensors"  # a checkpoint's file of Objective.state_dict(), when there is one
 Network = Callable[..., object]  # the wrapped forward: DDP under torchrun, compiled with --compile, under autocast
 
 
@@ -48,6 +50,13 @@ class Draws:
         """One timestep per row, uniform on 0 .. count - 1."""
         total, mine = self._global(rows)
         return torch.randint(0, count, (total,), generator=self.generator, device=self.device)[mine]
+
+    def categorical(self, rows: int, probabilities: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One index per row drawn from ``probabilities`` (with replacement): (this process's rows, the
+        global batch's)."""
+        total, mine = self._global(rows)
+        drawn = torch.multinomial(probabilities, total, replacement=True, generator=self.generator)
+        return drawn[mine], drawn
 
     def normal(self, shape: tuple[int, ...] | torch.Size) -> torch.Tensor:
         """Standard normal noise of ``shape`` (this process's rows first), float32."""
@@ -78,6 +87,14 @@ class Objective:
 
     def loss(self, network: Network, batch: Batch, draws: Draws) -> torch.Tensor:
         raise NotImplementedError
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The objective's own training state, saved with every checkpoint and restored on resume (the
+        loss history of --timestep-sampler loss-second-moment); none by default."""
+        return {}
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Restore what ``state_dict`` returned."""
 
     def validation_loss(self, network: Network, batch: Batch, noise: torch.Tensor) -> dict[int, float]:
         """The loss on held-out ``batch`` at fixed timesteps with fixed ``noise``: {timestep: loss}."""

@@ -25,10 +25,13 @@ from ddpm_cli.training import checkpoints
 from ddpm_cli.training.config import TrainConfig
 from ddpm_cli.data.sources import BUILTIN_DATASETS
 from ddpm_cli.training.objectives.base import Batch, Draws, Network, Objective, grid_path
-from ddpm_cli.training.presets import build_unet, text_unet_config, unet_config
+from ddpm_cli.training.presets import build_unet, text_unet_config, unet_config, with_dropout
+from ddpm_cli.training.timestep_sampler import LossSecondMomentSampler
+from ddpm_cli.training.weighting import min_snr_weights, snr_table
 
 GRID_SEEDS = list(range(16))
 GRID_CFG = 2.0
+GRID_STEPS = 20
 VALIDATION_TIMESTEPS = 10
 
 
@@ -51,6 +54,10 @@ class DiffusionObjective(Objective):
         self._setup_conditioning()
         self.schedule = make_schedule(config)
         self.memory_format = memory_format()
+        self.snr = snr_table(self.schedule).to(device, torch.float32) if config.snr_gamma is not None else None
+        self.sampler = None  # --timestep-sampler loss-second-moment (None: uniform)
+        if config.timestep_sampler == "loss-second-moment":
+            self.sampler = LossSecondMomentSampler(self.schedule.num_train_timesteps, device)
 
     @property
     def latent(self) -> bool:
@@ -100,33 +107,56 @@ class DiffusionObjective(Objective):
                 what = "latent channels" if self.latent else "channels"
                 raise InputError(f"--init-from {config.init_from} takes {wanted}-channel inputs, but {config.data} gives "
                                  f"{channels} {what}; fine-tune it on data it can take")
-            return build_unet(dict(config.unet_config))
+            return build_unet(with_dropout(dict(config.unet_config), config.dropout))
         if self.encoder is not None:
             unet = text_unet_config(config.model_size, size, channels, self.encoder.hidden_size)
         else:
             unet = unet_config(config.model_size, size, channels, len(self.class_names) if self.class_names else None)
         if config.learn_variance:  # the mean's channels, then the variance's (diffusers' "learned_range")
             unet["out_channels"] = 2 * channels
-        return build_unet(unet)
+        return build_unet(with_dropout(unet, config.dropout))
 
     def loss(self, network: Network, batch: Batch, draws: Draws) -> torch.Tensor:
         """L_simple = || target - network(x_t, t) ||^2; L_vlb = T L_t, the bound's one-sample estimate in
         bits/dim (engine/bound.py); L_hybrid = L_simple + vlb_weight L_vlb with the mean stopped from
-        L_vlb's gradient, so the bound trains only the variance (Nichol & Dhariwal 2021, sec. 3.1)."""
+        L_vlb's gradient, so the bound trains only the variance (Nichol & Dhariwal 2021, sec. 3.1).
+
+        --snr-gamma weights each sample's L_simple term (training/weighting.py); --offset-noise adds a
+        shift per image and channel to the noise; --timestep-sampler loss-second-moment draws t by
+        importance and weights each sample by 1 / (T p_t) (training/timestep_sampler.py)."""
         x0 = batch.images
         T = self.schedule.num_train_timesteps
-        t = draws.timesteps(x0.shape[0], T)
+        if self.sampler is None:
+            t = draws.timesteps(x0.shape[0], T)
+        else:
+            t, importance, t_global = self.sampler.draw(draws, x0.shape[0])
         noise = draws.normal(x0.shape)
+        if self.config.offset_noise:  # Guttenberg 2023: one N(0, 1) draw per (image, channel), on every pixel
+            noise = noise + self.config.offset_noise * draws.normal((*x0.shape[:2], *[1] * (x0.ndim - 2)))
         xt = self.schedule.q_sample(x0, t, noise).contiguous(memory_format=self.memory_format)
         output = network(xt, t, **batch.conditioning).sample.float()
         channels, loss = x0.shape[1], self.config.loss
-        mse = F.mse_loss(output[:, :channels], self.schedule.training_target(x0, noise, t))
+        target = self.schedule.training_target(x0, noise, t)
+        mse = F.mse_loss(output[:, :channels], target, reduction="none").flatten(1).mean(1)  # per sample
+        if self.snr is not None:
+            mse = mse * min_snr_weights(self.snr[t], self.config.snr_gamma, self.schedule.prediction_type)
         if loss == "simple":
-            return mse
+            return mse.mean()
         if loss == "hybrid":
             output = torch.cat([output[:, :channels].detach(), output[:, channels:]], dim=1)
-        vlb = vlb_terms(self.schedule, x0, xt, t, output, self.variance).mean() * T
-        return mse + self.config.vlb_weight * vlb if loss == "hybrid" else vlb
+        vlb = vlb_terms(self.schedule, x0, xt, t, output, self.variance) * T
+        per_sample = mse + self.config.vlb_weight * vlb if loss == "hybrid" else vlb
+        if self.sampler is not None:
+            self.sampler.update(t_global, per_sample)
+            per_sample = per_sample * importance
+        return per_sample.mean()
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.sampler.state_dict() if self.sampler is not None else {}
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
+        if self.sampler is not None:
+            self.sampler.load_state_dict(tensors)
 
     @torch.no_grad()
     def validation_loss(self, network: Network, batch: Batch, noise: torch.Tensor) -> dict[int, float]:
@@ -193,9 +223,10 @@ class DiffusionObjective(Objective):
             condition = Condition(prompt=[prompts[seed % len(prompts)] for seed in GRID_SEEDS])
         else:
             condition = None
-        images = sample_batch(pipeline, GRID_SEEDS, SamplerSettings("dpmpp-2m", 20), condition=condition,
+        steps = min(GRID_STEPS, self.schedule.num_train_timesteps)  # a short --num-train-timesteps has fewer
+        images = sample_batch(pipeline, GRID_SEEDS, SamplerSettings("dpmpp-2m", steps), condition=condition,
                               cfg=GRID_CFG if condition else 1.0)
         path = grid_path(run_dir, step)
         save_png(make_grid(images), path, {"model": str(run_dir), "step": step, "sampler": "dpmpp-2m",
-                                           "steps": 20, "seeds": f"{GRID_SEEDS[0]}-{GRID_SEEDS[-1]}"}, overwrite=True)
+                                           "steps": steps, "seeds": f"{GRID_SEEDS[0]}-{GRID_SEEDS[-1]}"}, overwrite=True)
         return path

@@ -24,7 +24,7 @@ from ddpm_cli.engine.tasks.superres import degrade, upsample, upscale_batch
 from ddpm_cli.training import checkpoints
 from ddpm_cli.training.objectives.base import Batch, Draws, Network, Objective, grid_path
 from ddpm_cli.training.objectives.diffusion import make_schedule
-from ddpm_cli.training.presets import build_unet, unet_config
+from ddpm_cli.training.presets import build_unet, unet_config, with_dropout
 
 GRID_IMAGES = 8
 
@@ -40,7 +40,7 @@ class SuperResObjective(Objective):
         c = self.config
         config = unet_config(c.model_size, c.resolution, c.channels)
         config["in_channels"] = 2 * c.channels  # x_t and the upsampled low-resolution image
-        return build_unet(config)
+        return build_unet(with_dropout(config, c.dropout))
 
     def loss(self, network: Network, batch: Batch, draws: Draws) -> torch.Tensor:
         images, scale = batch.images, self.config.scale
@@ -62,7 +62,8 @@ class SuperResObjective(Objective):
         count, scale = len(images), self.config.scale
         pipeline = from_unet(ema_model, self.schedule, upscale=scale)
         low = degrade(images, scale)
-        upscaled = torch.cat([upscale_batch(pipeline, [k], SamplerSettings("dpmpp-2m", 20), low[k]) for k in range(count)])
+        settings = SamplerSettings("dpmpp-2m", min(20, self.schedule.num_train_timesteps))
+        upscaled = torch.cat([upscale_batch(pipeline, [k], settings, low[k]) for k in range(count)])
         grid = make_grid(torch.cat([upsample(low, scale), upscaled, images]), nrow=count)
         path = grid_path(run_dir, step)
         save_png(grid, path, {"model": str(run_dir), "step": step, "rows": "bicubic, upscaled, original"}, overwrite=True)
