@@ -56,9 +56,9 @@ def models(sd_dir):
             "sd": (sd_unet, {"encoder_hidden_states": context}, (4, 8, 8), SD_CONFIG)}
 
 
-def diffusers_images(unet, kwargs, shape, scheduler):
+def diffusers_images(unet, kwargs, shape, scheduler, steps=STEPS):
     generators = [torch.Generator().manual_seed(s) for s in SEEDS]
-    scheduler.set_timesteps(STEPS)
+    scheduler.set_timesteps(steps)
     x = randn_tensor((len(SEEDS), *shape), generator=generators) * scheduler.init_noise_sigma
     takes_generator = "generator" in inspect.signature(scheduler.step).parameters
     with torch.no_grad():

@@ -31,6 +31,7 @@ class Generation:
     sigmas: str | None = None
     order: int | None = None
     clip_x0: str | None = None  # --clip-x0 on|off; None: the model's config
+    cfg_rescale: float | None = None  # --cfg-rescale PHI; None: not given (0, off)
     seed: str | int | None = None  # --seed N|random (None: 0)
     seed_list: str | None = None  # --seeds LIST, which replaces --seed and -n
     num_images: int | None = None  # -n; None: not given (images_default, or one per --seeds entry)
@@ -115,7 +116,7 @@ class Generation:
         clip = None if self.clip_x0 is None else self.clip_x0 == "on"
         settings = SamplerSettings(self.sampler, self.steps, self.eta, self.spacing, self.variance,
                                    options={"sigmas": self.sigmas, "order": self.order},
-                                   clip_x0=clip).resolved(pipeline)
+                                   clip_x0=clip, cfg_rescale=self.cfg_rescale or 0.0).resolved(pipeline)
         return pipeline, settings
 
     def announce(self, pipeline, settings, extra: str = "") -> None:
@@ -125,12 +126,14 @@ class Generation:
             f"{settings.steps} steps{extra}", self.quiet)
 
     @staticmethod
-    def check_guidance(cfg: float | None, *conditions: tuple[str, object]) -> None:
-        """Refuse --cfg when none of ``conditions`` ((flag, value) pairs, e.g. ("--class", None))
-        is given: guidance has nothing to steer towards."""
-        if cfg is not None and all(value is None for _, value in conditions):
+    def check_guidance(cfg: float | None, *conditions: tuple[str, object], rescale: float | None = None) -> None:
+        """Refuse --cfg (and --cfg-rescale, ``rescale``) when none of ``conditions`` ((flag, value)
+        pairs, e.g. ("--class", None)) is given: guidance has nothing to steer towards."""
+        if all(value is None for _, value in conditions):
             flags = " or ".join(flag for flag, _ in conditions)
-            raise fail(f"--cfg guides towards {flags}; give {flags} or drop --cfg", EXIT_USAGE)
+            for flag, given in (("--cfg", cfg), ("--cfg-rescale", rescale)):
+                if given is not None:
+                    raise fail(f"{flag} guides towards {flags}; give {flags} or drop {flag}", EXIT_USAGE)
 
     @staticmethod
     def condition(pipeline, cfg: float | None, class_spec: str | None = None, prompt: str | None = None,

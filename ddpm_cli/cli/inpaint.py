@@ -9,7 +9,7 @@ import typer
 
 from ddpm_cli.cli.errors import EXIT_USAGE, fail, handle_errors
 from ddpm_cli.cli.generation import Generation
-from ddpm_cli.cli.options import LoraOpt
+from ddpm_cli.cli.options import CfgRescaleOpt, LoraOpt
 from ddpm_cli.cli.options import (AllowPickleOpt, BatchSizeOpt, ClassOpt, CompileOpt, DeviceOpt, DtypeOpt, EtaOpt,
                                   FormatOpt, GridOpt, NumImagesOpt, OutdirAlias, OutputOpt, OverwriteOpt, QuietOpt, RevisionOpt,
                                   SamplerOpt, ImageSeedOpt, SeedListOpt, SkipExistingOpt, SpacingOpt, VarianceOpt, SigmasOpt, OrderOpt, ClipX0Opt, one, steps_option)
@@ -52,6 +52,7 @@ def inpaint(
     negative_prompt: Annotated[str, typer.Option("--negative-prompt", help="Text-conditional models: what to steer away from.")] = "",
     class_spec: ClassOpt = None,
     cfg: Annotated[float | None, typer.Option("--cfg", min=0.0, help="Guidance scale [default: 7.5 with --prompt, 2 with --class].", show_default=False)] = None,
+    cfg_rescale: CfgRescaleOpt = None,
     jump_length: Annotated[int, typer.Option("--jump-length", min=1, help="RePaint: steps between jumps back up.")] = 10,
     jump_n_sample: Annotated[int, typer.Option("--jump-n-sample", min=1, help="RePaint: times each stretch is denoised (1: no resampling; >1 needs --sampler ddpm).")] = 1,
     steps: InpaintStepsOpt = None,
@@ -89,7 +90,7 @@ def inpaint(
         raise fail("pass the image with --image and the region to fill with --mask", EXIT_USAGE)
     if prompt is not None and class_spec is not None:
         raise fail("--prompt and --class cannot be given together", EXIT_USAGE)
-    run.check_guidance(cfg, ("--prompt", prompt), ("--class", class_spec))
+    run.check_guidance(cfg, ("--prompt", prompt), ("--class", class_spec), rescale=cfg_rescale)
     if negative_prompt and prompt is None:
         raise fail("--negative-prompt goes with --prompt; give --prompt too or drop it", EXIT_USAGE)
     from ddpm_cli.engine.io.images import load_image

@@ -11,7 +11,7 @@ import typer
 
 from ddpm_cli.cli.errors import EXIT_USAGE, fail, handle_errors, writable_folder
 from ddpm_cli.cli.generation import Generation
-from ddpm_cli.cli.options import (AllowPickleOpt, BatchSizeOpt, ClassOpt, DeviceOpt, OverwriteOpt, QuietOpt, RevisionOpt,
+from ddpm_cli.cli.options import (AllowPickleOpt, BatchSizeOpt, CfgRescaleOpt, ClassOpt, DeviceOpt, OverwriteOpt, QuietOpt, RevisionOpt,
                                   SpacingOpt, dtype_option, format_option, one, steps_option)
 from ddpm_cli.cli.progress import StepProgress, say
 
@@ -81,6 +81,7 @@ def invert(
     negative_prompt: Annotated[str, typer.Option("--negative-prompt", help="Text-conditional models: the unconditional branch's prompt.")] = "",
     class_spec: ClassOpt = None,
     cfg: Annotated[float | None, typer.Option("--cfg", min=0.0, show_default=False, help="Guidance scale, as for sampling [default: 7.5 with --prompt, 2 with --class]; sample back with the same one.")] = None,
+    cfg_rescale: CfgRescaleOpt = None,
     resize: Annotated[bool, typer.Option("--resize", help="Resize images of another size to the model's (Lanczos) instead of refusing them.")] = False,
     batch_size: BatchSizeOpt = 16,
     output_format: FormatOpt = "text",
@@ -98,7 +99,7 @@ def invert(
         raise fail("pass -o FILE.safetensors: the noise file to write", EXIT_USAGE)
     if prompt is not None and class_spec is not None:
         raise fail("--prompt and --class cannot be given together", EXIT_USAGE)
-    Generation.check_guidance(cfg, ("--prompt", prompt), ("--class", class_spec))
+    Generation.check_guidance(cfg, ("--prompt", prompt), ("--class", class_spec), rescale=cfg_rescale)
     if negative_prompt and prompt is None:
         raise fail("--negative-prompt goes with --prompt; give --prompt too or drop it", EXIT_USAGE)
     if output.exists() and not overwrite:
@@ -115,7 +116,8 @@ def invert(
     from ddpm_cli.engine.runtime.device import describe
     from ddpm_cli.engine.tasks.invert import invert_batch
 
-    run = Generation(model, sampler="ddim", steps=steps or DEFAULT_STEPS, spacing=spacing, batch_size=batch_size,
+    run = Generation(model, sampler="ddim", steps=steps or DEFAULT_STEPS, spacing=spacing, cfg_rescale=cfg_rescale,
+                     batch_size=batch_size,
                      device=device, dtype="fp32" if dtype == "auto" else dtype, revision=revision, allow_pickle=allow_pickle, quiet=quiet)
     pipeline, settings = run.load()
     if prompt is None and class_spec is None and pipeline.text_encoder is not None:
@@ -132,12 +134,12 @@ def invert(
                 bar.update(done + info["i"] + 1)
 
             rows.append(invert_batch(pipeline, images[start:start + batch_size], settings.steps, settings.spacing,
-                                     refine, condition, scale, on_step))
+                                     refine, condition, scale, on_step, settings.cfg_rescale))
     import torch
 
     noise = torch.cat(rows)
     recorded = {"sampler": "ddim", "steps": settings.steps, "spacing": settings.spacing, "eta": 0.0,
-                "refine": refine, **guidance, "resize": resize or None,
+                "refine": refine, **guidance, "cfg_rescale": cfg_rescale or None, "resize": resize or None,
                 "dtype": str(pipeline.dtype).removeprefix("torch.")}
     data = NoiseFile(noise, model, str(Path(pipeline.folder).resolve()), [str(path) for path in paths],
                      [file_sha256(path) for path in paths], {k: v for k, v in recorded.items() if v is not None})

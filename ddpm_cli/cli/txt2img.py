@@ -15,7 +15,7 @@ from ddpm_cli.cli.errors import EXIT_USAGE, fail, handle_errors
 from ddpm_cli.cli.generation import Generation
 from ddpm_cli.engine.choices import PRIORS
 from ddpm_cli.engine.models.resolve import builtin_models
-from ddpm_cli.cli.options import LoraOpt
+from ddpm_cli.cli.options import CfgRescaleOpt, LoraOpt
 from ddpm_cli.cli.options import (AllowPickleOpt, BatchSizeOpt, CompileOpt, DeviceOpt, DtypeOpt, EtaOpt, FormatOpt, GridOpt,
                                   InitImageOpt, ResizeOpt, StrengthOpt,
                                   ModelAlias, OutdirAlias, OutputOpt, OverwriteOpt, PerPromptOpt, QuietOpt, RevisionOpt,
@@ -99,6 +99,7 @@ def txt2img(
     model_alias: ModelAlias = None,
     negative_prompt: Annotated[str, typer.Option("--negative-prompt", help="What to steer away from (replaces the empty prompt of the unconditional branch).")] = "",
     cfg: Annotated[float, typer.Option("--cfg", min=0.0, help="Guidance scale w: eps_uncond + w (eps_cond - eps_uncond).")] = 7.5,
+    cfg_rescale: CfgRescaleOpt = None,
     steps: StepsOpt = None,
     sampler: SamplerOpt = "dpmpp-2m",
     eta: EtaOpt = None,

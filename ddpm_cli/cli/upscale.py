@@ -10,7 +10,7 @@ import typer
 
 from ddpm_cli.cli.errors import EXIT_USAGE, fail, handle_errors
 from ddpm_cli.cli.generation import Generation
-from ddpm_cli.cli.options import LoraOpt
+from ddpm_cli.cli.options import CfgRescaleOpt, LoraOpt
 from ddpm_cli.cli.options import (AllowPickleOpt, BatchSizeOpt, CompileOpt, DeviceOpt, DtypeOpt, EtaOpt, FormatOpt, GridOpt,
                                   NumImagesOpt, OutdirAlias, OutputOpt, OverwriteOpt, QuietOpt, RevisionOpt, SamplerOpt,
                                   ImageSeedOpt, SeedListOpt, SkipExistingOpt, SpacingOpt, VarianceOpt, SigmasOpt, OrderOpt, ClipX0Opt, steps_option)
@@ -42,6 +42,7 @@ def upscale(
     prompt: Annotated[str | None, typer.Option("--prompt", show_default=False, help="Stable Diffusion upscalers: what the image shows [default: \"\"].")] = None,
     negative_prompt: Annotated[str | None, typer.Option("--negative-prompt", show_default=False, help="Stable Diffusion upscalers: what to steer away from [default: \"\"].")] = None,
     cfg: Annotated[float | None, typer.Option("--cfg", min=0.0, show_default=False, help="Stable Diffusion upscalers: guidance scale [default: 9].")] = None,
+    cfg_rescale: CfgRescaleOpt = None,
     noise_level: Annotated[int | None, typer.Option("--noise-level", min=0, show_default=False, help="Stable Diffusion upscalers: noise added to the input (its low_res_scheduler's timestep) [default: 20].")] = None,
     steps: UpscaleStepsOpt = None,
     sampler: SamplerOpt = "ddpm",  # ancestral: on a real photograph the ODE samplers left grain it does not (README)
@@ -94,7 +95,7 @@ def upscale(
         raise fail(f"--scale {scale}: {model} upscales by {factor}", EXIT_USAGE)
     sd = pipeline.upscaler == "sd"
     given = {"--prompt": prompt, "--negative-prompt": negative_prompt, "--cfg": cfg, "--noise-level": noise_level}
-    unused = [flag for flag, value in given.items() if value is not None and not sd]
+    unused = [flag for flag, value in {**given, "--cfg-rescale": cfg_rescale}.items() if value is not None and not sd]
     if unused:
         raise fail(f"{unused[0]} applies to Stable Diffusion upscalers; {model} is conditioned on the image alone",
                    EXIT_USAGE)

@@ -34,6 +34,7 @@ class TrainConfig:
     model_size: str = "tiny"
     schedule: str = "linear"
     prediction_type: str = "epsilon"
+    zero_terminal_snr: bool = False  # rescale the betas so that alpha_bar_T = 0 (Lin et al. 2024)
     num_train_timesteps: int = 1000
     max_steps: int | None = None
     max_time: float | None = None  # seconds of training (resumed runs count their earlier time); ends the run early
@@ -113,6 +114,11 @@ class TrainConfig:
         check(self.schedule in BETA_SCHEDULES, f"unknown --schedule {self.schedule!r}; choose one of {', '.join(BETA_SCHEDULES)}")
         check(self.prediction_type in PREDICTION_TYPES,
               f"unknown --prediction-type {self.prediction_type!r}; choose one of {', '.join(PREDICTION_TYPES)}")
+        check(not self.zero_terminal_snr or self.prediction_type in ("v", "sample"),
+              f"--zero-terminal-snr needs --prediction-type v or sample: at alpha_bar_T = 0 the noise is the input "
+              f"itself, so --prediction-type {self.prediction_type} has nothing to learn there (Lin et al. 2024)")
+        check(not self.zero_terminal_snr or self.task != "autoencoder",
+              "--zero-terminal-snr changes a diffusion schedule; --task autoencoder has none")
         check(self.mixed_precision in MIXED_PRECISION,
               f"unknown --mixed-precision {self.mixed_precision!r}; choose one of {', '.join(MIXED_PRECISION)}")
         check(self.lr_schedule in LR_SCHEDULES, f"unknown --lr-schedule {self.lr_schedule!r}; choose one of {', '.join(LR_SCHEDULES)}")

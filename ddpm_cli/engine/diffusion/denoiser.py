@@ -9,7 +9,9 @@ applied here, so every sampler gets it for free:
     eps = eps_uncond + w (eps_cond - eps_uncond)
 
 with both branches evaluated in one batched forward pass. w = 1 is the plain conditional model,
-w = 0 the unconditional one.
+w = 0 the unconditional one. Guidance rescaling (Lin et al. 2024, sec. 3.4; diffusers'
+``guidance_rescale``) then pulls the guided output's standard deviation back towards the
+conditional one's, which strong guidance inflates (``rescale_guidance``).
 """
 
 from __future__ import annotations
@@ -21,6 +23,16 @@ import torch
 Conditioning = dict[str, torch.Tensor]
 
 
+def rescale_guidance(guided: torch.Tensor, cond: torch.Tensor, phi: float) -> torch.Tensor:
+    """Lin et al. (2024), eqs. 15-17: x_rescaled = x_cfg * std(x_pos) / std(x_cfg), and the output
+    phi x_rescaled + (1 - phi) x_cfg; each image's standard deviation over all its elements."""
+    if phi == 0.0:
+        return guided
+    dims = list(range(1, guided.dim()))
+    rescaled = guided * (cond.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True))
+    return phi * rescaled + (1.0 - phi) * guided
+
+
 class UNetDenoiser:
     """Adapter for diffusers U-Nets: builds the timestep tensor on the device (no host copy).
 
@@ -29,11 +41,12 @@ class UNetDenoiser:
     """
 
     def __init__(self, unet: torch.nn.Module, dtype: torch.dtype | None = None, cond: Conditioning | None = None,
-                 uncond: Conditioning | None = None, scale: float = 1.0, forward: Callable | None = None):
+                 uncond: Conditioning | None = None, scale: float = 1.0, forward: Callable | None = None,
+                 rescale: float = 0.0):
         self.unet = unet
         self.forward = forward or (lambda x, t, **kwargs: unet(x, t, **kwargs).sample)
         self.dtype = dtype or next(unet.parameters()).dtype
-        self.cond, self.uncond, self.scale = cond or {}, uncond, scale
+        self.cond, self.uncond, self.scale, self.rescale = cond or {}, uncond, scale, rescale
         self.evaluations = 0
 
     @staticmethod
@@ -68,5 +81,6 @@ class UNetDenoiser:
         # output fewer channels than they take, and no learned variance: every output channel is guided.)
         channels = x.shape[1]
         guided = out_uncond[:, :channels] + self.scale * (out_cond[:, :channels] - out_uncond[:, :channels])
+        guided = rescale_guidance(guided, out_cond[:, :channels], self.rescale)
         # A learned variance (extra channels) is taken from the conditional branch, unguided.
         return torch.cat([guided, out_cond[:, channels:]], dim=1) if out_cond.shape[1] > channels else guided

@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ddpm_cli.engine.choices import BETA_SCHEDULES, PREDICTION_TYPES
+from ddpm_cli.engine.choices import BETA_SCHEDULES, PREDICTION_TYPES, SPACINGS
+from ddpm_cli.engine.diffusion.zero_snr import TERMINAL_ALPHA_BAR, rescale_zero_terminal_snr
 from ddpm_cli.engine.errors import InputError, ModelError
 
 
@@ -50,6 +51,18 @@ def make_betas(kind: str, num_train_timesteps: int, beta_start: float = 1e-4, be
     raise InputError(f"unknown noise schedule {kind!r}; choose one of {', '.join(BETA_SCHEDULES)}")
 
 
+def class_default_spacing(class_name: str | None) -> str:
+    """The timestep_spacing diffusers' scheduler class ``class_name`` defaults to, and so writes into
+    every config it saves ("leading" for DDPM, DDIM and PNDM, "linspace" for most others)."""
+    import inspect
+
+    import diffusers
+
+    cls = getattr(diffusers, class_name or "DDPMScheduler", None)
+    parameter = inspect.signature(cls.__init__).parameters.get("timestep_spacing") if isinstance(cls, type) else None
+    return "leading" if parameter is None else parameter.default
+
+
 def interpolate_log_variance(v, log_small, log_large):
     """learned_range: v in [-1, 1] puts log Sigma between log beta_tilde and log beta (Nichol & Dhariwal
     2021, eq. 15); tensors or floats, for training's per-sample tables and a sampler's respaced step."""
@@ -70,12 +83,21 @@ class NoiseSchedule:
     beta_end: float = 0.02
     steps_offset: int = 0  # diffusers' steps_offset: added to "leading" timesteps (Stable Diffusion's configs: 1)
     set_alpha_to_one: bool = True  # False: DDIM's last step ends at alpha_bar_0, not at 1 (diffusers' DDIM/PNDM key)
+    rescale_betas_zero_snr: bool = False  # the betas given are rescaled so that alpha_bar_T = 0 (Lin et al. 2024)
+    timestep_spacing: str | None = None  # the spacing the model's config asks for; None: each sampler's usual
     _device_tables: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         if self.prediction_type not in PREDICTION_TYPES:
             raise InputError(f"unknown prediction type {self.prediction_type!r}; choose one of {', '.join(PREDICTION_TYPES)}")
         self.betas = self.betas.to(torch.float64)
+        if self.rescale_betas_zero_snr:
+            self.betas = rescale_zero_terminal_snr(self.betas)
+            # Sampling starts from the pure noise at T - 1 only if the timesteps start there (Lin et al. 2024, sec. 3.3).
+            self.timestep_spacing = self.timestep_spacing or "trailing"
+        if self.timestep_spacing is not None and self.timestep_spacing not in SPACINGS:
+            raise ModelError(f"scheduler config has unsupported timestep_spacing {self.timestep_spacing!r}; "
+                             f"ddpm knows {', '.join(SPACINGS)}")
         self.alphas = 1.0 - self.betas
         self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
         self.alphas_cumprod_prev = torch.cat([torch.ones(1, dtype=torch.float64), self.alphas_cumprod[:-1]])
@@ -103,11 +125,20 @@ class NoiseSchedule:
     def num_train_timesteps(self) -> int:
         return self.betas.shape[0]
 
+    @property
+    def zero_terminal_snr(self) -> bool:
+        """alpha_bar_T = 0: x_T is pure noise, and the sigma samplers stop short of sigma = inf."""
+        return float(self.alphas_cumprod[-1]) == 0.0
+
     @classmethod
     def create(cls, kind: str = "linear", num_train_timesteps: int = 1000, beta_start: float = 1e-4,
-               beta_end: float = 0.02, prediction_type: str = "epsilon", clip_sample: bool = True) -> NoiseSchedule:
+               beta_end: float = 0.02, prediction_type: str = "epsilon", clip_sample: bool = True,
+               zero_terminal_snr: bool = False) -> NoiseSchedule:
+        """A named schedule; ``zero_terminal_snr`` rescales it (Lin et al. 2024) and samples it with the
+        trailing spacing they prescribe, so that sampling starts from pure noise at T - 1."""
         betas = make_betas(kind, num_train_timesteps, beta_start, beta_end)
-        return cls(betas, prediction_type, clip_sample, 1.0, kind, beta_start, beta_end)
+        return cls(betas, prediction_type, clip_sample, 1.0, kind, beta_start, beta_end,
+                   rescale_betas_zero_snr=zero_terminal_snr)
 
     @classmethod
     def from_config(cls, config: dict) -> NoiseSchedule:
@@ -117,8 +148,16 @@ class NoiseSchedule:
             raise ModelError(f"scheduler config has unsupported prediction_type {config.get('prediction_type')!r}")
         clip = bool(config.get("clip_sample", False))
         clip_range = float(config.get("clip_sample_range", 1.0))
+        # timestep_spacing counts when it says something: diffusers writes its class's default into
+        # every config it saves (the built-in models' DDPMScheduler says "leading"), which leaves the
+        # choice to each sampler's usual spacing (registry.py).
+        spacing = config.get("timestep_spacing")
+        if spacing == class_default_spacing(config.get("_class_name")):
+            spacing = None
         ends = {"steps_offset": int(config.get("steps_offset") or 0),
-                "set_alpha_to_one": bool(config.get("set_alpha_to_one", True))}
+                "set_alpha_to_one": bool(config.get("set_alpha_to_one", True)),
+                "rescale_betas_zero_snr": bool(config.get("rescale_betas_zero_snr", False)),
+                "timestep_spacing": spacing}
         if config.get("trained_betas"):
             betas = torch.tensor(config["trained_betas"], dtype=torch.float64)
             return cls(betas, prediction, clip, clip_range, "trained", **ends)
@@ -141,10 +180,14 @@ class NoiseSchedule:
             "variance_type": variance_type,
         }
         if self.beta_schedule == "trained":
-            config["trained_betas"] = self.betas.tolist()
+            config["trained_betas"] = self.betas.tolist()  # rescaled already: rescaling again keeps them
         else:
             config.update(beta_schedule=_SCHEDULE_TO_DIFFUSERS[self.beta_schedule],
                           beta_start=self.beta_start, beta_end=self.beta_end)
+        if self.rescale_betas_zero_snr:
+            config["rescale_betas_zero_snr"] = True
+        if self.timestep_spacing is not None:
+            config["timestep_spacing"] = self.timestep_spacing
         return config
 
     # -- per-sample tables for training (float32 on the training device) ------------------------
@@ -175,7 +218,7 @@ class NoiseSchedule:
         output = output[:, : xt.shape[1]]
         alpha_bar = self._gather("alphas_cumprod", t, xt.ndim)
         if self.prediction_type == "epsilon":
-            x0 = (xt - (1.0 - alpha_bar).sqrt() * output) / alpha_bar.sqrt()
+            x0 = (xt - (1.0 - alpha_bar).sqrt() * output) / alpha_bar.where(alpha_bar > 0, TERMINAL_ALPHA_BAR).sqrt()
         elif self.prediction_type == "sample":
             x0 = output
         else:
@@ -236,7 +279,9 @@ class NoiseSchedule:
         sqrt_ab, sqrt_1mab = alpha_bar**0.5, (1.0 - alpha_bar) ** 0.5
         if self.prediction_type == "epsilon":
             eps = output
-            x0 = (xt - sqrt_1mab * eps) / sqrt_ab
+            # alpha_bar_T = 0 (zero terminal SNR): eps tells nothing of x_0 there; divide by
+            # TERMINAL_ALPHA_BAR's root instead, so x_0 stays finite (and is clipped if asked).
+            x0 = (xt - sqrt_1mab * eps) / (sqrt_ab if alpha_bar > 0 else TERMINAL_ALPHA_BAR**0.5)
         elif self.prediction_type == "sample":
             x0 = output
             eps = (xt - sqrt_ab * x0) / sqrt_1mab

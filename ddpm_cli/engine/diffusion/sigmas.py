@@ -21,6 +21,7 @@ import math
 import numpy as np
 
 from ddpm_cli.engine.choices import SIGMAS as SIGMA_SCHEDULES
+from ddpm_cli.engine.diffusion.zero_snr import TERMINAL_ALPHA_BAR, rescale_zero_terminal_snr
 from ddpm_cli.engine.errors import InputError
 
 
@@ -38,7 +39,11 @@ def sigma_table(schedule) -> np.ndarray:
         betas = torch.linspace(schedule.beta_start**0.5, schedule.beta_end**0.5, T, dtype=torch.float32) ** 2
     else:  # cosine and trained betas: diffusers rounds its float64 values to float32
         betas = schedule.betas.to(torch.float32)
+    if schedule.rescale_betas_zero_snr:  # in float32, as diffusers rescales (rescaled betas stay as they are)
+        betas = rescale_zero_terminal_snr(betas)
     alpha_bar = torch.cumprod(1.0 - betas, dim=0)
+    if schedule.zero_terminal_snr:  # sigma_T = inf: a large finite sigma instead, as diffusers has it
+        alpha_bar[-1] = TERMINAL_ALPHA_BAR
     return (((1.0 - alpha_bar) / alpha_bar) ** 0.5).numpy()
 
 

@@ -203,9 +203,11 @@ class Pipeline:
         channels = self.unet.config.in_channels if self.kind == "image" else self.unet.config.out_channels
         return (channels, height, width)
 
-    def denoiser(self, batch: int = 1, condition: Condition | None = None, scale: float = 1.0) -> UNetDenoiser:
+    def denoiser(self, batch: int = 1, condition: Condition | None = None, scale: float = 1.0,
+                 rescale: float = 0.0) -> UNetDenoiser:
+        """The network as samplers call it, guided with ``scale`` (rescaled by ``rescale``, phi) towards ``condition``."""
         cond, uncond = self.conditioning(batch, condition)
-        return UNetDenoiser(self.unet, self.dtype, cond, uncond, scale, self.forward)
+        return UNetDenoiser(self.unet, self.dtype, cond, uncond, scale, self.forward, rescale)
 
 
 def from_unet(unet: torch.nn.Module, schedule: NoiseSchedule, name: str = "in-memory", variance: str = "fixed_small",

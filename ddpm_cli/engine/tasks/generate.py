@@ -48,6 +48,8 @@ class SamplerSettings:
     ``options`` holds sampler options by name (``registry.OPTIONS``); ``eta`` and
     ``variance`` are shorthands for options["eta"] and options["variance"]. Resolved settings keep
     every option of their sampler in ``options``, defaults filled in, and None in the shorthands.
+    ``spacing`` None resolves to the model's (its config's timestep_spacing) or else the sampler's usual.
+    ``cfg_rescale`` is phi of guidance rescaling (``denoiser.rescale_guidance``; 0: off).
     """
 
     sampler: str = "dpmpp-2m"
@@ -57,6 +59,7 @@ class SamplerSettings:
     variance: str | None = None
     options: Mapping[str, object] = field(default_factory=dict)
     clip_x0: bool | None = None  # None: as the model's scheduler config says (clip_sample)
+    cfg_rescale: float = 0.0
 
     def given(self) -> dict:
         """The options given (not None), shorthands included."""
@@ -74,10 +77,13 @@ class SamplerSettings:
         check_options(entry.name, given)
         options = {name: resolve_option(name, given.get(name), pipeline) for name in entry.options}
         steps = self.steps or entry.steps or pipeline.schedule.num_train_timesteps
-        spacing = self.spacing or entry.spacing
+        spacing = self.spacing or pipeline.schedule.timestep_spacing or entry.spacing
         make_timesteps(pipeline.schedule.num_train_timesteps, steps, spacing)  # validates steps and spacing
         clip_x0 = pipeline.schedule.clip_sample if self.clip_x0 is None else self.clip_x0
-        return SamplerSettings(entry.name, steps, spacing=spacing, options=options, clip_x0=clip_x0)
+        if not 0.0 <= self.cfg_rescale <= 1.0:
+            raise InputError(f"--cfg-rescale must be between 0 and 1, got {self.cfg_rescale}")
+        return SamplerSettings(entry.name, steps, spacing=spacing, options=options, clip_x0=clip_x0,
+                               cfg_rescale=self.cfg_rescale)
 
     def timesteps(self, schedule) -> list[int]:
         """The decreasing timesteps of these (resolved) settings on ``schedule``, with its steps_offset."""
@@ -87,7 +93,7 @@ class SamplerSettings:
     def describe(self) -> dict:
         """The settings as recorded with an image: sampler, steps, spacing and each option."""
         fields = {"sampler": self.sampler, "steps": self.steps, "spacing": self.spacing, **self.given(),
-                  "clip_x0": self.clip_x0}
+                  "clip_x0": self.clip_x0, "cfg_rescale": self.cfg_rescale or None}
         return {key: value for key, value in fields.items() if value is not None}
 
 
@@ -132,8 +138,8 @@ def sample_batch(pipeline: Pipeline, seeds: list[int], settings: SamplerSettings
         if tuple(x_T.shape) != tuple(x.shape):
             raise InputError(f"the starting noise has shape {tuple(x_T.shape)}; this batch needs {tuple(x.shape)}")
         x = x_T.to(x.device, x.dtype)
-    x = run_sampler(settings, pipeline.denoiser(len(seeds), condition, cfg), x, pipeline.schedule, timesteps, noise,
-                    callback)
+    model = pipeline.denoiser(len(seeds), condition, cfg, settings.cfg_rescale)
+    x = run_sampler(settings, model, x, pipeline.schedule, timesteps, noise, callback)
     x = pipeline.decode(x).float().cpu()
     if not torch.isfinite(x).all():
         raise NumericalError(f"sampling produced non-finite values (seeds {seeds[0]}-{seeds[-1]}, "

@@ -168,7 +168,7 @@ def inpaint_batch(pipeline: Pipeline, seeds: list[int], settings: SamplerSetting
     x = noise()
     known_noise = SeededNoise([seed + 1_000_003 for seed in seeds], tuple(known.shape[1:]), device)
     region = KnownRegion(known, mask, schedule, known_noise)
-    model = pipeline.denoiser(batch, condition, cfg)
+    model = pipeline.denoiser(batch, condition, cfg, settings.cfg_rescale)
     timesteps = settings.timesteps(pipeline.schedule)
     if pipeline.kind == "inpaint":  # the U-Net fills the hole itself, seeing the mask and the masked image
         x = run_sampler(settings, with_channels(model, torch.cat([mask, known[:1]], dim=1)), x, schedule, timesteps,

@@ -73,16 +73,17 @@ def ddim_invert(model, x: torch.Tensor, schedule, timesteps: list[int], refine: 
 
 def invert_batch(pipeline: Pipeline, images: torch.Tensor, steps: int, spacing: str | None = None,
                  refine: int = 0, condition: Condition | None = None, cfg: float = 1.0,
-                 callback: Callable[[dict], None] | None = None) -> torch.Tensor:
+                 callback: Callable[[dict], None] | None = None, rescale: float = 0.0) -> torch.Tensor:
     """x_T (B×C×h×w, float32 on the CPU, in the model's space) of images B×C×H×W in [-1, 1] at the
     model's size: the DDIM sampler at ``steps`` and ``spacing`` (eta 0) turns it back into them.
-    Latent models encode the images first (the mean of the VAE's posterior)."""
+    Latent models encode the images first (the mean of the VAE's posterior). ``rescale`` is the
+    guidance's --cfg-rescale (``denoiser.rescale_guidance``)."""
     pipeline.require("image")
     settings = SamplerSettings("ddim", steps, spacing=spacing).resolved(pipeline)
     x = images.to(pipeline.device, torch.float32)
     if pipeline.vae is not None:
         x = encode_images(pipeline.vae, x).to(pipeline.device)
-    model = pipeline.denoiser(x.shape[0], condition, cfg)
+    model = pipeline.denoiser(x.shape[0], condition, cfg, rescale)
     x = ddim_invert(model, x, pipeline.schedule, settings.timesteps(pipeline.schedule), refine, callback)
     if not torch.isfinite(x).all():
         raise NumericalError(f"inversion produced non-finite values (dtype {str(pipeline.dtype).removeprefix('torch.')});"

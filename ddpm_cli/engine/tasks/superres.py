@@ -138,7 +138,8 @@ def upscale_batch(pipeline: Pipeline, seeds: list[int], settings: SamplerSetting
                                                                    negative_prompt=options.negative_prompt))
         level = torch.full((len(seeds),), options.noise_level, device=pipeline.device, dtype=torch.long)
         denoiser = UNetDenoiser(pipeline.unet, pipeline.dtype, {**cond, "class_labels": level},
-                                None if uncond is None else {**uncond, "class_labels": level}, options.cfg, pipeline.forward)
+                                None if uncond is None else {**uncond, "class_labels": level}, options.cfg, pipeline.forward,
+                                settings.cfg_rescale)
     elif kind == "ldm":  # the low-resolution image itself, as extra input channels
         condition, denoiser = image, pipeline.denoiser(len(seeds))
     else:

@@ -39,10 +39,12 @@ def make_schedule(config: TrainConfig) -> NoiseSchedule:
     """The schedule a config trains with (an --init-from model's own); scaled_linear uses Stable Diffusion's
     beta range."""
     if config.scheduler_config:
-        return NoiseSchedule.from_config(config.scheduler_config)
+        rescale = {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing"} if config.zero_terminal_snr else {}
+        return NoiseSchedule.from_config({**config.scheduler_config, **rescale})
     start, end = (0.00085, 0.012) if config.schedule == "scaled_linear" else (1e-4, 0.02)
     return NoiseSchedule.create(config.schedule, config.num_train_timesteps, start, end,
-                                prediction_type=config.prediction_type, clip_sample=True)
+                                prediction_type=config.prediction_type, clip_sample=True,
+                                zero_terminal_snr=config.zero_terminal_snr)
 
 
 class DiffusionObjective(Objective):
