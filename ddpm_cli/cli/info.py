@@ -11,7 +11,7 @@ from typing import Annotated
 import typer
 
 from ddpm_cli.cli.errors import handle_errors
-from ddpm_cli.cli.models import _human, _json, describe, describe_vae
+from ddpm_cli.cli.models import _human, _json, describe, describe_vae, kind_text
 from ddpm_cli.cli.options import RevisionOpt, format_option
 
 EXAMPLES = """
@@ -71,7 +71,8 @@ def model_info(spec: str, revision: str | None = None) -> dict:
     if scheduler:
         info["schedule"] = {key: scheduler[key] for key in ("_class_name", "num_train_timesteps", "beta_schedule",
                                                             "beta_start", "beta_end", "prediction_type",
-                                                            "variance_type", "clip_sample") if key in scheduler}
+                                                            "variance_type", "clip_sample", "sigma_min", "sigma_max",
+                                                            "sigma_data", "sigma_schedule", "rho") if key in scheduler}
     training = _json(folder / MODEL_INFO_FILE)
     if training:
         info["training"] = {key: training[key] for key in TRAINING_KEYS if training.get(key) is not None}
@@ -89,14 +90,19 @@ def model_info(spec: str, revision: str | None = None) -> dict:
 def _lines(info: dict) -> list[str]:
     total = sum(info["parameters"].values())
     parts = ", ".join(f"{name} {count / 1e6:.2f}M" for name, count in info["parameters"].items())
-    lines = [f"{info['name']}: {info['kind']}, {info['source']}",
+    lines = [f"{info['name']}: {kind_text(info)}, {info['source']}",
              f"  path          {info['path']}",
              f"  resolution    {info['resolution']}, {info.get('channels')} channel(s)"
              + (f"; latents {info['latents']}" if "latents" in info else ""),
              f"  conditioning  {info['conditioning']}",
              f"  parameters    {total / 1e6:.2f}M" + (f" ({parts})" if len(info["parameters"]) > 1 else ""),
              f"  size on disk  {info['size']}"]
-    if "schedule" in info:
+    if "schedule" in info and info.get("objective") == "edm":
+        s = info["schedule"]
+        spacing = f"rho {s.get('rho', 7.0)}" if s.get("sigma_schedule", "karras") == "karras" else "exponential"
+        lines.append(f"  schedule      EDM, sigma {s.get('sigma_min', 0.002)}-{s.get('sigma_max', 80.0)} ({spacing}), "
+                     f"sigma_data {s.get('sigma_data', 0.5)}, {s.get('prediction_type', 'epsilon')} preconditioning")
+    elif "schedule" in info:
         s = info["schedule"]
         lines.append(f"  schedule      {s.get('beta_schedule', '?')} betas {s.get('beta_start')}-{s.get('beta_end')}, "
                      f"T={s.get('num_train_timesteps')}, {s.get('prediction_type', 'epsilon')} prediction, "

@@ -76,9 +76,13 @@ def describe(name: str, source: str, folder: Path) -> dict | None:
     if conditioning == "class" and classes:
         conditioning = f"class ({classes - 1})"
     channels = (vae or unet).get("out_channels") or unet.get("out_channels")
-    return {"name": name, "source": source, "kind": kind, "conditioning": conditioning,
-            "resolution": f"{width * factor}x{height * factor}", "channels": channels, "bytes": _bytes(folder),
-            "path": str(folder)}
+    row = {"name": name, "source": source, "kind": kind, "conditioning": conditioning,
+           "resolution": f"{width * factor}x{height * factor}", "channels": channels, "bytes": _bytes(folder),
+           "path": str(folder)}
+    scheduler = _json(folder / "scheduler" / "scheduler_config.json")
+    if "sigma_data" in scheduler or str(scheduler.get("_class_name", "")).startswith("EDM"):
+        row["objective"] = "edm"  # an EDM denoiser (Karras et al. 2022), sampled in sigma
+    return row
 
 
 VAE_CLASSES = ("Autoencoder", "VQModel")  # diffusers' class names of VAEs start so
@@ -106,6 +110,11 @@ def describe_vae(name: str, folder: Path, source: str = "folder") -> dict | None
     return {"name": name, "source": source, "kind": "VAE", "conditioning": "none", "resolution": f"{size}x{size}",
             "channels": config.get("in_channels"), "latents": latent, "downsampling": factor, "bytes": _bytes(folder),
             "path": str(folder)}
+
+
+def kind_text(row: dict) -> str:
+    """A model's kind as the tables show it: "pixel diffusion", "pixel diffusion (EDM)"..."""
+    return row["kind"] + (" (EDM)" if row.get("objective") == "edm" else "")
 
 
 def hub_cache() -> Path:
@@ -152,7 +161,7 @@ def models(output_format: TableFormatOpt = "text") -> None:
         print(json.dumps(rows, indent=2))
         return
     head = ("name", "source", "kind", "conditioning", "resolution", "size")
-    lines = [head] + [(r["name"], r["source"], r["kind"], r["conditioning"], r["resolution"], _human(r["bytes"]))
+    lines = [head] + [(r["name"], r["source"], kind_text(r), r["conditioning"], r["resolution"], _human(r["bytes"]))
                       for r in rows]
     widths = [max(len(line[k]) for line in lines) for k in range(len(head))]
     for line in lines:

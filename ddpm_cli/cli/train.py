@@ -12,7 +12,7 @@ from ddpm_cli.cli.errors import handle_errors, writable_folder
 from ddpm_cli.cli.options import DeviceOpt, FormatOpt, QuietOpt, complete, duration_seconds
 from ddpm_cli.cli.progress import StepProgress, say
 from ddpm_cli.engine.choices import (BETA_SCHEDULES, CONDITIONINGS, LR_SCHEDULES, MIXED_PRECISION, PREDICTION_TYPES,
-                                     LOSSES, TASKS, TEXT_EMBEDDINGS)
+                                     LOSSES, OBJECTIVES, TASKS, TEXT_EMBEDDINGS)
 from ddpm_cli.engine.runtime.distributed import world
 from ddpm_cli.training.config import LOG_WITH, LORA_TARGETS, SUMMARY_FILE, TIMESTEP_SAMPLERS, TrainConfig
 from ddpm_cli.training.presets import PRESETS
@@ -31,6 +31,7 @@ Examples:
   ddpm encode ./photos -m runs/vae --resolution 128 -o photos.safetensors   # encode once, then:
   ddpm train photos.safetensors -o runs/latent                              # DDPM on the latents
   ddpm train ./photos --task superres --scale 4 --resolution 64 -o runs/sr  # then: ddpm upscale runs/sr small.png
+  ddpm train --objective edm -o runs/edm                                    # EDM (Karras et al. 2022); diffusers' EDM schedulers sample it too
   ddpm train emoji --init-from fashion-mnist -o runs/tuned                  # fine-tune: its architecture and schedule
   ddpm train emoji --init-from fashion-mnist --lora-rank 8 -o runs/lora     # then: ddpm sample fashion-mnist --lora runs/lora
   ddpm train ./photos --validation-split 0.1 --log-with tensorboard -o runs/watched   # tensorboard --logdir runs/watched
@@ -60,6 +61,8 @@ def train(
     text_max_length: Annotated[int | None, _opt("--text-max-length", help="Caption tokens kept [default: 77 for CLIP, 32 otherwise].", min=4)] = None,
     text_embedding: Annotated[str | None, _opt("--text-embedding", autocompletion=complete(TEXT_EMBEDDINGS), help="What the U-Net attends to: tokens (every token's state, as Stable Diffusion) or sentence (one vector per caption: smooth in meaning, so unseen wordings work; best for small caption sets).", default=D.text_embedding)] = None,
     task: Annotated[str | None, _opt("--task", autocompletion=complete(TASKS), help="ddpm (a diffusion model), autoencoder (an AutoencoderKL for latent diffusion, exported to vae/) or superres (an SR3 upscaler for `ddpm upscale`).", default=D.task)] = None,
+    objective: Annotated[str | None, _opt("--objective", autocompletion=complete(OBJECTIVES), help="With --task ddpm: ddpm (timesteps of a beta schedule; --prediction-type, --loss...) or edm (Karras et al. 2022: the preconditioned denoiser, log-normal noise levels and loss weights; exported with an EDMEulerScheduler config).", default=D.objective)] = None,
+    sigma_data: Annotated[float | None, _opt("--sigma-data", help="With --objective edm: the data's standard deviation in EDM's preconditioning.", default=0.5)] = None,
     scale: Annotated[int | None, _opt("--scale", help="With --task superres: the upscaling factor (2, 3, 4 or 8); --resolution is the high-resolution size.")] = None,
     init_from: Annotated[str | None, _opt("--init-from", help="Fine-tune: start from this model's weights (a run folder, built-in or Hub id) instead of random ones, keeping its architecture, schedule, prediction type, resolution and conditioning (options that contradict them are refused).")] = None,
     revision: Annotated[str | None, _opt("--revision", help="With --init-from a Hub id: the branch, tag or commit.")] = None,

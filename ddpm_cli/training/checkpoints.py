@@ -296,19 +296,23 @@ def export_pipeline(run_dir: Path, ema_model: torch.nn.Module, scheduler_config:
     """Write the run folder's diffusers pipeline (EMA weights) so DDPMPipeline.from_pretrained loads it.
 
     ``info`` (conditioning, class names) goes to ddpm_model.json, which diffusers ignores. A latent
-    model's ``vae`` is saved in vae/ (diffusers' DDPMPipeline ignores it and yields latents).
+    model's ``vae`` is saved in vae/ (diffusers' DDPMPipeline ignores it and yields latents). An EDM
+    model's config (``engine.diffusion.edm``) is saved as its EDM scheduler's, a DDPM model's as DDPMScheduler's.
     """
-    from diffusers import DDPMScheduler
+    import diffusers
 
+    from ddpm_cli.engine.diffusion.edm import is_edm_config
     from ddpm_cli.engine.models.resolve import MODEL_INFO_FILE
 
     if not all_finite(ema_model):
         raise NumericalError("the EMA weights are not finite; the pipeline was not exported")
+    scheduler = scheduler_config.get("_class_name", "EDMEulerScheduler") if is_edm_config(scheduler_config) \
+        else "DDPMScheduler"
     index = {"_class_name": "DDPMPipeline", "_diffusers_version": _diffusers_version(),
-             "scheduler": ["diffusers", "DDPMScheduler"], "unet": ["diffusers", type(ema_model).__name__]}
+             "scheduler": ["diffusers", scheduler], "unet": ["diffusers", type(ema_model).__name__]}
     writers = {
         "unet": ema_model.save_pretrained,
-        "scheduler": DDPMScheduler.from_config(scheduler_config).save_pretrained,
+        "scheduler": getattr(diffusers, scheduler).from_config(scheduler_config).save_pretrained,
         "model_index.json": lambda path: path.write_text(json.dumps(index, indent=2)),
         MODEL_INFO_FILE: lambda path: path.write_text(json.dumps(info or {}, indent=2)),
     }

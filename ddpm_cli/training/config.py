@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 
 from ddpm_cli.engine.choices import (BETA_SCHEDULES, CONDITIONINGS, LR_SCHEDULES, MIXED_PRECISION, PREDICTION_TYPES,
-                                     LOSSES, TASKS, TEXT_EMBEDDINGS)
+                                     LOSSES, OBJECTIVES, TASKS, TEXT_EMBEDDINGS)
 
 LORA_TARGETS = ("attention", "attention+conv")
 from ddpm_cli.engine.errors import InputError
@@ -62,6 +62,8 @@ class TrainConfig:
     text_max_length: int | None = None
     text_embedding: str = "tokens"
     task: str = "ddpm"
+    objective: str = "ddpm"  # of --task ddpm: ddpm or edm (Karras et al. 2022; training/objectives/edm.py)
+    sigma_data: float | None = None  # --objective edm: the data's standard deviation [default: 0.5]
     loss: str = "simple"
     learn_variance: bool = False
     vlb_weight: float = 0.001
@@ -151,6 +153,7 @@ class TrainConfig:
         check(self.loss != "hybrid" or self.learn_variance,
               "--loss hybrid trains a learned variance: add --learn-variance (or use --loss vlb)")
         self._validate_recipe(check)
+        self._validate_objective(check)
         if self.task == "autoencoder":
             check(self.model_size in AUTOENCODER_PRESETS, f"--task autoencoder takes --model-size "
                   f"{' or '.join(AUTOENCODER_PRESETS)}, not {self.model_size}")
@@ -187,6 +190,23 @@ class TrainConfig:
                   "drop --lora-rank")
             check(bool(self.init_from), "--lora-rank adapts a trained model: give it with --init-from MODEL")
             check(self.lora_alpha is None or self.lora_alpha > 0, "--lora-alpha must be positive")
+
+    def _validate_objective(self, check) -> None:
+        """--objective and --sigma-data: EDM has its own parameterisation, noise levels and loss weights."""
+        check(self.objective in OBJECTIVES, f"unknown --objective {self.objective!r}; choose one of {', '.join(OBJECTIVES)}")
+        check(self.sigma_data is None or self.sigma_data > 0, "--sigma-data must be positive, e.g. 0.5")
+        if self.objective != "edm":
+            check(self.sigma_data is None, "--sigma-data goes with --objective edm")
+            return
+        check(self.task == "ddpm", f"--objective edm trains a diffusion model (--task ddpm), not --task {self.task}")
+        own = "--objective edm has its own parameterisation, noise levels and loss weights (Karras et al. 2022): drop"
+        for flag, given in (("--prediction-type", self.prediction_type != "epsilon"),
+                            ("--schedule", self.schedule != "linear"),
+                            ("--loss", self.loss != "simple"), ("--learn-variance", self.learn_variance),
+                            ("--zero-terminal-snr", self.zero_terminal_snr), ("--snr-gamma", self.snr_gamma is not None),
+                            ("--offset-noise", self.offset_noise > 0),
+                            ("--timestep-sampler", self.timestep_sampler != "uniform")):
+            check(not given, f"{own} {flag}")
 
     def _validate_recipe(self, check) -> None:
         """--snr-gamma, --offset-noise, --timestep-sampler, --dropout and --weight-decay."""

@@ -69,7 +69,8 @@ REFERENCE_LOSSES: dict[tuple[str, str, int], tuple[float, str]] = {
 def reference_loss(config) -> dict | None:
     """{"loss", "source"} for a run of plain L_simple epsilon training on a data set and preset with a
     measured reference (REFERENCE_LOSSES), else None."""
-    plain = (config.task == "ddpm" and config.loss == "simple" and config.prediction_type == "epsilon"
+    plain = (config.task == "ddpm" and config.objective == "ddpm" and config.loss == "simple"
+             and config.prediction_type == "epsilon"
              and config.snr_gamma is None
              and config.schedule == "linear" and config.num_train_timesteps == 1000 and config.conditioning == "none")
     found = REFERENCE_LOSSES.get((config.model_size, config.data, config.resolution)) if plain else None

@@ -51,7 +51,10 @@ def source_settings(folder: Path, unet: dict, scheduler: dict, info: dict) -> di
         "num_train_timesteps": int(scheduler.get("num_train_timesteps", 1000)),
         "learn_variance": scheduler.get("variance_type") in ("learned", "learned_range"),
         "conditioning": "text" if text else ("class" if unet.get("num_class_embeds") else "none"),
+        "objective": "ddpm",
     }
+    if "sigma_data" in scheduler or str(scheduler.get("_class_name", "")).startswith("EDM"):  # an EDM model
+        settings.update(objective="edm", prediction_type="epsilon", sigma_data=float(scheduler.get("sigma_data", 0.5)))
     if is_stable_diffusion(folder) and not info:  # frozen VAE and text encoder, from the folder itself
         vae = read_json(folder / "vae" / "config.json")
         factor = 2 ** (len(vae.get("block_out_channels") or [0]) - 1)

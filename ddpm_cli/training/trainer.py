@@ -86,7 +86,8 @@ class Trainer:
         if not getattr(self.dataset, "latent", False):  # a latent set has set the channels and size from its VAE
             config.channels = self.dataset.channels
         self.config = config
-        self.objective = objective_class(config.task)(config, self.dataset, self.device, self.vae, self.on_event)
+        self.objective = objective_class(config.task, config.objective)(config, self.dataset, self.device, self.vae,
+                                                                       self.on_event)
         torch.manual_seed(config.seed)
         self.model = prepare_module(self.objective.build_model().to(self.device))
         # A resumed run has its own weights, but a LoRA run's checkpoints hold only its adapters.

@@ -43,8 +43,10 @@ def denoised(model: Model, schedule: NoiseSchedule, x: torch.Tensor, sigma: floa
 
 
 def _start(x: torch.Tensor, schedule: NoiseSchedule, timesteps: list[int], sigma: float) -> torch.Tensor:
-    # diffusers' init_noise_sigma: sigma_max from pure noise at T - 1 (its "linspace"/"trailing"), else sqrt(1 + sigma^2).
-    pure_noise = timesteps[0] == schedule.num_train_timesteps - 1
+    # diffusers' init_noise_sigma: sigma_max from pure noise at T - 1 (its "linspace"/"trailing"), else sqrt(1 + sigma^2),
+    # which its EDM schedulers take from pure noise too.
+    edm = getattr(schedule, "sigma_levels", None) is not None
+    pure_noise = timesteps[0] == schedule.num_train_timesteps - 1 and not edm
     return x * (sigma if pure_noise else vp_scale(sigma))
 
 

@@ -29,7 +29,11 @@ def sigma_table(schedule) -> np.ndarray:
     """sigma_t for t = 0..T-1 (increasing in t), from alpha_bar in float32 as diffusers computes it
     (betas by torch.linspace in float32, then their cumulative product). The levels differ from
     float64's by ~4e-6 relative, nothing to the eye; but karras and exponential levels (and the SDE
-    solvers' noise) amplify that to 1e-3 of an image, and these are the levels diffusers users get."""
+    solvers' noise) amplify that to 1e-3 of an image, and these are the levels diffusers users get.
+    A schedule that carries its own levels (an EDM model's, ``edm.EDMSchedule.sigma_levels``) gives those."""
+    levels = getattr(schedule, "sigma_levels", None)
+    if levels is not None:
+        return levels
     import torch
 
     T = schedule.num_train_timesteps
@@ -87,6 +91,7 @@ def plan(schedule, timesteps: list[int], kind: str = "default", span: str = "tim
     sigma = sigma_table(schedule).astype(np.float64)
     table = log_sigma_table(schedule)
     n = len(timesteps)
+    continuous = getattr(schedule, "sigma_levels", None) is not None  # an EDM network takes any sigma: no rounding
     if kind == "default":
         return [float(sigma[t]) for t in timesteps] + [0.0], list(timesteps)
     if span == "full":
@@ -97,14 +102,14 @@ def plan(schedule, timesteps: list[int], kind: str = "default", span: str = "tim
         high, low = float(sigma[timesteps[0]]), float(sigma[timesteps[-1]])
     ramp = np.linspace(0.0, 1.0, n)
     if kind == "karras":
-        rho = 7.0
+        rho = schedule.edm.rho if continuous else 7.0
         levels = (high ** (1 / rho) + ramp * (low ** (1 / rho) - high ** (1 / rho))) ** rho
     else:
         levels = np.exp(np.linspace(math.log(high), math.log(low), n))
     model_times = [sigma_to_t(table, float(s)) for s in levels]
-    if kind == "karras" and times in ("round-karras", "dpm"):
+    if kind == "karras" and times in ("round-karras", "dpm") and not continuous:
         model_times = [float(np.round(t)) for t in model_times]
-    elif kind == "exponential" and times == "dpm":
+    elif kind == "exponential" and times == "dpm" and not continuous:
         model_times = [float(math.floor(t)) for t in model_times]
     return [float(s) for s in levels] + [0.0], [_as_time(t) for t in model_times]
 

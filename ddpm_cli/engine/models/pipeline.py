@@ -19,6 +19,7 @@ from ddpm_cli.engine.choices import LEARNED_VARIANCES
 from ddpm_cli.engine.models.load import load_scheduler_config, load_unet, load_vae
 from ddpm_cli.engine.models.resolve import MODEL_INFO_FILE, read_json, resolve_model
 from ddpm_cli.engine.diffusion.denoiser import UNetDenoiser
+from ddpm_cli.engine.diffusion.edm import EDMDenoiser, EDMSchedule, schedule_from_config
 from ddpm_cli.engine.runtime.device import resolve_device, resolve_dtype
 from ddpm_cli.engine.errors import InputError, ModelError
 from ddpm_cli.engine.diffusion.schedule import NoiseSchedule
@@ -207,6 +208,8 @@ class Pipeline:
                  rescale: float = 0.0) -> UNetDenoiser:
         """The network as samplers call it, guided with ``scale`` (rescaled by ``rescale``, phi) towards ``condition``."""
         cond, uncond = self.conditioning(batch, condition)
+        if isinstance(self.schedule, EDMSchedule):  # D(x; sigma) as the eps of its schedule (engine/diffusion/edm.py)
+            return EDMDenoiser(self.schedule, self.unet, self.dtype, cond, uncond, scale, self.forward, rescale)
         return UNetDenoiser(self.unet, self.dtype, cond, uncond, scale, self.forward, rescale)
 
 
@@ -268,7 +271,7 @@ def load_pipeline(model: str, revision: str | None = None, device: str = "auto",
         text_encoder = TextEncoder.load(spec, torch_device, max_length=info.get("max_length"),
                                         embedding=info.get("text_embedding") or "tokens")
     kind = "upscale" if upscale else "inpaint" if inpainting else "image"
-    pipeline = Pipeline(model, folder, unet, NoiseSchedule.from_config(config), variance, torch_device, torch_dtype,
+    pipeline = Pipeline(model, folder, unet, schedule_from_config(config), variance, torch_device, torch_dtype,
                         info.get("class_names"), text_encoder, vae, kind, upscale, low_res_schedule,
                         index.get("max_noise_level") if low_res_schedule is not None else None, info)
     return pipeline.accelerate(compile)
