@@ -8,7 +8,8 @@ import sys
 import typer
 
 from ddpm_cli import __version__
-from ddpm_cli.cli import bench, encode, evaluate, info, inpaint, invert, models, replay, sample, train, txt2img, upscale
+from ddpm_cli.cli import (bench, encode, evaluate, export_ema, info, inpaint, invert, models, replay, sample, train, txt2img,
+                          upscale)
 from ddpm_cli.cli.errors import EXIT_INTERRUPTED, EXIT_USAGE
 from ddpm_cli.cli.options import RULE
 
@@ -25,6 +26,7 @@ Exit codes: 0 ok, 2 bad usage or input, 3 model missing/corrupt/refused, 4 out o
 app = typer.Typer(help=HELP, no_args_is_help=True, add_completion=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   context_settings={"help_option_names": ["-h", "--help"]})
 app.command("train", epilog=train.EXAMPLES)(train.train)
+app.command("export-ema", epilog=export_ema.EXAMPLES)(export_ema.export_ema)
 app.command("sample", epilog=sample.EXAMPLES + "\n" + RULE)(sample.sample)
 app.command("txt2img", epilog=txt2img.EXAMPLES + "\n" + RULE)(txt2img.txt2img)
 app.command("inpaint", epilog=inpaint.EXAMPLES + "\n" + RULE)(inpaint.inpaint)

@@ -35,6 +35,7 @@ Examples:
   ddpm train emoji --init-from fashion-mnist -o runs/tuned                  # fine-tune: its architecture and schedule
   ddpm train emoji --init-from fashion-mnist --lora-rank 8 -o runs/lora     # then: ddpm sample fashion-mnist --lora runs/lora
   ddpm train ./photos --validation-split 0.1 --log-with tensorboard -o runs/watched   # tensorboard --logdir runs/watched
+  ddpm train --ema-profiles -o runs/profiles && ddpm export-ema runs/profiles --sigma-rel 0.15   # the EMA length chosen afterwards
 """
 
 
@@ -89,6 +90,8 @@ def train(
     lr_schedule: Annotated[str | None, _opt("--lr-schedule", autocompletion=complete(LR_SCHEDULES), help=f"After warm-up: {', '.join(LR_SCHEDULES)}.", default=D.lr_schedule)] = None,
     weight_decay: Annotated[float | None, _opt("--weight-decay", help="AdamW's decoupled weight decay.", default=D.weight_decay)] = None,
     ema_decay: Annotated[float | None, _opt("--ema-decay", help="EMA decay of the exported weights.", default=D.ema_decay)] = None,
+    ema_profiles: Annotated[bool | None, _opt("--ema-profiles/--no-ema-profiles", help="Also keep EDM2's two power-function EMAs (sigma_rel 0.05 and 0.10) and snapshot them in RUN/ema-snapshots, so `ddpm export-ema RUN --sigma-rel S` can make the EMA of any length after training; the exported weights stay --ema-decay's.", default="off")] = None,
+    ema_snapshot_every: Annotated[int | None, _opt("--ema-snapshot-every", help="With --ema-profiles: steps between snapshots (each holds both averages, 8 bytes per parameter) [default: the run's steps / 20].", min=1)] = None,
     mixed_precision: Annotated[str | None, _opt("--mixed-precision", autocompletion=complete(MIXED_PRECISION), help=f"Autocast: {', '.join(MIXED_PRECISION)}.", default=D.mixed_precision)] = None,
     grad_clip: Annotated[float | None, _opt("--grad-clip", help="Clip the gradient norm (0: off).", default=D.grad_clip)] = None,
     seed: Annotated[int | None, _opt("--seed", help="Seed of weights, data order and noise.", default=D.seed, min=0)] = None,

@@ -46,6 +46,8 @@ class TrainConfig:
     lr_schedule: str = "constant"
     weight_decay: float = 0.0
     ema_decay: float = 0.9999
+    ema_profiles: bool = False  # also keep EDM2's two power EMAs and snapshot them (training/ema_profiles.py)
+    ema_snapshot_every: int | None = None  # steps between their snapshots [default: the run's steps / 20]
     mixed_precision: str = "no"
     grad_clip: float = 1.0
     seed: int = 0
@@ -190,6 +192,12 @@ class TrainConfig:
                   "drop --lora-rank")
             check(bool(self.init_from), "--lora-rank adapts a trained model: give it with --init-from MODEL")
             check(self.lora_alpha is None or self.lora_alpha > 0, "--lora-alpha must be positive")
+        check(self.ema_snapshot_every is None or self.ema_snapshot_every >= 1, "--ema-snapshot-every must be at least 1")
+        check(self.ema_snapshot_every is None or self.ema_profiles, "--ema-snapshot-every goes with --ema-profiles")
+        if self.ema_profiles:
+            check(self.task != "autoencoder", "--ema-profiles reconstructs diffusion U-Nets; --task autoencoder "
+                  "does not take it")
+            check(not self.lora_rank, "--ema-profiles averages whole networks; drop it or --lora-rank")
 
     def _validate_objective(self, check) -> None:
         """--objective and --sigma-data: EDM has its own parameterisation, noise levels and loss weights."""

@@ -11,13 +11,15 @@ from ddpm_cli.engine.errors import InputError
 from ddpm_cli.engine.models.resolve import MODEL_INFO_FILE
 from ddpm_cli.training import checkpoints
 from ddpm_cli.training.config import SUMMARY_FILE, TrainConfig
+from ddpm_cli.training.ema_profiles import SNAPSHOT_DIR
 from ddpm_cli.training.trainer import LOG_FILE, Events, Trainer, learning_rate
 
 __all__ = ["LOG_FILE", "RUN_ENTRIES", "Trainer", "clear_run", "holds_run", "learning_rate", "make_trainer", "prepare",
            "train"]
 
 RUN_ENTRIES = ("checkpoints", "samples", "unet", "vae", "scheduler", "model_index.json", MODEL_INFO_FILE, SUMMARY_FILE, LOG_FILE,
-               "pytorch_lora_weights.safetensors", "ddpm_lora.json", "tensorboard", "text_encoder", "tokenizer")
+               "pytorch_lora_weights.safetensors", "ddpm_lora.json", "tensorboard", "text_encoder", "tokenizer",
+               SNAPSHOT_DIR)
 
 
 def holds_run(run_dir: Path) -> bool:

@@ -37,6 +37,7 @@ from ddpm_cli.training.config import SUMMARY_FILE, TrainConfig
 from ddpm_cli.data.sources import BUILTIN_DATASETS, open_dataset
 from ddpm_cli.data.batches import EpochBatches
 from ddpm_cli.training.ema import EMA
+from ddpm_cli.training.ema_profiles import CHECKPOINT_FILE, EMAProfiles
 from ddpm_cli.training.feed import Feed
 from ddpm_cli.training.latents import is_latents_file, open_latent_data
 from ddpm_cli.training.objectives import Batch, Draws, objective_class
@@ -150,6 +151,9 @@ class Trainer:
             if self.objective.state_dict():  # its own training state (a loss history)
                 self.objective.load_state_dict(checkpoints.load_extra(checkpoint, OBJECTIVE_STATE_FILE, self.device))
             self._truncate_log()
+        self.profiles = None  # --ema-profiles: EDM2's power EMAs and their snapshots, kept by rank 0
+        if config.ema_profiles and self.world.main:
+            self.profiles = EMAProfiles.start(self.model, config, self.total, checkpoint, self.step)
         amp_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision)
         self.autocast = torch.autocast(self.device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
         self.scaler = torch.amp.GradScaler(self.device.type) if config.mixed_precision == "fp16" else None
@@ -208,6 +212,8 @@ class Trainer:
             loss_sum += loss.detach()
         skipped, norm = self._optimizer_step()
         self.ema.update(self.model, self.step, skipped)
+        if self.profiles is not None:
+            self.profiles.update(self.model, self.step + 1)
         self.step += 1
         self.images_seen += c.batch_size * c.grad_accum
         return torch.stack([loss_sum, skipped, norm])
@@ -273,6 +279,8 @@ class Trainer:
                     self._log(self.last_loss, self.lr)
                 self.on_event({"kind": "step", "step": self.step, "total": self.total, "loss": self.shown_loss,
                                "lr": self.lr, "images_per_s": self.images_seen / max(self.elapsed, 1e-9)})
+                if self.profiles is not None and (last or self.step % self.profiles.every == 0):
+                    self.profiles.snapshot(self.step)
                 if stopping:
                     self._stop(stopping)
                 if checkpoint and self.last_finite:
@@ -373,10 +381,13 @@ class Trainer:
                  "images_seen": self.images_seen, "loss": self.last_loss, "version": __version__,
                  "best_val": self.best, "first_val": self.first_val,
                  "grad_scaler": self.scaler.state_dict() if self.scaler is not None else None}
+        extra = {CHECKPOINT_FILE: self.profiles.tensors()} if self.profiles else {}
         objective_state = self.objective.state_dict()  # its own training state (a loss history), if any
+        if objective_state:
+            extra[OBJECTIVE_STATE_FILE] = objective_state
         path = checkpoints.save_checkpoint(self.run_dir, self.step, self.model, self.ema.model, self.optimizer,
                                            self.generators, state, self.config.keep_checkpoints, self.saved_names,
-                                           {OBJECTIVE_STATE_FILE: objective_state} if objective_state else None)
+                                           extra or None)
         self.objective.export(self.run_dir, self.ema.model)
         self.on_event({"kind": "checkpoint", "step": self.step, "path": str(path)})
 
