@@ -134,20 +134,30 @@ def test_cfg_rescale_equals_diffusers_rescale_noise_cfg():
         SamplerSettings("ddim", 4, cfg_rescale=1.5).resolved(from_unet(tiny_unet(), NoiseSchedule.create()))
 
 
-def test_txt2img_cfg_rescale_changes_the_image_is_recorded_and_replays(sd_dir, tiny_pipeline_dir, tmp_path):
-    common = ("txt2img", sd_dir, "a red cat", "--steps", 4, "--cfg", 7, "--seed", 3, "-n", 1, "-q")
+def test_sample_cfg_rescale_changes_the_image_is_recorded_and_replays(tmp_path):
+    """A tiny class-conditional zero-SNR v-prediction model (a diffusers DDPMPipeline folder) through the CLI."""
+    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
+                       norm_num_groups=8, down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2,
+                       num_class_embeds=4)  # 3 classes and the null class
+    model = tmp_path / "model"
+    DDPMPipeline(unet=unet, scheduler=DDPMScheduler.from_config(ZERO_SNR)).save_pretrained(model)
+    common = ("sample", model, "--class", 1, "--cfg", 4, "--steps", 4, "--seed", 3, "-n", 1, "-q")
     assert ddpm(*common, "-o", tmp_path / "plain.png").returncode == 0
     result = ddpm(*common, "--cfg-rescale", 0.7, "-o", tmp_path / "rescaled.png")
     assert result.returncode == 0, result.stderr
     plain, rescaled = (tmp_path / "plain.png").read_bytes(), (tmp_path / "rescaled.png").read_bytes()
     assert plain != rescaled
-    assert read_png_metadata(tmp_path / "rescaled.png")["cfg_rescale"] == 0.7
+    meta = read_png_metadata(tmp_path / "rescaled.png")
+    assert meta["cfg_rescale"] == 0.7 and meta["spacing"] == "trailing"
     assert "cfg_rescale" not in read_png_metadata(tmp_path / "plain.png")
     result = ddpm("replay", tmp_path / "rescaled.png", "-o", tmp_path / "again", "-q")
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "again" / "rescaled.png").read_bytes() == rescaled
     # without guidance there is nothing to rescale: refused in one line
-    result = ddpm("sample", tiny_pipeline_dir, "--cfg-rescale", 0.5, "-o", tmp_path / "x", "-q")
+    result = ddpm("sample", model, "--cfg-rescale", 0.5, "-o", tmp_path / "x", "-q")
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and "--cfg-rescale" in result.stderr
 
 
