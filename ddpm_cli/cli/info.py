@@ -65,6 +65,11 @@ def model_info(spec: str, revision: str | None = None) -> dict:
 
         raise ModelError(f"{folder} holds no U-Net or VAE config; pass a model folder, a built-in name or a Hub id")
     info["source"] = source
+    unet = _json(folder / "unet" / "config.json") or _json(folder / "config.json")
+    if "block_out_channels" in unet and "down_block_types" in unet:
+        from ddpm_cli.training.presets import describe_unet
+
+        info["architecture"] = describe_unet(unet)
     counts = parameters(folder)
     info["parameters"] = counts
     scheduler = _json(folder / "scheduler" / "scheduler_config.json")
@@ -95,6 +100,7 @@ def _lines(info: dict) -> list[str]:
              f"  resolution    {info['resolution']}, {info.get('channels')} channel(s)"
              + (f"; latents {info['latents']}" if "latents" in info else ""),
              f"  conditioning  {info['conditioning']}",
+             *([_architecture_line(info["architecture"])] if "architecture" in info else []),
              f"  parameters    {total / 1e6:.2f}M" + (f" ({parts})" if len(info["parameters"]) > 1 else ""),
              f"  size on disk  {info['size']}"]
     if "schedule" in info and info.get("objective") == "edm":
@@ -117,6 +123,13 @@ def _lines(info: dict) -> list[str]:
     if "card" in info:
         lines.append(f"  model card    {info['card']}")
     return lines
+
+
+def _architecture_line(arch: dict) -> str:
+    attention = ", ".join(map(str, arch["attention_resolutions"])) or "none"
+    return (f"  architecture  {arch['class']}: widths {'-'.join(map(str, arch['block_channels']))}, "
+            f"{arch['layers_per_block']} residual blocks per level, self-attention at {attention} (and the middle), "
+            f"{arch['norm_num_groups']} norm groups")
 
 
 InfoFormatOpt = format_option("a description")

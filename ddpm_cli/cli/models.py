@@ -77,7 +77,7 @@ def describe(name: str, source: str, folder: Path) -> dict | None:
         conditioning = f"class ({classes - 1})"
     channels = (vae or unet).get("out_channels") or unet.get("out_channels")
     row = {"name": name, "source": source, "kind": kind, "conditioning": conditioning,
-           "resolution": f"{width * factor}x{height * factor}", "channels": channels, "bytes": _bytes(folder),
+           "resolution": f"{height * factor}x{width * factor}", "channels": channels, "bytes": _bytes(folder),
            "path": str(folder)}
     scheduler = _json(folder / "scheduler" / "scheduler_config.json")
     if "sigma_data" in scheduler or str(scheduler.get("_class_name", "")).startswith("EDM"):

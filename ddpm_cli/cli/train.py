@@ -48,11 +48,15 @@ def _opt(*names: str, help: str, default=None, **kw):
 def train(
     data: Annotated[Path | None, typer.Argument(metavar="DATA", help="Image folder (recursive), built-in data set (fashion-mnist, fashion-mnist-subset, emoji) or latents file (`ddpm encode`).", show_default=False)] = None,
     output: Annotated[str | None, _opt("--output", "-o", help="Run folder: checkpoints, samples, and the exported pipeline.", default=D.output)] = None,
-    resolution: Annotated[int | None, _opt("--resolution", help="Training size in pixels [default: 32 for built-ins, 64 for folders].", min=8)] = None,
+    resolution: Annotated[str | None, _opt("--resolution", help="Training size in pixels: R (square) or HxW, height x width (32x48: images are resized to cover it and cropped) [default: 32 for built-ins, 64 for folders].")] = None,
     channels: Annotated[int | None, _opt("--channels", help="1 (grey) or 3 (RGB) [default: the data's].")] = None,
     center_crop: Annotated[bool | None, _opt("--center-crop/--random-crop", help="Crop the middle or a random square.", default="center")] = None,
     random_flip: Annotated[bool | None, _opt("--random-flip/--no-random-flip", help="Flip images left-right at random.", default="no")] = None,
     model_size: Annotated[str | None, _opt("--model-size", autocompletion=complete(tuple(PRESETS)), help=f"U-Net preset: {', '.join(PRESETS)}.", default=D.model_size)] = None,
+    block_channels: Annotated[str | None, _opt("--block-channels", help="The U-Net's widths, one per level, e.g. 64,128,256 (each level but the last halves the size; each width a multiple of the preset's group-norm groups: 8 for tiny, 32 otherwise) [default: the preset's].")] = None,
+    layers_per_block: Annotated[int | None, _opt("--layers-per-block", help="Residual blocks per level [default: the preset's].", min=1)] = None,
+    attention_resolutions: Annotated[str | None, _opt("--attention-resolutions", help="Self-attention at the levels whose feature map (its shorter side) is this size, e.g. 16 or 16,8; none: only in the middle block [default: the preset's levels].")] = None,
+    unet_config_file: Annotated[Path | None, _opt("--unet-config", metavar="FILE", help="The U-Net as a diffusers UNet2DModel (UNet2DConditionModel with --conditioning text) config JSON instead of a preset; sample_size, in/out_channels, num_class_embeds and cross_attention_dim are filled from the data (values that differ are refused).")] = None,
     schedule: Annotated[str | None, _opt("--schedule", autocompletion=complete(BETA_SCHEDULES), help=f"Noise schedule: {', '.join(BETA_SCHEDULES)}.", default=D.schedule)] = None,
     prediction_type: Annotated[str | None, _opt("--prediction-type", autocompletion=complete(PREDICTION_TYPES), help=f"Network target: {', '.join(PREDICTION_TYPES)}.", default=D.prediction_type)] = None,
     num_train_timesteps: Annotated[int | None, _opt("--num-train-timesteps", help="Diffusion steps T of the training schedule.", default=D.num_train_timesteps, min=1)] = None,
@@ -117,6 +121,7 @@ def train(
     options["device"] = None if device == "auto" else device
     options["data"] = None if data is None else str(data)
     options["max_time"] = None if max_time is None else duration_seconds(max_time, "--max-time")
+    _architecture_options(options)
     finished = _finished_run(options["output"] or D.output) if skip_existing else None
     if finished is not None:
         say(f"ddpm: {finished['pipeline']} holds a finished run ({finished['steps']} steps); skipped", quiet)
@@ -168,6 +173,25 @@ def train(
         if note:
             say(note, quiet)
         _print_summary(summary, output_format)
+
+
+def _architecture_options(options: dict) -> None:
+    """--resolution HxW, the list options and --unet-config FILE as TrainConfig fields (torch-free)."""
+    from ddpm_cli.engine.errors import InputError
+    from ddpm_cli.training.presets import parse_int_list, parse_resolution, read_unet_config
+
+    if options["resolution"] is not None:
+        options["resolution"], options["width"] = parse_resolution(options["resolution"])
+    if options["block_channels"] is not None:
+        options["block_channels"] = parse_int_list(options["block_channels"], "--block-channels")
+    if options["attention_resolutions"] is not None:
+        options["attention_resolutions"] = parse_int_list(options["attention_resolutions"], "--attention-resolutions",
+                                                          allow_none=True)
+    path = options.pop("unet_config_file")
+    if path is not None:
+        if options["model_size"] is not None:
+            raise InputError(f"--unet-config gives the whole architecture; drop --model-size {options['model_size']}")
+        options["custom_unet_config"] = read_unet_config(str(path))
 
 
 SHORT_RUN_FACTOR = 2.0  # a final loss this many times the preset's reference: the samples are still mostly noise

@@ -49,9 +49,10 @@ class EpochBatches:
         return (chosen if self.items is None else self.items[chosen]).tolist()
 
 
-def crop_and_flip(images: list[torch.Tensor], resolution: int, center_crop: bool, random_flip: bool,
+def crop_and_flip(images: list[torch.Tensor], resolution: int | tuple[int, int], center_crop: bool, random_flip: bool,
                   generator: torch.Generator, rows: slice = slice(None), total: int | None = None) -> torch.Tensor:
-    """Square-crop each uint8 C×H×W image to R×R and optionally flip it; returns B×C×R×R uint8.
+    """Crop each uint8 C×H×W image to R×R (or to (height, width) for a non-square ``resolution``) and
+    optionally flip it; returns B×C×R×R uint8.
 
     The random choices are one ``torch.rand((total, 3))`` draw from ``generator`` (per image: top
     and left as fractions of the free room, and a flip when below 0.5), made only when something is
@@ -59,19 +60,20 @@ def crop_and_flip(images: list[torch.Tensor], resolution: int, center_crop: bool
     every process draws the whole batch's choices and keeps its rows, so N processes crop and flip
     the images exactly as one process does. Same generator state → same batch.
     """
-    r, total = resolution, len(images) if total is None else total
+    rh, rw = (resolution, resolution) if isinstance(resolution, int) else resolution
+    total = len(images) if total is None else total
     draws = (torch.rand((total, 3), generator=generator, dtype=torch.float64)[rows].tolist()
              if random_flip or not center_crop else None)
     out = []
     for k, img in enumerate(images):
         h, w = img.shape[-2:]
-        if h < r or w < r:
-            raise ValueError(f"image {h}×{w} is smaller than the crop {r}×{r}")
+        if h < rh or w < rw:
+            raise ValueError(f"image {h}×{w} is smaller than the crop {rh}×{rw}")
         if center_crop:
-            top, left = (h - r) // 2, (w - r) // 2
+            top, left = (h - rh) // 2, (w - rw) // 2
         else:
-            top, left = min(int(draws[k][0] * (h - r + 1)), h - r), min(int(draws[k][1] * (w - r + 1)), w - r)
-        img = img[..., top:top + r, left:left + r]
+            top, left = min(int(draws[k][0] * (h - rh + 1)), h - rh), min(int(draws[k][1] * (w - rw + 1)), w - rw)
+        img = img[..., top:top + rh, left:left + rw]
         if random_flip and draws[k][2] < 0.5:
             img = img.flip(-1)
         out.append(img)
@@ -177,9 +179,10 @@ class BatchLoader:
 RESIDENT_BYTES = 4 << 30  # in-memory data sets up to this size are held on the training device
 
 
-def fits_on_device(dataset: ImageSet, resolution: int) -> bool:
-    """An in-memory set already at R×R and small enough to be held on the device (see DeviceBatches)."""
-    return (isinstance(dataset, ArrayImageSet) and tuple(dataset.images.shape[-2:]) == (resolution, resolution)
+def fits_on_device(dataset: ImageSet, resolution: int | tuple[int, int]) -> bool:
+    """An in-memory set already at R×R (or H×W) and small enough to be held on the device (see DeviceBatches)."""
+    size = (resolution, resolution) if isinstance(resolution, int) else tuple(resolution)
+    return (isinstance(dataset, ArrayImageSet) and tuple(dataset.images.shape[-2:]) == size
             and dataset.images.numel() <= RESIDENT_BYTES)
 
 

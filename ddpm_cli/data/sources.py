@@ -1,7 +1,8 @@
 """Data sets: the built-in Fashion-MNIST and emoji sets, and folders of images.
 
 Every data set implements :class:`ImageSet`; ``load(i)`` gives a uint8 tensor C×H×W whose
-shorter side equals the training resolution. Batching is in :mod:`ddpm_cli.data.batches`;
+shorter side equals the training resolution (for a non-square resolution H×W: resized, keeping its aspect,
+to the smallest size that covers H×W). Batching is in :mod:`ddpm_cli.data.batches`;
 captions (``ImageSet.captions``) come from :mod:`ddpm_cli.data.captions`.
 """
 
@@ -99,9 +100,10 @@ class ArrayImageSet(ImageSet):
 
 class FileImageSet(ImageSet):
     """Image files given one by one; with a ``resolution``, each is resized so its shorter side is
-    that many pixels (None keeps the files' own sizes). Headers are checked up front."""
+    that many pixels, or for (H, W) to the smallest size of its aspect that covers H×W (None keeps the
+    files' own sizes). Headers are checked up front."""
 
-    def __init__(self, paths: list[Path], resolution: int | None, channels: int = 3, name: str = "files",
+    def __init__(self, paths: list[Path], resolution: int | tuple[int, int] | None, channels: int = 3, name: str = "files",
                  source: str = ""):
         from ddpm_cli.engine.io.images import probe_image
 
@@ -110,7 +112,7 @@ class FileImageSet(ImageSet):
         self.paths = [Path(p) for p in paths]
         for path in self.paths:  # headers only: bad files fail now, not hours into training
             probe_image(path)
-        self.resolution = None if resolution is None else int(resolution)
+        self.resolution = None if resolution is None else _size(resolution)
         self.channels, self.name, self.source = channels, name, source
 
     def __len__(self) -> int:
@@ -122,9 +124,11 @@ class FileImageSet(ImageSet):
         from ddpm_cli.engine.io.images import load_image
 
         image = load_image(self.paths[i], mode="L" if self.channels == 1 else "RGB")
-        w, h, r = image.width, image.height, self.resolution
-        if r is not None:
-            size = (r, max(r, round(h * r / w))) if w <= h else (max(r, round(w * r / h)), r)
+        w, h = image.width, image.height
+        if self.resolution is not None:
+            rh, rw = self.resolution
+            # the side whose ratio to the target is smaller takes the target's size, the other follows the aspect
+            size = (rw, max(rh, round(h * rw / w))) if rh * w <= rw * h else (max(rw, round(w * rh / h)), rh)
             if size != (w, h):
                 image = image.resize(size, Image.BICUBIC)  # Pillow's resize antialiases when shrinking
         array = np.array(image, dtype=np.uint8, copy=True)
@@ -162,6 +166,21 @@ class FolderImageSet(FileImageSet):
         self.captions = folder_captions(root, self.paths)
 
 
+def _size(resolution: int | tuple[int, int] | list[int]) -> tuple[int, int]:
+    """(height, width) of a training resolution: R or (H, W), each a positive integer."""
+    pair = (resolution, resolution) if isinstance(resolution, int) else tuple(resolution)
+    if len(pair) != 2 or not all(isinstance(side, int) and side >= 1 for side in pair):
+        raise InputError(f"--resolution must be a positive integer or HxW, got {resolution}")
+    return pair
+
+
+def _center_crop(images: torch.Tensor, resolution: int | tuple[int, int]) -> torch.Tensor:
+    """The middle H×W of square N×C×S×S images (S = max(H, W)); square resolutions pass through."""
+    height, width = _size(resolution)
+    top, left = (images.shape[-2] - height) // 2, (images.shape[-1] - width) // 2
+    return images[..., top:top + height, left:left + width]
+
+
 def _fit_array(images: torch.Tensor, resolution: int, chunk: int = 4096) -> torch.Tensor:
     """Bring square uint8 N×C×S×S images to R×R: as-is, zero-padded evenly, or bicubic-resized."""
     size = images.shape[-1]
@@ -178,20 +197,22 @@ def _fit_array(images: torch.Tensor, resolution: int, chunk: int = 4096) -> torc
     return out
 
 
-def _open_fashion_mnist(folder: Path, name: str, resolution: int, channels: int, split: str) -> ArrayImageSet:
+def _open_fashion_mnist(folder: Path, name: str, resolution: int | tuple[int, int], channels: int,
+                        split: str) -> ArrayImageSet:
     prefix = "train" if split == "train" else "t10k"
     images = read_idx(folder / f"{prefix}-images-idx3-ubyte.gz")
     labels = read_idx(folder / f"{prefix}-labels-idx1-ubyte.gz")
     if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels) or images.dtype != np.uint8 \
             or images.shape[1] != images.shape[2] or (len(labels) and labels.max() >= len(FASHION_MNIST_CLASSES)):
         raise InputError(f"Fashion-MNIST files under {folder} do not match (shape or labels); reinstall them")
-    tensor = _fit_array(torch.from_numpy(images).unsqueeze(1), resolution)
+    tensor = _center_crop(_fit_array(torch.from_numpy(images).unsqueeze(1), max(_size(resolution))), resolution)
     if channels == 3:  # greyscale replicated as RGB, without copying
         tensor = tensor.expand(-1, 3, -1, -1)
     return ArrayImageSet(tensor, labels.astype(np.int64).tolist(), list(FASHION_MNIST_CLASSES), name, str(folder))
 
 
-def open_dataset(spec: str, resolution: int, channels: int | None = None, split: str = "train") -> ImageSet:
+def open_dataset(spec: str, resolution: int | tuple[int, int], channels: int | None = None,
+                 split: str = "train") -> ImageSet:
     """Open a built-in data set by name (see ``BUILTIN_DATASETS``) or a folder of images.
 
     ``fashion-mnist`` uses the full Debian files when installed, else the shipped subset (see
@@ -203,21 +224,26 @@ def open_dataset(spec: str, resolution: int, channels: int | None = None, split:
     with its lower-case Unicode name alone. Neither has held-out images, so their "test" split is
     the same as "train". A folder defaults to 3
     channels (RGB); 1 means greyscale. ``split`` ("train" or "test") applies to the built-ins.
+
+    ``resolution`` is R or (H, W). The built-ins are square: at H×W they are made at max(H, W), as
+    above, and center-cropped to H×W once, so they stay in memory at the training size; a folder's
+    images are resized to cover H×W and cropped per batch (``--center-crop/--random-crop``).
     """
-    if not isinstance(resolution, int) or resolution < 1:
-        raise InputError(f"--resolution must be a positive integer, got {resolution}")
+    _size(resolution)
     if split not in ("train", "test"):
         raise InputError(f"split must be 'train' or 'test', got {split!r}")
     if channels is not None and channels not in (1, 3):
         raise InputError(f"--channels must be 1 or 3, got {channels}")
     name = spec.strip()
     if name == "emoji":
-        images, captions = load_emoji(resolution, channels or 3)
+        images, captions = load_emoji(max(_size(resolution)), channels or 3)
+        images = _center_crop(images, resolution)
         dataset = ArrayImageSet(images, name="emoji", source=str(EMOJI_FONT), captions=captions)
         dataset.caption_choices = emoji_caption_choices(captions)
         return dataset
     if name == "emoji-everyday":
-        images, captions = load_emoji(resolution, channels or 3)
+        images, captions = load_emoji(max(_size(resolution)), channels or 3)
+        images = _center_crop(images, resolution)
         keep = everyday_emoji(captions)
         return ArrayImageSet(images[keep], name="emoji-everyday", source=str(EMOJI_FONT),
                              captions=[captions[i].lower() for i in keep])

@@ -12,7 +12,7 @@ from ddpm_cli.engine.choices import (BETA_SCHEDULES, CONDITIONINGS, LR_SCHEDULES
 
 LORA_TARGETS = ("attention", "attention+conv")
 from ddpm_cli.engine.errors import InputError
-from ddpm_cli.training.presets import AUTOENCODER_PRESETS, PRESETS
+from ddpm_cli.training.presets import AUTOENCODER_PRESETS, PRESETS, check_architecture
 
 SUMMARY_FILE = "ddpm_train.json"  # written in the run folder when a run finishes
 # Options a resumed run may change; every other option comes from the run being resumed.
@@ -27,11 +27,16 @@ TIMESTEP_SAMPLERS = ("uniform", "loss-second-moment")
 class TrainConfig:
     data: str = "fashion-mnist"
     output: str = "runs/ddpm"
-    resolution: int | None = None
+    resolution: int | None = None  # the height (and width, unless `width`) in pixels
+    width: int | None = None  # --resolution HxW: the width when it differs from the height
     channels: int | None = None
     center_crop: bool = True
     random_flip: bool = False
     model_size: str = "tiny"
+    block_channels: list[int] | None = None  # --block-channels: the U-Net's widths per level, over the preset's
+    layers_per_block: int | None = None  # residual blocks per level [default: the preset's]
+    attention_resolutions: list[int] | None = None  # feature-map sizes that self-attend ([]: none) [default: the preset's]
+    custom_unet_config: dict | None = None  # --unet-config FILE: a diffusers U-Net config, filled from the data
     schedule: str = "linear"
     prediction_type: str = "epsilon"
     zero_terminal_snr: bool = False  # rescale the betas so that alpha_bar_T = 0 (Lin et al. 2024)
@@ -138,6 +143,7 @@ class TrainConfig:
         check(self.grad_clip >= 0, "--grad-clip must be >= 0 (0 turns clipping off)")
         check(self.keep_checkpoints >= 1, "--keep-checkpoints must be at least 1")
         check(self.channels in (None, 1, 3), "--channels must be 1 or 3")
+        check_architecture(self, check)
         check(self.lr_warmup is None or self.lr_warmup >= 0, "--lr-warmup must be >= 0")
         check(self.conditioning in CONDITIONINGS,
               f"unknown --conditioning {self.conditioning!r}; choose one of {', '.join(CONDITIONINGS)}")

@@ -74,7 +74,7 @@ class Feed:
     def __call__(self, start: int) -> Iterator[tuple[torch.Tensor, dict]]:
         c = self.config
         rows = self.world.shard(c.batch_size)
-        if not self.latent and fits_on_device(self.dataset, c.resolution):
+        if not self.latent and fits_on_device(self.dataset, c.image_size):
             fetch = DeviceBatches(self.dataset, self.batches, self.device, c.random_flip, self.generators["augment"], rows)
             for step in itertools.count(start):
                 images, labels, indices = fetch(step)
@@ -94,7 +94,7 @@ class Feed:
         rows = self.world.shard(total)
         if self.latent:  # already float and scaled; flips are the only augmentation that suits latents
             return flip_latents(images, c.random_flip, self.generators["augment"], rows, total).to(self.device)
-        batch = crop_and_flip(images, c.resolution, c.center_crop, c.random_flip, self.generators["augment"], rows, total)
+        batch = crop_and_flip(images, c.image_size, c.center_crop, c.random_flip, self.generators["augment"], rows, total)
         if self.device.type == "cuda":
             batch = batch.pin_memory()
         return self.scaled(batch.to(self.device, non_blocking=True))

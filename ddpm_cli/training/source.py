@@ -64,7 +64,10 @@ def source_settings(folder: Path, unet: dict, scheduler: dict, info: dict) -> di
         settings["latent"] = info["latent"]
         settings["resolution"] = (info.get("image_size") or [info.get("resolution")])[0]
     else:
-        settings["resolution"] = int(info.get("resolution") or unet.get("sample_size"))
+        from ddpm_cli.training.presets import image_size
+
+        height, width = image_size(info.get("resolution") or unet.get("sample_size"))  # R, or [H, W] (non-square)
+        settings["resolution"], settings["width"] = height, None if width == height else width
         settings["channels"] = int(unet["in_channels"])
     for key in ("text_encoder", "text_embedding"):
         if info.get(key):
@@ -84,7 +87,18 @@ def inherit(config, given: set[str]) -> None:
         return  # an autoencoder or upscaler keeps the network options it is given (checked weight by weight)
     folder, unet, scheduler, info = read_source(spec, config.revision)
     settings = source_settings(folder, unet, scheduler, info)
+    if "resolution" in given and "resolution" in settings and config.image_size != (
+            settings["resolution"] if settings.get("width") is None else (settings["resolution"], settings["width"])):
+        from ddpm_cli.training.presets import size_text
+
+        source_size = size_text((settings["resolution"], settings.get("width") or settings["resolution"]))
+        raise InputError(f"--resolution {size_text(config.image_size)} contradicts --init-from {spec}, which has "
+                         f"{source_size}; drop --resolution (a fine-tuned model keeps its source's architecture and "
+                         "schedule)")
     for key, value in settings.items():
+        if key in ("resolution", "width") and "resolution" in given:
+            setattr(config, key, value)
+            continue
         if key in given and getattr(config, key) != value:
             flag = "--" + key.replace("_", "-")
             raise InputError(f"{flag} {getattr(config, key)} contradicts --init-from {spec}, which has {value}; "

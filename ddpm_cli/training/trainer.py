@@ -165,7 +165,7 @@ class Trainer:
         if config.latent or is_latents_file(config.data):
             dataset, self.vae = open_latent_data(config, self.device, self.on_event)
             return dataset
-        return open_dataset(config.data, config.resolution, config.channels)
+        return open_dataset(config.data, config.image_size, config.channels)
 
     def forward(self, *args, **kwargs):
         """The wrapped network under the run's autocast: all an objective's loss may call."""

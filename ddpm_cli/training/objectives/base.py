@@ -113,7 +113,7 @@ class Objective:
 
         count = min(count, len(self.dataset))
         images = [self.dataset.load(i) for i in range(count)]
-        return crop_and_flip(images, self.config.resolution, True, False, torch.Generator()).float() / 127.5 - 1.0
+        return crop_and_flip(images, self.config.image_size, True, False, torch.Generator()).float() / 127.5 - 1.0
 
 
 def grid_path(run_dir: Path, step: int) -> Path:

@@ -25,7 +25,7 @@ from ddpm_cli.training import checkpoints
 from ddpm_cli.training.config import TrainConfig
 from ddpm_cli.data.sources import BUILTIN_DATASETS
 from ddpm_cli.training.objectives.base import Batch, Draws, Network, Objective, grid_path
-from ddpm_cli.training.presets import build_unet, text_unet_config, unet_config, with_dropout
+from ddpm_cli.training.presets import build_unet, run_unet_config, sample_size, with_dropout
 from ddpm_cli.training.timestep_sampler import LossSecondMomentSampler
 from ddpm_cli.training.weighting import min_snr_weights, snr_table
 
@@ -97,7 +97,7 @@ class DiffusionObjective(Objective):
     def build_model(self) -> torch.nn.Module:
         """The U-Net: class-embedded, cross-attending to text, or plain; on latents when latent."""
         config = self.config
-        size = self.dataset.images.shape[-1] if self.latent else config.resolution
+        size = self.dataset.images.shape[-1] if self.latent else config.image_size
         channels = self.dataset.channels
         if config.unet_config:  # --init-from: the source model's network
             classes = config.unet_config.get("num_class_embeds")
@@ -110,12 +110,11 @@ class DiffusionObjective(Objective):
                 raise InputError(f"--init-from {config.init_from} takes {wanted}-channel inputs, but {config.data} gives "
                                  f"{channels} {what}; fine-tune it on data it can take")
             return build_unet(with_dropout(dict(config.unet_config), config.dropout))
-        if self.encoder is not None:
-            unet = text_unet_config(config.model_size, size, channels, self.encoder.hidden_size)
-        else:
-            unet = unet_config(config.model_size, size, channels, len(self.class_names) if self.class_names else None)
-        if config.learn_variance:  # the mean's channels, then the variance's (diffusers' "learned_range")
-            unet["out_channels"] = 2 * channels
+        # The preset with --block-channels etc. over it, or --unet-config's file; with --learn-variance the
+        # network outputs the mean's channels, then the variance's (diffusers' "learned_range").
+        unet = run_unet_config(config, size, channels, 2 * channels if config.learn_variance else channels,
+                               len(self.class_names) if self.class_names else None,
+                               self.encoder.hidden_size if self.encoder is not None else None)
         return build_unet(with_dropout(unet, config.dropout))
 
     def loss(self, network: Network, batch: Batch, draws: Draws) -> torch.Tensor:
@@ -177,7 +176,7 @@ class DiffusionObjective(Objective):
     def export(self, run_dir: Path, ema_model: torch.nn.Module) -> None:
         """The run folder's diffusers pipeline (EMA weights), with the VAE of a latent run in vae/."""
         info = {"conditioning": self.config.conditioning, "class_names": self.class_names,
-                "data": self._data_spec(), "resolution": self.config.resolution}
+                "data": self._data_spec(), "resolution": sample_size(self.config.image_size)}
         if self.encoder is not None:
             info.update(text_encoder=self.config.text_encoder, max_length=self.encoder.max_length,
                         text_embedding=self.encoder.embedding)

@@ -24,7 +24,7 @@ from ddpm_cli.engine.tasks.superres import degrade, upsample, upscale_batch
 from ddpm_cli.training import checkpoints
 from ddpm_cli.training.objectives.base import Batch, Draws, Network, Objective, grid_path
 from ddpm_cli.training.objectives.diffusion import make_schedule
-from ddpm_cli.training.presets import build_unet, unet_config, with_dropout
+from ddpm_cli.training.presets import build_unet, run_unet_config, with_dropout
 
 GRID_IMAGES = 8
 
@@ -38,8 +38,8 @@ class SuperResObjective(Objective):
 
     def build_model(self) -> torch.nn.Module:
         c = self.config
-        config = unet_config(c.model_size, c.resolution, c.channels)
-        config["in_channels"] = 2 * c.channels  # x_t and the upsampled low-resolution image
+        # x_t and the upsampled low-resolution image in, the residual's channels out
+        config = run_unet_config(c, c.resolution, 2 * c.channels, c.channels)
         return build_unet(with_dropout(config, c.dropout))
 
     def loss(self, network: Network, batch: Batch, draws: Draws) -> torch.Tensor:
