@@ -31,7 +31,7 @@ def test_completing_offers_choices_without_importing_torch():
                              "COMP_CWORD": "4"})
     assert result.stdout.split() == ["ddpm", "ddim", "NO-TORCH"]
     commands = run_completion({"_DDPM_COMPLETE": "complete_bash", "COMP_WORDS": "ddpm s", "COMP_CWORD": "1"})
-    assert commands.stdout.split() == ["sample", "NO-TORCH"]
+    assert commands.stdout.split() == ["sample", "serve", "NO-TORCH"]
 
 
 def test_every_sampler_and_noise_schedule_is_offered():

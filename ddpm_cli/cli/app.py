@@ -10,6 +10,7 @@ import typer
 from ddpm_cli import __version__
 from ddpm_cli.cli import (bench, encode, evaluate, export_ema, info, inpaint, invert, models, replay, sample, train, txt2img,
                           upscale)
+from ddpm_cli.cli import serve
 from ddpm_cli.cli.errors import EXIT_INTERRUPTED, EXIT_USAGE
 from ddpm_cli.cli.options import RULE
 
@@ -41,6 +42,7 @@ app.add_typer(evaluate.eval_app, name="eval")
 app.command("bench", epilog=bench.EXAMPLES)(bench.bench)
 app.command("models", epilog=models.EXAMPLES)(models.models)
 app.command("info", epilog=info.EXAMPLES)(info.info)
+app.command("serve", epilog=serve.EXAMPLES)(serve.serve)
 
 
 def _version(value: bool) -> None:

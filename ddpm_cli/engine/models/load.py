@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from ddpm_cli.engine.errors import ModelError, ResourceError
+from ddpm_cli.engine.models import cache
 from ddpm_cli.engine.models.resolve import read_json
 from ddpm_cli.engine.models.safety import check_weights
 
@@ -39,9 +40,21 @@ def _quiet_diffusers():
         diffusers_logging.set_verbosity(level)
 
 
+def _from_pretrained(class_name: str, folder: str, subfolder: str | None, use_safetensors: bool | None, dtype: str):
+    """A diffusers network from a local folder on the CPU (the cache's "diffusers" loader: JSON-able arguments)."""
+    import diffusers
+
+    with _quiet_diffusers():
+        return getattr(diffusers, class_name).from_pretrained(
+            folder, subfolder=subfolder, use_safetensors=use_safetensors, local_files_only=True,
+            low_cpu_mem_usage=False, torch_dtype=getattr(torch, dtype.removeprefix("torch.")))
+
+
+cache.register("diffusers", _from_pretrained)
+
+
 def load_unet(folder: Path, device: torch.device | str, dtype: torch.dtype, allow_pickle: bool = False):
     """Load the UNet of a diffusers folder (checked first), in eval mode on device/dtype."""
-    import diffusers
     import safetensors
 
     folder = Path(folder)
@@ -53,21 +66,13 @@ def load_unet(folder: Path, device: torch.device | str, dtype: torch.dtype, allo
             f"but ddpm only loads {' or '.join(UNET_CLASSES)}; pass a pixel-space DDPM model"
         )
     check_weights(folder, allow_pickle=allow_pickle)
-    cls = getattr(diffusers, class_name)
     loader_errors: tuple[type[BaseException], ...] = (
         OSError, ValueError, RuntimeError, KeyError, TypeError, EOFError,
         pickle.UnpicklingError, safetensors.SafetensorError,
     )
     try:
-        with _quiet_diffusers():
-            model = cls.from_pretrained(
-                folder,
-                subfolder=subfolder,
-                use_safetensors=None if allow_pickle else True,
-                local_files_only=True,
-                low_cpu_mem_usage=False,
-                torch_dtype=dtype,
-            )
+        model = cache.load("diffusers", cache.folder_of(folder, subfolder), class_name=class_name, folder=str(folder),
+                           subfolder=subfolder, use_safetensors=None if allow_pickle else True, dtype=str(dtype))
     except torch.OutOfMemoryError:
         raise ResourceError(f"out of memory while loading the UNet from {folder}; free memory or use a smaller model") from None
     except loader_errors as exc:
@@ -100,18 +105,15 @@ def load_vae(folder: Path, device: torch.device | str, dtype: torch.dtype, subfo
     an AutoencoderKL, or with ``kind="VQModel"`` the VQ autoencoder of an LDM pipeline (``vqvae/``).
 
     The caller has checked the weights (check_weights)."""
-    import diffusers
-
     folder = Path(folder)
     where = folder / subfolder if subfolder else folder
     class_name = read_json(where / "config.json").get("_class_name")
     if class_name != kind:
         raise ModelError(f"{where} holds a {class_name or 'model without _class_name'}; ddpm loads {kind} autoencoders there")
     try:
+        vae = cache.load("diffusers", cache.folder_of(folder, subfolder), class_name=kind,
+                         folder=str(folder), subfolder=subfolder, use_safetensors=True, dtype=str(dtype))
         with _quiet_diffusers():
-            vae = getattr(diffusers, kind).from_pretrained(folder, subfolder=subfolder, use_safetensors=True,
-                                                           local_files_only=True, low_cpu_mem_usage=False,
-                                                           torch_dtype=dtype)
             return vae.to(device=torch.device(device), dtype=dtype).eval()
     except torch.OutOfMemoryError:
         raise ResourceError(f"out of memory while loading the VAE from {where}") from None

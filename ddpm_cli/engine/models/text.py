@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from ddpm_cli.engine.models import cache
 from ddpm_cli.engine.models.resolve import locate, read_json
 from ddpm_cli.engine.models.safety import check_weights
 from ddpm_cli.engine.choices import TEXT_EMBEDDINGS
@@ -46,6 +47,17 @@ def _quiet_transformers():
         tlog.set_verbosity(level)
         if bars:
             tlog.enable_progress_bar()
+
+
+def _from_pretrained(class_name: str, folder: str, **options):
+    """A transformers model or tokenizer from a local folder (the cache's "transformers" loader)."""
+    import transformers
+
+    with _quiet_transformers():
+        return getattr(transformers, class_name).from_pretrained(folder, **options)
+
+
+cache.register("transformers", _from_pretrained)
 
 
 def _builtin_path(name: str) -> Path:
@@ -96,7 +108,6 @@ class TextEncoder:
              revision: str | None = None, allow_pickle: bool = False, embedding: str = "tokens") -> TextEncoder:
         """Load "minilm", a local folder or a Hub id; ModelError when missing, corrupt or refused."""
         import safetensors
-        import transformers
 
         enc_dir, tok_dir = _locate(spec, tuple(subfolders), revision)
         config_path = enc_dir / "config.json"
@@ -116,11 +127,12 @@ class TextEncoder:
             with _quiet_transformers():
                 options = dict(local_files_only=True, use_safetensors=None if allow_pickle else True)
                 if kind == "clip":
-                    model = transformers.CLIPTextModel.from_pretrained(enc_dir, **options)
+                    model = cache.load("transformers", enc_dir, class_name="CLIPTextModel", folder=str(enc_dir), **options)
                 else:
-                    model = transformers.AutoModel.from_pretrained(enc_dir, trust_remote_code=False, **options)
-                tokenizer = transformers.AutoTokenizer.from_pretrained(tok_dir, local_files_only=True,
-                                                                       trust_remote_code=False)
+                    model = cache.load("transformers", enc_dir, class_name="AutoModel", folder=str(enc_dir),
+                                       trust_remote_code=False, **options)
+                tokenizer = cache.load("transformers", tok_dir, class_name="AutoTokenizer", folder=str(tok_dir),
+                                       local_files_only=True, trust_remote_code=False)
                 model = model.to(device=torch.device(device), dtype=dtype).eval().requires_grad_(False)
         except torch.OutOfMemoryError:
             raise ResourceError(f"out of memory loading the text encoder {spec} on {device}; "

@@ -1,0 +1,526 @@
+"""The warm worker: imports torch, diffusers and the CLI once, keeps recently used networks loaded, and runs
+each ``ddpm`` call in a child forked from itself, as the caller: its arguments, environment, working folder,
+umask, stdin/stdout/stderr (the descriptors themselves, passed over the socket), ignored signals and the
+thread count its OMP_NUM_THREADS asks for. The child reports its exit code to the client itself, so calls in
+flight finish even if the worker is killed; the worker reports deaths by signal and forwards the client's
+signals (Ctrl-C) to the child.
+
+The worker computes nothing with torch before forking (loading weights only), with one intra-op thread: an
+OpenMP thread pool started in the parent would not survive into the children.
+
+    python -m ddpm_cli.worker.server [--socket PATH] [--idle MINUTES] [--keep-models N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import importlib
+import json
+import os
+import pkgutil
+import random
+import selectors
+import signal
+import socket
+import sys
+import tempfile
+import time
+import traceback
+import warnings
+from dataclasses import dataclass
+
+from ddpm_cli.worker import protocol
+
+# What calls import, imported once in the worker (the CLI's modules import most of it lazily).
+CLASSES = {"diffusers": ("UNet2DModel", "UNet2DConditionModel", "AutoencoderKL", "VQModel"),
+           "transformers": ("CLIPTextModel", "AutoModel", "AutoTokenizer")}
+MODULES = ("numpy", "PIL.Image", "PIL.PngImagePlugin", "safetensors.torch", "rich.console", "rich.progress")
+PACKAGES = ("ddpm_cli.cli", "ddpm_cli.engine")
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+def log(message: str) -> None:
+    sys.stderr.write(f"ddpm serve [{time.strftime('%H:%M:%S')}]: {message}\n")
+    sys.stderr.flush()
+
+
+def import_stack() -> int:
+    """Import torch, diffusers, transformers and the CLI; torch's thread count for a caller without
+    OMP_NUM_THREADS (the worker itself keeps one thread)."""
+    import subprocess
+
+    saved = {name: os.environ.pop(name) for name in protocol.PER_CALL if name in os.environ}
+    # What a fresh process would use, asked of one (torch's own rule), while this one imports with one
+    # thread: importing torch with more starts an OpenMP thread that a forked child would not have.
+    fresh = subprocess.Popen([sys.executable, "-c", "import torch; print(torch.get_num_threads())"],
+                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    os.environ["OMP_NUM_THREADS"] = "1"
+    import torch
+
+    torch.set_num_threads(1)
+    for package, names in CLASSES.items():
+        try:
+            module = importlib.import_module(package)
+            for name in names:
+                getattr(module, name)
+        except Exception as exc:  # noqa: BLE001 - an optional part missing: its calls import it themselves
+            log(f"not preloaded: {package} ({type(exc).__name__}: {exc})")
+    for name in MODULES:
+        try:
+            importlib.import_module(name)
+        except Exception:  # noqa: BLE001
+            pass
+    for package in PACKAGES:
+        module = importlib.import_module(package)
+        for info in pkgutil.walk_packages(module.__path__, package + ".", onerror=lambda name: None):
+            try:
+                importlib.import_module(info.name)
+            except Exception as exc:  # noqa: BLE001 - e.g. an optional dependency
+                log(f"not preloaded: {info.name} ({type(exc).__name__})")
+    del os.environ["OMP_NUM_THREADS"]
+    os.environ.update(saved)
+    answer = fresh.communicate()[0].strip()
+    return int(answer) if answer.isdigit() else os.cpu_count() or 1
+
+
+def _threads(environ: dict, default: int) -> int:
+    """torch's intra-op thread count in a fresh process with this environment."""
+    for name in protocol.PER_CALL:
+        try:
+            value = int(environ.get(name, ""))
+        except ValueError:
+            continue
+        if value > 0:
+            return value
+    return default
+
+
+def exit_code(code) -> int:
+    """The process exit status of ``sys.exit(code)``, as Python computes it."""
+    if code is None:
+        return 0
+    if isinstance(code, int):
+        return code
+    try:
+        sys.stderr.write(f"{code}\n")
+    except Exception:  # noqa: BLE001
+        pass
+    return 1
+
+
+@dataclass
+class Call:
+    conn: socket.socket | None
+    reader: protocol.Reader
+    reports: int  # the read end of the pipe the child reports its loads on
+    argv: list
+    started: float
+
+
+class Worker:
+    def __init__(self, path: str, idle_minutes: float | None, keep_models: int, default_threads: int,
+                 environment: dict, identity: dict):
+        from ddpm_cli.engine.models import cache
+
+        self.cache, cache.capacity = cache, keep_models
+        self.path, self.default_threads = path, default_threads
+        self.idle_s = None if idle_minutes is None or idle_minutes <= 0 else idle_minutes * 60
+        self.identity = identity
+        self.environment = environment  # as the worker started (imports may add variables)
+        self.calls: dict[int, Call] = {}
+        self.served, self.started, self.last_activity = 0, time.time(), time.monotonic()
+        self.listener: socket.socket | None = None
+        self.inode = None
+        self.selector = selectors.DefaultSelector()
+        self.wake_read, self.wake_write = os.pipe()
+        for fd in (self.wake_read, self.wake_write):
+            os.set_blocking(fd, False)
+
+    # The worker.
+
+    def listen(self) -> None:
+        old_umask = os.umask(0o177)  # the socket: this user only
+        try:
+            self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.listener.bind(self.path)
+        finally:
+            os.umask(old_umask)
+        self.inode = os.stat(self.path).st_ino
+        self.listener.listen(128)
+        self.selector.register(self.listener, selectors.EVENT_READ, self._accept)
+        self.selector.register(self.wake_read, selectors.EVENT_READ, self._signals)
+        signal.set_wakeup_fd(self.wake_write)
+        for number in (signal.SIGCHLD, *STOP_SIGNALS):
+            signal.signal(number, lambda *_: None)  # handled in the loop, from the wake-up pipe
+
+    def serve(self) -> None:
+        gc.collect()
+        gc.freeze()  # the children share the imported objects' pages instead of copying them on refcount writes
+        while self.listener is not None or self.calls:
+            timeout = None
+            if self.idle_s is not None and not self.calls and self.listener is not None:
+                timeout = self.last_activity + self.idle_s - time.monotonic()
+                if timeout <= 0:
+                    log(f"idle for {self.idle_s / 60:g} min: stopping")
+                    self.stop_listening()
+                    continue
+            for key, _events in self.selector.select(timeout):
+                if self.selector.get_map().get(key.fd) is not key:
+                    continue  # closed by an earlier handler of this round (a reaped call's connection)
+                try:
+                    key.data(key.fileobj)
+                except Exception:  # noqa: BLE001 - a bug in one call's handling must not end the worker
+                    log("error:\n" + traceback.format_exc())
+        log("stopped")
+
+    def stop_listening(self) -> None:
+        """No new calls (the socket goes); calls in flight finish and are reported, then the worker exits."""
+        if self.listener is None:
+            return
+        self.selector.unregister(self.listener)
+        self.listener.close()
+        self.listener = None
+        try:
+            if os.stat(self.path).st_ino == self.inode:  # not a newer worker's socket
+                os.unlink(self.path)
+        except OSError:
+            pass
+
+    def _signals(self, _fd) -> None:
+        try:
+            numbers = os.read(self.wake_read, 512)
+        except BlockingIOError:
+            return
+        if any(n in STOP_SIGNALS for n in numbers):
+            if self.listener is None:  # asked twice: leave the calls in flight to report themselves
+                self.calls.clear()
+            self.stop_listening()
+        self._reap()
+
+    def _accept(self, listener) -> None:
+        try:
+            conn, _ = listener.accept()
+        except OSError:
+            return
+        conn.settimeout(10)
+        fds: list[int] = []
+        try:
+            if protocol.peer_uid(conn) != os.getuid():
+                raise OSError("a connection from another user")
+            reader = protocol.Reader(conn)
+            request, fds = reader.read(with_fds=3)
+            op = (request or {}).get("op")
+            if op == "run":
+                self._start_call(conn, reader, request, fds)
+                return
+            if op == "status":
+                protocol.send(conn, self.status())
+            elif op == "stop":
+                protocol.send(conn, {"ok": True, "pid": os.getpid()})
+                log("asked to stop")
+                self.stop_listening()
+        except (OSError, ValueError) as exc:
+            log(f"connection dropped ({exc})")
+        for fd in fds:
+            os.close(fd)
+        conn.close()
+
+    def status(self) -> dict:
+        return {"ok": True, "pid": os.getpid(), "version": self.identity["version"], "install": self.identity["install"],
+                "socket": self.path, "uptime_s": round(time.time() - self.started, 1), "calls": self.served,
+                "running": len(self.calls), "models": self.cache.describe(),
+                "idle_minutes": None if self.idle_s is None else self.idle_s / 60}
+
+    def _refusal(self, request: dict, fds: list[int]) -> str | None:
+        if request.get("identity") != self.identity:
+            return "another installation or version of ddpm"
+        theirs = protocol.import_time_environment(request.get("env", {}))
+        differing = sorted(k for k in set(theirs) | set(self.environment) if theirs.get(k) != self.environment.get(k))
+        if differing:
+            return "environment differs from the worker's: " + " ".join(differing)
+        if len(fds) != len(request.get("fds", ())):
+            return "the standard streams did not arrive"
+        return None
+
+    def _start_call(self, conn: socket.socket, reader: protocol.Reader, request: dict, fds: list[int]) -> None:
+        reason = self._refusal(request, fds)
+        if reason is not None:
+            protocol.send(conn, {"ok": False, "reason": reason})
+            raise OSError(f"refused a call: {reason}")
+        protocol.send(conn, {"ok": True})
+        reports, report_write = os.pipe()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        try:
+            pid = os.fork()
+        except OSError as exc:
+            os.close(reports)
+            os.close(report_write)
+            protocol.send(conn, {"fallback": f"fork failed ({exc})"})
+            raise
+        if pid == 0:
+            self._child(conn, request, fds, report_write)  # never returns
+        os.close(report_write)
+        for fd in fds:
+            os.close(fd)
+        self.calls[pid] = Call(conn, reader, reports, request["argv"], time.monotonic())
+        self.served += 1
+        self.last_activity = time.monotonic()
+        self.selector.register(conn, selectors.EVENT_READ, self._client_message)
+
+    def _call_of(self, conn) -> tuple[int, Call] | tuple[None, None]:
+        for pid, call in self.calls.items():
+            if call.conn is conn:
+                return pid, call
+        return None, None
+
+    def _client_message(self, conn) -> None:
+        pid, call = self._call_of(conn)
+        if call is None:  # its call was reaped
+            self.selector.unregister(conn)
+            conn.close()
+            return
+        try:
+            message, _ = call.reader.read()
+        except (OSError, ValueError):
+            message = None
+        if message is None:  # the client is gone: it had the exit code, or it was killed (and so is its call)
+            self.selector.unregister(conn)
+            conn.close()
+            call.conn = None
+            deadline = time.monotonic() + 0.5
+            while time.monotonic() < deadline and not os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT):
+                time.sleep(0.002)  # a child that reported its exit code is exiting
+            try:
+                os.kill(pid, signal.SIGKILL)  # a zombie until reaped: never another process
+            except ProcessLookupError:
+                pass
+            self._reap()
+            return
+        if "signal" in message:
+            try:
+                os.kill(pid, int(message["signal"]))
+            except (ProcessLookupError, ValueError, OSError):
+                pass
+
+    def _reap(self) -> None:
+        loads = []
+        while self.calls:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid == 0:
+                break
+            call = self.calls.pop(pid, None)
+            if call is None:
+                continue
+            code = os.waitstatus_to_exitcode(status)
+            if call.conn is not None:
+                try:
+                    protocol.send(call.conn, {"signal": -code} if code < 0 else {"exit": code})
+                except OSError:
+                    pass
+                self.selector.unregister(call.conn)
+                call.conn.close()
+            log(f"{' '.join(call.argv[1:3])} ...: exit {code} in {time.monotonic() - call.started:.2f} s")
+            loads.extend(self._read_reports(call.reports))
+            self.last_activity = time.monotonic()
+        for report in loads:
+            self._remember(report)
+
+    def _read_reports(self, fd: int) -> list[dict]:
+        data = b""
+        try:
+            while chunk := os.read(fd, 1 << 16):
+                data += chunk
+        finally:
+            os.close(fd)
+        return [json.loads(line) for line in data.splitlines() if line.strip()]
+
+    def _remember(self, report: dict) -> None:
+        """Keep a network a call loaded (its weights only: nothing is computed before forking)."""
+        if "used" in report:
+            self.cache.used(report["used"])
+            return
+        import torch
+
+        state = torch.random.get_rng_state()  # initialising modules draws from it; calls start from a fresh state
+        began = time.monotonic()
+        try:
+            if self.cache.fill(report["kind"], report["files"], report["args"]):
+                log(f"keeping {report['kind']} {report['args'].get('class_name')} from {report['files']} "
+                    f"({time.monotonic() - began:.2f} s)")
+        except Exception as exc:  # noqa: BLE001 - the next call loads it itself
+            log(f"could not keep {report['files']} ({type(exc).__name__}: {exc})")
+        finally:
+            torch.random.set_rng_state(state)
+        gc.collect()
+        gc.freeze()
+
+    # The child: one call.
+
+    def _child(self, conn: socket.socket, request: dict, fds: list[int], report_write: int) -> None:
+        try:
+            self._become_caller(conn, request, fds, report_write)
+        except BaseException as exc:  # noqa: BLE001 - nothing of the call ran: the client runs it cold
+            try:
+                protocol.send(conn, {"fallback": f"{type(exc).__name__}: {exc}"})
+            finally:
+                os._exit(0)
+        from ddpm_cli.cli.app import main
+
+        code = run_main(main)
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                if stream is not None:
+                    stream.flush()
+            except Exception:  # noqa: BLE001 - e.g. a closed pipe: Python exits 120 then
+                code = code or 120
+        try:
+            protocol.send(conn, {"exit": code})
+        finally:
+            os._exit(code & 0xFF)
+
+    def _become_caller(self, conn: socket.socket, request: dict, fds: list[int], report_write: int) -> None:
+        signal.set_wakeup_fd(-1)
+        for number in (signal.SIGCHLD, *STOP_SIGNALS):
+            signal.signal(number, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        for number in request.get("ignored", ()):
+            signal.signal(number, signal.SIG_IGN)
+        # What is the worker's, not the call's.
+        self.selector.close()
+        if self.listener is not None:
+            self.listener.close()
+        os.close(self.wake_read)
+        os.close(self.wake_write)
+        for call in self.calls.values():
+            if call.conn is not None:
+                call.conn.close()
+            os.close(call.reports)
+        conn.settimeout(None)
+        os.setpgid(0, 0)
+        # The caller's streams, folder, umask, environment and arguments.
+        targets = list(request["fds"])
+        for target, fd in zip(targets, fds):
+            os.dup2(fd, target)
+            os.close(fd)
+        for missing in {0, 1, 2} - set(targets):
+            os.close(missing)
+        os.chdir(request["cwd"])
+        os.umask(int(request["umask"]))
+        os.environ.clear()
+        os.environ.update(request["env"])
+        sys.argv = list(request["argv"])
+        _caller_streams(targets)
+        tempfile.tempdir = None
+        # A fresh process's state: random seeds, threads, shown warnings.
+        random.seed()
+        if "numpy" in sys.modules:
+            sys.modules["numpy"].random.seed()
+        import torch
+
+        torch.set_num_threads(_threads(os.environ, self.default_threads))
+        saved = warnings.filters[:]
+        warnings.resetwarnings()  # also forgets which warnings were shown (every module's registry)
+        warnings.filters[:] = saved
+        warnings.onceregistry.clear()
+        self.cache.start_call(lambda report: os.write(report_write, (json.dumps(report) + "\n").encode()))
+
+
+def _caller_streams(open_fds: list[int]) -> None:
+    """sys.stdin/stdout/stderr as a fresh Python would make them for these descriptors (stdout line-buffered on
+    a terminal only; a closed descriptor is None)."""
+    unbuffered = bool(os.environ.get("PYTHONUNBUFFERED"))
+    for name, fd in (("stdin", 0), ("stdout", 1), ("stderr", 2)):
+        stream = getattr(sys, name)
+        if fd not in open_fds:
+            setattr(sys, name, None)
+            setattr(sys, f"__{name}__", None)
+            continue
+        if stream is None:
+            import io
+
+            stream = io.TextIOWrapper(io.open(fd, "rb" if fd == 0 else "wb", closefd=False), encoding="utf-8",
+                                      errors="strict" if fd < 2 else "backslashreplace", newline="\n",
+                                      line_buffering=fd == 2)
+            setattr(sys, name, stream)
+            setattr(sys, f"__{name}__", stream)
+        if fd == 1 and not unbuffered:
+            stream.reconfigure(line_buffering=os.isatty(1))
+
+
+def run_main(main) -> int:
+    """Run the CLI's main as a fresh interpreter would run the ``ddpm`` script; its exit status."""
+    try:
+        main()
+        return 0
+    except SystemExit as exc:
+        return exit_code(exc.code)
+    except KeyboardInterrupt:  # Python prints it and dies of SIGINT (exit 130 to the shell)
+        traceback.print_exc()
+        sys.stderr.flush()
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGINT)
+        return 130
+    except BaseException:  # noqa: BLE001 - a bug: the traceback, exit 1
+        sys.excepthook(*sys.exc_info())
+        return 1
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m ddpm_cli.worker.server")
+    parser.add_argument("--socket", help="the socket to listen on (default: this installation's)")
+    parser.add_argument("--idle", type=float, default=None, help="exit after this many minutes without calls")
+    parser.add_argument("--keep-models", type=int, default=3, help="networks kept loaded (least recently used out)")
+    parser.add_argument("--started-by-client", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    os.chdir("/")
+    try:
+        identity = protocol.identity()  # before the imports: a file edited meanwhile makes another installation
+        path = args.socket or protocol.socket_path(create=True, ident=identity)
+        protocol.private_folder(create=True)
+    except protocol.Unavailable as exc:
+        sys.exit(f"ddpm: error: {exc}")
+    lock = None
+    if not args.started_by_client:  # (a client starting one holds this lock already)
+        import fcntl
+
+        from ddpm_cli.worker.client import connect
+
+        lock = open(path[: -len(".sock")] + ".lock", "a")
+        fcntl.flock(lock, fcntl.LOCK_EX)  # clients that would start one wait for this one instead
+        if connect(path) is not None:
+            sys.exit(f"ddpm: error: a worker already runs on {path}; `ddpm serve --stop` ends it")
+        if os.path.lexists(path):
+            os.unlink(path)  # stale: its worker was killed
+    began = time.monotonic()
+    environment = protocol.import_time_environment(os.environ)
+    default_threads = import_stack()
+    worker = Worker(path, args.idle, args.keep_models, default_threads, environment, identity)
+    try:
+        worker.listen()
+    except OSError as exc:
+        sys.exit(f"ddpm: error: cannot listen on {path} ({exc.strerror or exc})")
+    finally:
+        if lock is not None:
+            lock.close()
+    threads = len(os.listdir("/proc/self/task")) if os.path.isdir("/proc/self/task") else 1
+    if threads > 1:  # a forked child has only the thread that forked it: locks held by others stay held
+        log(f"warning: {threads} threads run in the worker before forking")
+    import torch
+
+    if torch.cuda.is_initialized():  # CUDA does not survive fork: the calls could not use the GPU
+        log("warning: CUDA was initialised in the worker; calls on the GPU will fail")
+    idle = f"exits after {args.idle:g} idle minutes" if worker.idle_s else "runs until stopped"
+    log(f"ready in {time.monotonic() - began:.1f} s: pid {os.getpid()}, socket {path}, {idle}")
+    try:
+        worker.serve()
+    finally:
+        worker.stop_listening()
+
+
+if __name__ == "__main__":
+    main()
