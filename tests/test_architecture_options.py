@@ -161,6 +161,10 @@ def test_a_non_square_class_run_trains_exports_resumes_and_samples_at_its_size(t
                    "--format", "json")
     assert resumed.returncode == 0, resumed.stderr
     assert json.loads(resumed.stdout)["steps"] == 3
+    other = ddpm("train", "-o", run, "--resume", "latest", "--resolution", "16x32")
+    assert other.returncode == 2 and other.stderr.strip().splitlines() == [
+        "ddpm: error: --resolution's width 32 differs from the run being resumed (24); a resumed run keeps its "
+        "options except " + other.stderr.split("options except ")[1].strip()]
 
     sampled = ddpm("sample", run, "-n", "2", "--steps", "2", "--class", "sneaker", "-o", tmp_path / "out")
     assert sampled.returncode == 0, sampled.stderr

@@ -105,8 +105,12 @@ class TrainConfig:
             for key, value in given.items():
                 if key not in RESUMABLE and key != "output" and saved.get(key) != value:
                     flag = "--" + key.replace("_", "-")
-                    raise InputError(f"{flag} {value} differs from the run being resumed ({saved.get(key)}); "
-                                     f"a resumed run keeps its options except {', '.join(sorted(RESUMABLE))}")
+                    what = f"{flag} {value} differs from the run being resumed ({saved.get(key)})"
+                    if key == "width":  # --resolution HxW
+                        what = f"--resolution's width {value} differs from the run being resumed ({saved.get(key)})"
+                    elif key == "custom_unet_config":
+                        what = "--unet-config gives another U-Net than the run being resumed"
+                    raise InputError(f"{what}; a resumed run keeps its options except {', '.join(sorted(RESUMABLE))}")
             base = {key: value for key, value in saved.items() if key in known}
             config = cls(**{**base, **given})
         else:
