@@ -207,3 +207,19 @@ def test_unet_config_file_is_filled_from_the_data_and_trains(tmp_path):
     with pytest.raises(InputError, match="has in_channels 3, but this run needs 1"):
         run_unet_config(TrainConfig.from_options({"resolution": 16, "custom_unet_config": {
             **read_unet_config(str(file)), "in_channels": 3}}), 16, 1, 1, cross_attention_dim=12)
+
+
+def test_init_from_keeps_a_non_square_source_size(tmp_path):
+    from ddpm_cli.training.source import inherit
+
+    (tmp_path / "unet").mkdir()
+    (tmp_path / "unet" / "config.json").write_text(json.dumps(
+        {"_class_name": "UNet2DModel", "sample_size": [16, 24], "in_channels": 1, "out_channels": 1}))
+    (tmp_path / "ddpm_model.json").write_text(json.dumps({"resolution": [16, 24], "conditioning": "none"}))
+    config = TrainConfig(init_from=str(tmp_path))
+    inherit(config, {"init_from"})
+    assert (config.resolution, config.width, config.image_size) == (16, 24, (16, 24))
+    config = TrainConfig(init_from=str(tmp_path), resolution=16, width=32)
+    with pytest.raises(InputError, match="--resolution 16x32 contradicts --init-from .*, which has 16x24"):
+        inherit(config, {"init_from", "resolution", "width"})
+    inherit(TrainConfig(init_from=str(tmp_path), resolution=16, width=24), {"init_from", "resolution", "width"})
