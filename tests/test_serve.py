@@ -139,6 +139,44 @@ def test_ctrl_c_in_the_client_interrupts_the_warm_call_with_130(worker, tmp_path
         time.sleep(0.1)
 
 
+def on_a_terminal(folder: str, mode: str, *args, cwd, columns: int) -> bytes:
+    """What `ddpm ARGS` writes on a terminal of ``columns`` columns (stdout and stderr both the terminal)."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 40, columns, 0, 0))
+    env = {k: v for k, v in environment(folder, mode).items() if k not in ("COLUMNS", "LINES")}
+    process = subprocess.Popen([sys.executable, "-m", "ddpm_cli", *args], cwd=cwd, env=env, stdin=follower,
+                               stdout=follower, stderr=follower)
+    os.close(follower)
+    output = b""
+    while True:
+        try:
+            chunk = os.read(leader, 1 << 16)
+        except OSError:  # EIO: every writer has closed the terminal
+            break
+        if not chunk:
+            break
+        output += chunk
+    os.close(leader)
+    assert process.wait(timeout=TIMEOUT_S) == 0
+    return output
+
+
+def test_a_warm_call_sees_the_callers_terminal_and_its_size(worker, tmp_path, monkeypatch):
+    before = status(worker, monkeypatch)["calls"]
+    cold, warm = {}, {}
+    for columns in (50, 120):
+        warm[columns] = on_a_terminal(worker, "on", "sample", "--help", cwd=tmp_path, columns=columns)
+        cold[columns] = on_a_terminal(worker, "off", "sample", "--help", cwd=tmp_path, columns=columns)
+    assert warm == cold
+    assert cold[50] != cold[120] and b"\r\n" in cold[50]  # the help is wrapped to the terminal it is on
+    assert status(worker, monkeypatch)["calls"] - before == 2
+
+
 def test_the_worker_keeps_a_network_until_its_files_change(tmp_path):
     """engine.models.cache: a call takes the worker's copy once; changed files are read again."""
     from ddpm_cli.engine.models import cache
