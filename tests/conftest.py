@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 import os
 
+# CLI calls run cold unless a test asks for the warm worker (tests/test_serve.py): a worker started from a
+# developer's shell would run the code it imported, not the checkout's.
+os.environ.pop("DDPM_SERVER", None)
 XDIST_WORKER = bool(os.environ.get("PYTEST_XDIST_WORKER"))
 if XDIST_WORKER:  # two workers share the cores: one thread each, the CLI calls they fork too
     os.environ["OMP_NUM_THREADS"] = "1"
