@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 
@@ -87,4 +88,7 @@ def main() -> None:
         from ddpm_cli.engine.runtime.distributed import leave
 
         leave()  # under torchrun: leave the process group before exiting
+        # The process ends here: its objects stay out of the interpreter's last garbage collection,
+        # which walks every object torch and diffusers made (docs/performance.md, "Cold start").
+        gc.freeze()
     sys.exit(code if isinstance(code, int) else 0)

@@ -42,10 +42,11 @@ def _quiet_diffusers():
 
 def _from_pretrained(class_name: str, folder: str, subfolder: str | None, use_safetensors: bool | None, dtype: str):
     """A diffusers network from a local folder on the CPU (the cache's "diffusers" loader: JSON-able arguments)."""
-    import diffusers
+    from ddpm_cli.engine.models.classes import model_class
 
+    network = model_class(class_name)  # its own modules only, before _quiet_diffusers imports diffusers
     with _quiet_diffusers():
-        return getattr(diffusers, class_name).from_pretrained(
+        return network.from_pretrained(
             folder, subfolder=subfolder, use_safetensors=use_safetensors, local_files_only=True,
             low_cpu_mem_usage=False, torch_dtype=getattr(torch, dtype.removeprefix("torch.")))
 

@@ -1,0 +1,117 @@
+"""diffusers' network classes, imported from the modules that define them and little more.
+
+``from diffusers import UNet2DModel``, and even ``import diffusers.models.unets.unet_2d``, runs package
+files on the way that import far more than the class: ``diffusers.models.unets`` imports all eleven
+U-Nets (the conditional one brings diffusers' LoRA loaders and peft), ``diffusers.models.transformers``
+(reached through ``unet_2d_blocks``) every transformer model and scipy.stats, ``diffusers.hooks``
+(reached from ``ModelMixin.device``) peft and every cache hook, and ``diffusers.quantizers``
+transformers. ``benchmarks/cold_start.py`` measures what that costs a cold ``ddpm sample``
+(docs/performance.md).
+
+:func:`model_class` imports a class's own module with two measures, none of diffusers' files changed:
+
+- the packages that import every member of their kind (``_ALL_OF_A_KIND``) are *deferred*: the package
+  module exists, so its modules import one by one, and its own ``__init__`` runs the first time a name
+  is looked up on it (``from diffusers.models.unets import X`` still works and gives the same class);
+- for classes whose modules do not need it (the ``lean`` ones of DEFINED_IN), ``transformers`` is absent
+  while diffusers is first imported: diffusers catches that ImportError as it does where transformers
+  is not installed (it then does not recognise transformers' quantisation configs, which ddpm never
+  passes); a text encoder imports transformers when it loads.
+
+What remains unavoidable: ``from_pretrained`` asks the model for its ``device``, which imports
+``diffusers.hooks.group_offloading``, whose ``@torch.compiler.disable()`` imports torch._dynamo.
+
+If diffusers' layout changes so that this fails, the class is imported the ordinary way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import importlib.util
+import sys
+from collections.abc import Iterator
+
+# class name -> (its module, whether it imports without transformers)
+DEFINED_IN = {
+    "UNet2DModel": ("diffusers.models.unets.unet_2d", True),
+    "VQModel": ("diffusers.models.autoencoders.vq_model", True),
+    # these two mix in diffusers' LoRA loaders, which import peft, which imports transformers
+    "UNet2DConditionModel": ("diffusers.models.unets.unet_2d_condition", False),
+    "AutoencoderKL": ("diffusers.models.autoencoders.autoencoder_kl", False),
+}
+# Packages whose __init__ imports every member of its kind.
+_ALL_OF_A_KIND = ("diffusers.models.unets", "diffusers.models.transformers", "diffusers.models.autoencoders",
+                  "diffusers.hooks")
+# What a lean import keeps out (diffusers.quantizers imports it, within a try).
+LEAN_ABSENT = ("transformers",)
+
+
+def model_class(name: str) -> type:
+    """diffusers' class ``name`` (a key of DEFINED_IN, else any name ``diffusers`` exports)."""
+    if name not in DEFINED_IN:
+        import diffusers
+
+        return getattr(diffusers, name)
+    module_name, lean = DEFINED_IN[name]
+    return getattr(import_module(module_name, lean), name)
+
+
+def import_module(module_name: str, lean: bool = True):
+    """``importlib.import_module(module_name)`` for a module of diffusers, with the packages of
+    _ALL_OF_A_KIND deferred and, where ``lean``, LEAN_ABSENT kept out while it imports."""
+    if module_name in sys.modules:
+        return sys.modules[module_name]
+    deferred: list = []
+    try:
+        with _absent(LEAN_ABSENT if lean else ()):
+            importlib.import_module("diffusers.models")  # the parent of the deferred packages (lazy itself)
+            for package in _ALL_OF_A_KIND:
+                if package not in sys.modules:
+                    deferred.append(_defer(package))
+            return importlib.import_module(module_name)
+    except Exception:  # noqa: BLE001 - diffusers laid out otherwise: import it the ordinary way
+        for module in deferred:
+            _finish(module)
+        return importlib.import_module(module_name)
+
+
+@contextlib.contextmanager
+def _absent(names: tuple[str, ...]) -> Iterator[None]:
+    """Within the block, importing any of ``names`` not imported yet raises ImportError."""
+    blocked = [name for name in names if name not in sys.modules]
+    for name in blocked:
+        sys.modules[name] = None
+    try:
+        yield
+    finally:
+        for name in blocked:
+            if name in sys.modules and sys.modules[name] is None:
+                del sys.modules[name]
+
+
+def _defer(package: str):
+    """Put ``package`` in sys.modules without running its __init__, which runs on the first name looked up on it."""
+    spec = importlib.util.find_spec(package)
+    module = importlib.util.module_from_spec(spec)
+
+    def __getattr__(attribute: str):
+        _finish(module)
+        return getattr(module, attribute)
+
+    module.__getattr__ = __getattr__
+    sys.modules[package] = module
+    return module
+
+
+def _finish(module) -> None:
+    """Run a deferred package's own __init__ in it (once); a failure leaves it out of sys.modules, as
+    a failed import does."""
+    if module.__dict__.pop("__getattr__", None) is None:
+        return
+    try:
+        module.__spec__.loader.exec_module(module)
+    except BaseException:
+        if sys.modules.get(module.__name__) is module:
+            del sys.modules[module.__name__]
+        raise
