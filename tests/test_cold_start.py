@@ -7,10 +7,10 @@ import os
 import subprocess
 import sys
 
-# Imported by `from diffusers import UNet2DModel`, needed by no unconditional model: the text stack
-# (transformers, peft), scipy.stats (diffusers' schedulers and single-file loaders), every transformer
-# model and U-Net of diffusers, and the hooks package's caches.
-NOT_FOR_UNCONDITIONAL = ("transformers", "peft", "scipy.stats", "diffusers.loaders.peft",
+# Imported by `from diffusers import UNet2DModel`, needed by no unconditional model: peft, scipy.stats
+# (diffusers' schedulers and single-file loaders), every transformer model and U-Net of diffusers, and
+# the hooks package's caches. (transformers itself is imported: diffusers notes once whether it is there.)
+NOT_FOR_UNCONDITIONAL = ("peft", "scipy.stats", "diffusers.loaders.peft",
                          "diffusers.models.transformers.transformer_flux", "diffusers.models.unets.unet_2d_condition",
                          "diffusers.models.unets.unet_1d", "diffusers.hooks.first_block_cache")
 
@@ -22,7 +22,7 @@ def fresh_python(code: str) -> dict:
     return json.loads(done.stdout.splitlines()[-1])
 
 
-def test_sampling_an_unconditional_model_imports_no_text_stack(tiny_pipeline_dir, tmp_path):
+def test_sampling_an_unconditional_model_imports_only_what_it_needs(tiny_pipeline_dir, tmp_path):
     out = tmp_path / "out"
     code = f"""
 import json, sys
@@ -39,10 +39,14 @@ from ddpm_cli.engine.models import classes
 classes._ALL_OF_A_KIND = ("diffusers.models.no_such_package",)
 conditional = classes.model_class("UNet2DConditionModel")
 import diffusers
-print(json.dumps({{"code": code, "loaded": loaded, "fallback": conditional is diffusers.UNet2DConditionModel}}))
+# The rest of diffusers stays whole in the same process: a LoRA file's loader is the real class, not a placeholder.
+from diffusers.loaders import StableDiffusionLoraLoaderMixin
+from diffusers.utils import is_transformers_available
+print(json.dumps({{"code": code, "loaded": loaded, "fallback": conditional is diffusers.UNet2DConditionModel,
+                  "transformers": is_transformers_available(), "lora_loader": hasattr(StableDiffusionLoraLoaderMixin, "lora_state_dict")}}))
 """
     result = fresh_python(code)
-    assert result == {"code": 0, "loaded": [], "fallback": True}
+    assert result == {"code": 0, "loaded": [], "fallback": True, "transformers": True, "lora_loader": True}
     assert sorted(path.name for path in out.iterdir()) == ["000000.png", "000001.png"]
 
 
@@ -52,7 +56,7 @@ import json, sys
 from ddpm_cli.engine.models.classes import model_class
 unet = model_class("UNet2DModel")
 vq = model_class("VQModel")
-lean = [m for m in ("transformers", "diffusers.models.unets.unet_2d_condition") if m in sys.modules]
+lean = [m for m in ("diffusers.models.unets.unet_2d_condition",) if m in sys.modules]
 import diffusers
 from diffusers.models.unets import UNet2DConditionModel  # the deferred package's own __init__ runs now
 from diffusers.models.transformers import Transformer2DModel

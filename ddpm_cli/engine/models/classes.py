@@ -8,15 +8,14 @@ U-Nets (the conditional one brings diffusers' LoRA loaders and peft), ``diffuser
 transformers. ``benchmarks/cold_start.py`` measures what that costs a cold ``ddpm sample``
 (docs/performance.md).
 
-:func:`model_class` imports a class's own module with two measures, none of diffusers' files changed:
+:func:`model_class` imports a class's own module with the packages that import every member of their
+kind (``_ALL_OF_A_KIND``) *deferred*, none of diffusers' files changed: the package module exists, so
+its modules import one by one, and its own ``__init__`` runs the first time a name is looked up on it
+(``from diffusers.models.unets import X`` still works and gives the same class).
 
-- the packages that import every member of their kind (``_ALL_OF_A_KIND``) are *deferred*: the package
-  module exists, so its modules import one by one, and its own ``__init__`` runs the first time a name
-  is looked up on it (``from diffusers.models.unets import X`` still works and gives the same class);
-- for classes whose modules do not need it (the ``lean`` ones of DEFINED_IN), ``transformers`` is absent
-  while diffusers is first imported: diffusers catches that ImportError as it does where transformers
-  is not installed (it then does not recognise transformers' quantisation configs, which ddpm never
-  passes); a text encoder imports transformers when it loads.
+transformers is not kept out while diffusers first imports: diffusers decides once, then, whether
+transformers is installed, and a process that later needs it (a LoRA file's loader, a text model)
+would get diffusers' placeholder classes instead of the real ones.
 
 What remains unavoidable: ``from_pretrained`` asks the model for its ``device``, which imports
 ``diffusers.hooks.group_offloading``, whose ``@torch.compiler.disable()`` imports torch._dynamo.
@@ -26,25 +25,20 @@ If diffusers' layout changes so that this fails, the class is imported the ordin
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import importlib.util
 import sys
-from collections.abc import Iterator
 
-# class name -> (its module, whether it imports without transformers)
+# class name -> the module that defines it
 DEFINED_IN = {
-    "UNet2DModel": ("diffusers.models.unets.unet_2d", True),
-    "VQModel": ("diffusers.models.autoencoders.vq_model", True),
-    # these two mix in diffusers' LoRA loaders, which import peft, which imports transformers
-    "UNet2DConditionModel": ("diffusers.models.unets.unet_2d_condition", False),
-    "AutoencoderKL": ("diffusers.models.autoencoders.autoencoder_kl", False),
+    "UNet2DModel": "diffusers.models.unets.unet_2d",
+    "VQModel": "diffusers.models.autoencoders.vq_model",
+    "UNet2DConditionModel": "diffusers.models.unets.unet_2d_condition",
+    "AutoencoderKL": "diffusers.models.autoencoders.autoencoder_kl",
 }
 # Packages whose __init__ imports every member of its kind.
 _ALL_OF_A_KIND = ("diffusers.models.unets", "diffusers.models.transformers", "diffusers.models.autoencoders",
                   "diffusers.hooks")
-# What a lean import keeps out (diffusers.quantizers imports it, within a try).
-LEAN_ABSENT = ("transformers",)
 
 
 def model_class(name: str) -> type:
@@ -53,41 +47,25 @@ def model_class(name: str) -> type:
         import diffusers
 
         return getattr(diffusers, name)
-    module_name, lean = DEFINED_IN[name]
-    return getattr(import_module(module_name, lean), name)
+    return getattr(import_module(DEFINED_IN[name]), name)
 
 
-def import_module(module_name: str, lean: bool = True):
+def import_module(module_name: str):
     """``importlib.import_module(module_name)`` for a module of diffusers, with the packages of
-    _ALL_OF_A_KIND deferred and, where ``lean``, LEAN_ABSENT kept out while it imports."""
+    _ALL_OF_A_KIND deferred."""
     if module_name in sys.modules:
         return sys.modules[module_name]
     deferred: list = []
     try:
-        with _absent(LEAN_ABSENT if lean else ()):
-            importlib.import_module("diffusers.models")  # the parent of the deferred packages (lazy itself)
-            for package in _ALL_OF_A_KIND:
-                if package not in sys.modules:
-                    deferred.append(_defer(package))
-            return importlib.import_module(module_name)
+        importlib.import_module("diffusers.models")  # the parent of the deferred packages (lazy itself)
+        for package in _ALL_OF_A_KIND:
+            if package not in sys.modules:
+                deferred.append(_defer(package))
+        return importlib.import_module(module_name)
     except Exception:  # noqa: BLE001 - diffusers laid out otherwise: import it the ordinary way
         for module in deferred:
             _finish(module)
         return importlib.import_module(module_name)
-
-
-@contextlib.contextmanager
-def _absent(names: tuple[str, ...]) -> Iterator[None]:
-    """Within the block, importing any of ``names`` not imported yet raises ImportError."""
-    blocked = [name for name in names if name not in sys.modules]
-    for name in blocked:
-        sys.modules[name] = None
-    try:
-        yield
-    finally:
-        for name in blocked:
-            if name in sys.modules and sys.modules[name] is None:
-                del sys.modules[name]
 
 
 def _defer(package: str):
