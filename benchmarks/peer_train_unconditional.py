@@ -24,9 +24,8 @@ import time
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
-from diffusers.optimization import get_scheduler
-from diffusers.training_utils import EMAModel
 
+from ddpm_cli.bench.training import diffusers_recipe
 from ddpm_cli.data.sources import open_dataset
 from ddpm_cli.training.presets import build_unet, unet_config
 
@@ -49,11 +48,8 @@ def main() -> None:
     images = open_dataset("fashion-mnist", 32, 1, split="train").images.float() / 127.5 - 1.0
     model = UNet2DModel(**PEER_UNET) if args.network == "peer" else build_unet(unet_config("tiny", 32, 1))
     scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", prediction_type="epsilon")
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.95, 0.999), weight_decay=1e-6, eps=1e-8)
     steps_per_epoch = -(-len(images) // args.batch)
-    lr_scheduler = get_scheduler("cosine", optimizer, num_warmup_steps=500, num_training_steps=steps_per_epoch * 100)
-    ema = EMAModel(model.parameters(), decay=0.9999, use_ema_warmup=True, inv_gamma=1.0, power=3 / 4,
-                   model_cls=UNet2DModel, model_config=model.config)
+    optimizer, lr_scheduler, ema = diffusers_recipe(model, args.lr, steps_per_epoch * 100)  # the script's 100 epochs
 
     step, spent, losses = 0, 0.0, []
     while spent < args.budget:

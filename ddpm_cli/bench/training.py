@@ -58,10 +58,22 @@ def _ddpm_step(plan: Plan, device: torch.device, precision: str, compile: bool):
     return step
 
 
-def _diffusers_step(plan: Plan, device: torch.device, precision: str, compile: bool):
-    from diffusers import DDPMScheduler, UNet2DModel
+def diffusers_recipe(model: torch.nn.Module, lr: float, num_training_steps: int):
+    """The optimiser, learning-rate schedule and EMA of diffusers' examples/unconditional_image_generation/
+    train_unconditional.py, with its defaults: AdamW (betas 0.95/0.999, weight decay 1e-6, eps 1e-8),
+    cosine after 500 warm-up steps, EMAModel with warm-up (inv_gamma 1, power 3/4, max decay 0.9999)."""
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import EMAModel
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.95, 0.999), weight_decay=1e-6, eps=1e-8)
+    lr_scheduler = get_scheduler("cosine", optimizer=optimizer, num_warmup_steps=500, num_training_steps=num_training_steps)
+    ema = EMAModel(model.parameters(), decay=0.9999, use_ema_warmup=True, inv_gamma=1.0, power=3 / 4,
+                   model_cls=type(model), model_config=model.config)
+    return optimizer, lr_scheduler, ema
+
+
+def _diffusers_step(plan: Plan, device: torch.device, precision: str, compile: bool):
+    from diffusers import DDPMScheduler, UNet2DModel
 
     from ddpm_cli.data.sources import open_dataset
 
@@ -69,10 +81,7 @@ def _diffusers_step(plan: Plan, device: torch.device, precision: str, compile: b
     torch.manual_seed(0)
     model = UNet2DModel(**plan.unet()).to(device).train()
     noise_scheduler = DDPMScheduler(num_train_timesteps=1000)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.95, 0.999), weight_decay=1e-6, eps=1e-8)
-    lr_scheduler = get_scheduler("cosine", optimizer=optimizer, num_warmup_steps=500, num_training_steps=10**6)
-    ema = EMAModel(model.parameters(), decay=0.9999, use_ema_warmup=True, inv_gamma=1.0, power=3 / 4,
-                   model_cls=UNet2DModel, model_config=model.config)
+    optimizer, lr_scheduler, ema = diffusers_recipe(model, 1e-4, 10**6)
     ema.to(device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
     batch = plan.train_batch
