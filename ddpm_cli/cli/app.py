@@ -72,6 +72,9 @@ def _usage_line(exc: typer.TyperException) -> str:
 
 def main() -> None:
     """Entry point: usage errors become one line and exit 2; everything else exits with its code."""
+    from ddpm_cli.engine.runtime import lazy_dynamo
+
+    lazy_dynamo.install()  # torch._dynamo only when a command compiles or a library needs it
     try:
         code = app(prog_name="ddpm", standalone_mode=False)
     except typer.TyperException as exc:  # the base of Typer's usage errors
