@@ -15,10 +15,8 @@ from __future__ import annotations
 
 import argparse
 import gc
-import importlib
 import json
 import os
-import pkgutil
 import random
 import selectors
 import signal
@@ -30,83 +28,14 @@ import traceback
 import warnings
 from dataclasses import dataclass
 
-from ddpm_cli.worker import protocol
+from ddpm_cli.worker import child, preload, protocol
 
-# What calls import, imported once in the worker (the CLI's modules import most of it lazily).
-CLASSES = {"diffusers": ("UNet2DModel", "UNet2DConditionModel", "AutoencoderKL", "VQModel"),
-           "transformers": ("CLIPTextModel", "AutoModel", "AutoTokenizer")}
-MODULES = ("numpy", "PIL.Image", "PIL.PngImagePlugin", "safetensors.torch", "rich.console", "rich.progress")
-PACKAGES = ("ddpm_cli.cli", "ddpm_cli.engine")
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
 def log(message: str) -> None:
     sys.stderr.write(f"ddpm serve [{time.strftime('%H:%M:%S')}]: {message}\n")
     sys.stderr.flush()
-
-
-def import_stack() -> int:
-    """Import torch, diffusers, transformers and the CLI; torch's thread count for a caller without
-    OMP_NUM_THREADS (the worker itself keeps one thread)."""
-    import subprocess
-
-    saved = {name: os.environ.pop(name) for name in protocol.PER_CALL if name in os.environ}
-    # What a fresh process would use, asked of one (torch's own rule), while this one imports with one
-    # thread: importing torch with more starts an OpenMP thread that a forked child would not have.
-    fresh = subprocess.Popen([sys.executable, "-c", "import torch; print(torch.get_num_threads())"],
-                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    os.environ["OMP_NUM_THREADS"] = "1"
-    import torch
-
-    torch.set_num_threads(1)
-    for package, names in CLASSES.items():
-        try:
-            module = importlib.import_module(package)
-            for name in names:
-                getattr(module, name)
-        except Exception as exc:  # noqa: BLE001 - an optional part missing: its calls import it themselves
-            log(f"not preloaded: {package} ({type(exc).__name__}: {exc})")
-    for name in MODULES:
-        try:
-            importlib.import_module(name)
-        except Exception:  # noqa: BLE001
-            pass
-    for package in PACKAGES:
-        module = importlib.import_module(package)
-        for info in pkgutil.walk_packages(module.__path__, package + ".", onerror=lambda name: None):
-            try:
-                importlib.import_module(info.name)
-            except Exception as exc:  # noqa: BLE001 - e.g. an optional dependency
-                log(f"not preloaded: {info.name} ({type(exc).__name__})")
-    del os.environ["OMP_NUM_THREADS"]
-    os.environ.update(saved)
-    answer = fresh.communicate()[0].strip()
-    return int(answer) if answer.isdigit() else os.cpu_count() or 1
-
-
-def _threads(environ: dict, default: int) -> int:
-    """torch's intra-op thread count in a fresh process with this environment."""
-    for name in protocol.PER_CALL:
-        try:
-            value = int(environ.get(name, ""))
-        except ValueError:
-            continue
-        if value > 0:
-            return value
-    return default
-
-
-def exit_code(code) -> int:
-    """The process exit status of ``sys.exit(code)``, as Python computes it."""
-    if code is None:
-        return 0
-    if isinstance(code, int):
-        return code
-    try:
-        sys.stderr.write(f"{code}\n")
-    except Exception:  # noqa: BLE001
-        pass
-    return 1
 
 
 @dataclass
@@ -371,7 +300,7 @@ class Worker:
                 os._exit(0)
         from ddpm_cli.cli.app import main
 
-        code = run_main(main)
+        code = child.run_main(main)
         for stream in (sys.stdout, sys.stderr):
             try:
                 if stream is not None:
@@ -414,7 +343,7 @@ class Worker:
         os.environ.clear()
         os.environ.update(request["env"])
         sys.argv = list(request["argv"])
-        _caller_streams(targets)
+        child.caller_streams(targets)
         tempfile.tempdir = None
         # A fresh process's state: random seeds, threads, shown warnings.
         random.seed()
@@ -422,52 +351,12 @@ class Worker:
             sys.modules["numpy"].random.seed()
         import torch
 
-        torch.set_num_threads(_threads(os.environ, self.default_threads))
+        torch.set_num_threads(preload.threads(os.environ, self.default_threads))
         saved = warnings.filters[:]
         warnings.resetwarnings()  # also forgets which warnings were shown (every module's registry)
         warnings.filters[:] = saved
         warnings.onceregistry.clear()
         self.cache.start_call(lambda report: os.write(report_write, (json.dumps(report) + "\n").encode()))
-
-
-def _caller_streams(open_fds: list[int]) -> None:
-    """sys.stdin/stdout/stderr as a fresh Python would make them for these descriptors (stdout line-buffered on
-    a terminal only; a closed descriptor is None)."""
-    unbuffered = bool(os.environ.get("PYTHONUNBUFFERED"))
-    for name, fd in (("stdin", 0), ("stdout", 1), ("stderr", 2)):
-        stream = getattr(sys, name)
-        if fd not in open_fds:
-            setattr(sys, name, None)
-            setattr(sys, f"__{name}__", None)
-            continue
-        if stream is None:
-            import io
-
-            stream = io.TextIOWrapper(io.open(fd, "rb" if fd == 0 else "wb", closefd=False), encoding="utf-8",
-                                      errors="strict" if fd < 2 else "backslashreplace", newline="\n",
-                                      line_buffering=fd == 2)
-            setattr(sys, name, stream)
-            setattr(sys, f"__{name}__", stream)
-        if fd == 1 and not unbuffered:
-            stream.reconfigure(line_buffering=os.isatty(1))
-
-
-def run_main(main) -> int:
-    """Run the CLI's main as a fresh interpreter would run the ``ddpm`` script; its exit status."""
-    try:
-        main()
-        return 0
-    except SystemExit as exc:
-        return exit_code(exc.code)
-    except KeyboardInterrupt:  # Python prints it and dies of SIGINT (exit 130 to the shell)
-        traceback.print_exc()
-        sys.stderr.flush()
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
-        os.kill(os.getpid(), signal.SIGINT)
-        return 130
-    except BaseException:  # noqa: BLE001 - a bug: the traceback, exit 1
-        sys.excepthook(*sys.exc_info())
-        return 1
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -498,7 +387,7 @@ def main(argv: list[str] | None = None) -> None:
             os.unlink(path)  # stale: its worker was killed
     began = time.monotonic()
     environment = protocol.import_time_environment(os.environ)
-    default_threads = import_stack()
+    default_threads = preload.import_stack(log)
     worker = Worker(path, args.idle, args.keep_models, default_threads, environment, identity)
     try:
         worker.listen()
