@@ -9,9 +9,10 @@ import sys
 
 # Imported by `from diffusers import UNet2DModel`, needed by no unconditional model: peft, scipy.stats
 # (diffusers' schedulers and single-file loaders), every transformer model and U-Net of diffusers, and
-# the hooks package's caches, and torch._dynamo's code (engine/runtime/lazy_dynamo.py). (transformers itself is
-# imported: diffusers notes once whether it is there.)
+# the hooks package's caches, torch._dynamo's code (engine/runtime/lazy_dynamo.py) and transformers (which
+# diffusers' quantizers package imports; diffusers must still see that it is installed: checked below).
 NOT_FOR_UNCONDITIONAL = ("peft", "scipy.stats", "diffusers.loaders.peft", "torch._dynamo.eval_frame", "sympy",
+                         "transformers", "diffusers.quantizers.pipe_quant_config",
                          "diffusers.models.transformers.transformer_flux", "diffusers.models.unets.unet_2d_condition",
                          "diffusers.models.unets.unet_1d", "diffusers.hooks.first_block_cache")
 

@@ -5,7 +5,8 @@ files on the way that import far more than the class: ``diffusers.models.unets``
 U-Nets (the conditional one brings diffusers' LoRA loaders and peft), ``diffusers.models.transformers``
 (reached through ``unet_2d_blocks``) every transformer model and scipy.stats, ``diffusers.hooks``
 (reached from ``ModelMixin.device``) peft and every cache hook, and ``diffusers.quantizers``
-transformers. ``benchmarks/cold_start.py`` measures what that costs a cold ``ddpm sample``
+transformers (``_PRE_BOUND``: the two names ``modeling_utils`` takes from it are bound ahead, so it stays
+deferred). ``benchmarks/cold_start.py`` measures what that costs a cold ``ddpm sample``
 (docs/performance.md).
 
 :func:`model_class` imports a class's own module with the packages that import every member of their
@@ -13,12 +14,12 @@ kind (``_ALL_OF_A_KIND``) *deferred*, none of diffusers' files changed: the pack
 its modules import one by one, and its own ``__init__`` runs the first time a name is looked up on it
 (``from diffusers.models.unets import X`` still works and gives the same class).
 
-transformers is not kept out while diffusers first imports: diffusers decides once, then, whether
-transformers is installed, and a process that later needs it (a LoRA file's loader, a text model)
-would get diffusers' placeholder classes instead of the real ones.
+transformers is never hidden from diffusers: diffusers decides once, when it first imports, whether
+transformers is installed (by looking for it, not importing it), and a process that later needs it (a
+LoRA file's loader, a text model) would otherwise get diffusers' placeholder classes.
 
-What remains unavoidable: ``from_pretrained`` asks the model for its ``device``, which imports
-``diffusers.hooks.group_offloading``, whose ``@torch.compiler.disable()`` imports torch._dynamo.
+torch._dynamo, which diffusers imports for two decorators, is deferred by the CLI
+(:mod:`ddpm_cli.engine.runtime.lazy_dynamo`).
 
 If diffusers' layout changes so that this fails, the class is imported the ordinary way.
 """
@@ -39,6 +40,12 @@ DEFINED_IN = {
 # Packages whose __init__ imports every member of its kind.
 _ALL_OF_A_KIND = ("diffusers.models.unets", "diffusers.models.transformers", "diffusers.models.autoencoders",
                   "diffusers.hooks")
+# Deferred packages of which the model classes' modules need a few names, bound from the submodules that
+# define them (what the package's __init__ would bind): ``modeling_utils`` takes two quantizer classes from
+# ``diffusers.quantizers``, whose __init__ also imports the pipeline quantization config and, through it,
+# transformers (0.8 s), which no unconditional model needs.
+_PRE_BOUND = {"diffusers.quantizers": (("DiffusersAutoQuantizer", "diffusers.quantizers.auto"),
+                                       ("DiffusersQuantizer", "diffusers.quantizers.base"))}
 
 
 def model_class(name: str) -> type:
@@ -58,9 +65,11 @@ def import_module(module_name: str):
     deferred: list = []
     try:
         importlib.import_module("diffusers.models")  # the parent of the deferred packages (lazy itself)
-        for package in _ALL_OF_A_KIND:
+        for package in (*_ALL_OF_A_KIND, *_PRE_BOUND):
             if package not in sys.modules:
                 deferred.append(_defer(package))
+                for name, defined_in in _PRE_BOUND.get(package, ()):
+                    setattr(deferred[-1], name, getattr(importlib.import_module(defined_in), name))
         return importlib.import_module(module_name)
     except Exception:  # noqa: BLE001 - diffusers laid out otherwise: import it the ordinary way
         for module in deferred:
