@@ -49,6 +49,9 @@ def import_stack(log) -> int:
                 importlib.import_module(info.name)
             except Exception as exc:  # noqa: BLE001 - e.g. an optional dependency
                 log(f"not preloaded: {info.name} ({type(exc).__name__})")
+    from ddpm_cli.cli.app import command
+
+    command()  # the click command tree, which each call would otherwise build again
     del os.environ["OMP_NUM_THREADS"]
     os.environ.update(saved)
     answer = fresh.communicate()[0].strip()
