@@ -25,9 +25,11 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 
 @pytest.fixture(scope="session")
 def trained_vae(tmp_path_factory):
-    """A tiny AutoencoderKL (4x per side) trained briefly through the CLI on the Fashion-MNIST subset."""
+    """A tiny AutoencoderKL (4x per side) trained briefly through the CLI on the Fashion-MNIST subset.
+    Batches of 16: 21.2 dB round-trip PSNR after 150 steps on the held-out images below (batch 32: 21.9 dB,
+    for 1.6x the time; the bound is 19 dB, an untrained VAE gets 6.7 dB)."""
     run = tmp_path_factory.mktemp("vae-run")
-    result = ddpm("train", "fashion-mnist-subset", "--task", "autoencoder", "-o", run, "--max-steps", 150, "-b", 32,
+    result = ddpm("train", "fashion-mnist-subset", "--task", "autoencoder", "-o", run, "--max-steps", 150, "-b", 16,
                   "--lr", "2e-3", "--ema-decay", "0.99", "--checkpoint-every", 150, "--format", "json")
     assert result.returncode == 0, result.stderr
     return run
