@@ -19,9 +19,12 @@ CONSISTENCY_BOUND = 0.05  # mean |degrade(upscaled) - input| in [-1, 1] units (~
 
 @pytest.fixture(scope="session")
 def superres_run(tmp_path_factory):
+    """An SR3 model trained here for 100 steps. On the 32 images of the first test (EMA weights of one run):
+    consistency 0.044 at step 50, 0.033 at 100, 0.031 at 150, 0.030 at 200 (bound 0.05; untrained: 0.26); edge
+    energy 0.114, 0.079, 0.074, 0.063 from the real images' (bicubic: 0.123; untrained: 0.93)."""
     run = tmp_path_factory.mktemp("sr") / "run"
     result = ddpm("train", "fashion-mnist", "--task", "superres", "--scale", 2, "--resolution", 28, "-o", run,
-                  "--max-steps", 200, "-b", 32, "--lr", "2e-3", "--checkpoint-every", 200, "-q")
+                  "--max-steps", 100, "-b", 32, "--lr", "2e-3", "--checkpoint-every", 100, "-q")
     assert result.returncode == 0, result.stderr
     return run
 
