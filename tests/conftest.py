@@ -24,10 +24,23 @@ if XDIST_WORKER:  # in case torch was imported before the variable was set
 TRAINING_FIXTURES = {"fashion_class_run"}  # defined here; any test that asks for one is slow
 
 
+# The files that take longest (minutes each), longest first. xdist (--dist loadfile --no-loadscope-reorder,
+# pyproject) hands files to its two workers in collection order, so these start first and the many short
+# files fill in behind them on both workers; xdist's own order (most tests first) left the longest files,
+# which hold few tests, to the end, on one worker.
+LONGEST_FILES = [  # seconds in one process, December 2026: 340, 240, 220, 190, 160, 135, 130, 125, 100, 100, 60
+    "test_readme_examples.py", "test_distributed.py", "test_latent.py", "test_speed.py", "test_vlb.py",
+    "test_examples.py", "test_inpaint.py", "test_faults.py", "test_superres.py", "test_prompt_score.py",
+    "test_fid.py",
+]
+
+
 def pytest_collection_modifyitems(items):
     for item in items:
         if TRAINING_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
+    rank = {name: i for i, name in enumerate(LONGEST_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file keeps its own order
 
 
 def tiny_unet(channels: int = 1, size: int = 8, seed: int = 0):
@@ -48,13 +61,25 @@ def tiny_unet(channels: int = 1, size: int = 8, seed: int = 0):
 
 @pytest.fixture(scope="session")
 def fashion_class_run(tmp_path_factory):
-    """A class-conditional 16x16 Fashion-MNIST model trained here for 400 steps (its null class makes
-    it an unconditional model as well); shared by the tests that need a model of real data."""
+    """A class-conditional 16x16 Fashion-MNIST model trained here for 300 steps (its null class makes
+    it an unconditional model as well); shared by the tests that need a model of real data. It is
+    trained once per test session: under xdist the first worker to need it trains it into the session's
+    shared temporary folder, under a file lock, and the other worker reads that run."""
+    import shutil
+
+    from filelock import FileLock
+
     from ddpm_cli.training.loop import train
 
-    run = tmp_path_factory.mktemp("fashion-class") / "run"
-    train({"data": "fashion-mnist", "output": str(run), "resolution": 16, "conditioning": "class",
-           "max_steps": 300, "batch_size": 64, "lr": 2e-3, "checkpoint_every": 300, "num_workers": 0})
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if XDIST_WORKER else base  # a worker's basetemp is popen-gwN inside the session's folder
+    run, done = shared / "fashion-class" / "run", shared / "fashion-class" / "done"
+    with FileLock(str(shared / "fashion-class.lock")):
+        if not done.is_file():
+            shutil.rmtree(run, ignore_errors=True)  # a worker that failed part-way left it
+            train({"data": "fashion-mnist", "output": str(run), "resolution": 16, "conditioning": "class",
+                   "max_steps": 300, "batch_size": 64, "lr": 2e-3, "checkpoint_every": 300, "num_workers": 0})
+            done.touch()
     return run
 
 
