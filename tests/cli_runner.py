@@ -1,7 +1,8 @@
 """Run `ddpm ARGS...` as a separate process, without paying torch's and diffusers' imports each time.
 
 Importing torch and diffusers' U-Nets takes about 6 s on the CI machine, more than most CLI calls
-in the tests take to run. A helper process (started once per test session) imports them, then
+in the tests take to run. A helper process (started once per test session) imports them (and what
+most calls import after them: Typer's option adapters, the training loop), then
 forks one child per call. The child is a fresh process as far as the call can tell: its own
 working directory, environment, stdin (/dev/null), stdout and stderr (files, not terminals), exit
 status and signal handling; nothing ran in the helper before the fork but imports. Where fork is
@@ -22,7 +23,11 @@ HELPER = r'''
 import json, os, sys, tempfile, time, traceback, warnings
 import torch  # noqa: F401
 from diffusers import AutoencoderKL, UNet2DConditionModel, UNet2DModel  # noqa: F401
-import ddpm_cli.cli.app, ddpm_cli.engine.models.pipeline  # noqa: F401
+import ddpm_cli.cli.app, ddpm_cli.engine.models.pipeline, ddpm_cli.training.loop  # noqa: F401
+try:  # Typer's pydantic adapters, which every call imports when it parses its options (0.5 s a call)
+    import typer._adapters  # noqa: F401
+except ImportError:
+    pass
 
 protocol = os.fdopen(os.dup(1), "w")
 for line in sys.stdin:
