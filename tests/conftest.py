@@ -61,8 +61,11 @@ def tiny_unet(channels: int = 1, size: int = 8, seed: int = 0):
 
 @pytest.fixture(scope="session")
 def fashion_class_run(tmp_path_factory):
-    """A class-conditional 16x16 Fashion-MNIST model trained here for 300 steps (its null class makes
-    it an unconditional model as well); shared by the tests that need a model of real data. It is
+    """A class-conditional 16x16 Fashion-MNIST model trained here for 200 steps (its null class makes
+    it an unconditional model as well); shared by the tests that need a model of real data. Its samples'
+    class accuracy at guidance 0, 1 and 3 (tests/test_class_conditional.py): 0.10, 0.36, 0.71 after 150
+    steps, 0.12, 0.47, 0.79 after 200, 0.11, 0.48, 0.84 after 300; hole MSE (tests/test_inpaint.py) 0.31,
+    0.31, 0.30 against the bound 0.49. It is
     trained once per test session: under xdist the first worker to need it trains it into the session's
     shared temporary folder, under a file lock, and the other worker reads that run."""
     import shutil
@@ -78,7 +81,7 @@ def fashion_class_run(tmp_path_factory):
         if not done.is_file():
             shutil.rmtree(run, ignore_errors=True)  # a worker that failed part-way left it
             train({"data": "fashion-mnist", "output": str(run), "resolution": 16, "conditioning": "class",
-                   "max_steps": 300, "batch_size": 64, "lr": 2e-3, "checkpoint_every": 300, "num_workers": 0})
+                   "max_steps": 200, "batch_size": 64, "lr": 2e-3, "checkpoint_every": 200, "num_workers": 0})
             done.touch()
     return run
 
