@@ -80,9 +80,10 @@ def command():
 
 def main() -> None:
     """Entry point: usage errors become one line and exit 2; everything else exits with its code."""
-    from ddpm_cli.engine.runtime import lazy_dynamo
+    from ddpm_cli.engine.runtime import lazy_dynamo, openmp
 
     lazy_dynamo.install()  # torch._dynamo only when a command compiles or a library needs it
+    openmp.limit_spinning()  # before torch loads: calls side by side (make -j) do not starve each other
     try:
         # As app() runs it; app has pretty_exceptions_enable=False, so its exception hook adds nothing.
         code = command()(prog_name="ddpm", standalone_mode=False)

@@ -27,6 +27,9 @@ def import_stack(log) -> int:
     fresh = subprocess.Popen([sys.executable, "-c", "import torch; print(torch.get_num_threads())"],
                              stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     os.environ["OMP_NUM_THREADS"] = "1"
+    from ddpm_cli.engine.runtime import openmp
+
+    openmp.limit_spinning(openmp.WORKER_SPINCOUNT)  # calls run side by side in the worker
     import torch
 
     torch.set_num_threads(1)
