@@ -220,3 +220,22 @@ def test_a_killed_worker_lets_its_call_finish_and_later_calls_run_cold(worker, t
         cold = run(worker, "off", *args, cwd=tmp_path)
         assert (warm_less.returncode, warm_less.stdout, warm_less.stderr) == (cold.returncode, cold.stdout, cold.stderr)
         assert cold.returncode == code
+
+
+def test_calls_to_a_worker_started_by_ddpm_serve_run_warm(tmp_path):
+    """`ddpm serve` becomes the worker: what the CLI set in its own environment before that (OpenMP's spin
+    count) must not make the worker's environment differ from its callers', which would send every call cold."""
+    folder = tempfile.mkdtemp(prefix="ddpm-serve-", dir="/tmp")
+    log = tmp_path / "serve.log"
+    try:
+        with open(log, "wb") as stderr:
+            server = start(folder, "off", "serve", cwd=folder, stdout=subprocess.DEVNULL, stderr=stderr)
+        wait_for(log, "ready in")
+        called = run(folder, "on", "--version", cwd=folder)
+        assert called.returncode == 0, called.stderr
+        wait_for(log, "--version ...: exit 0")
+        assert "differs" not in log.read_text()
+    finally:
+        run(folder, "off", "serve", "--stop", cwd=folder)
+        server.wait(timeout=TIMEOUT_S)
+        shutil.rmtree(folder, ignore_errors=True)

@@ -71,6 +71,9 @@ def serve(
     argv = [sys.executable, "-m", "ddpm_cli.worker.server", "--keep-models", str(keep_models)]
     if idle:
         argv += ["--idle", str(idle)]
+    from ddpm_cli.engine.runtime import openmp
+
+    openmp.undo()  # the worker records the caller's environment: a variable only ddpm set would send calls cold
     sys.stdout.flush()
     sys.stderr.flush()
     os.execv(sys.executable, argv)

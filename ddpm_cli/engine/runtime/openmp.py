@@ -19,8 +19,20 @@ CALL_SPINCOUNT = "10000"
 WORKER_SPINCOUNT = "0"
 
 
+_set_here: list[str] = []  # what limit_spinning put in os.environ
+
+
 def limit_spinning(spincount: str = CALL_SPINCOUNT, environ=os.environ) -> None:
     """Set GNU OpenMP's spin count (read once, when torch loads it) unless OMP_WAIT_POLICY or
     GOMP_SPINCOUNT is set already. Call it before torch is imported; afterwards it does nothing."""
     if not any(name in environ for name in OPENMP_WAITING):
         environ["GOMP_SPINCOUNT"] = spincount
+        if environ is os.environ:
+            _set_here.append("GOMP_SPINCOUNT")
+
+
+def undo() -> None:
+    """Take out of os.environ what limit_spinning put there: before this process becomes another program
+    (``ddpm serve`` becomes the worker, which must record the user's environment, not ddpm's)."""
+    while _set_here:
+        os.environ.pop(_set_here.pop(), None)
