@@ -97,7 +97,7 @@ class _DeferredLoader:
         return None
 
     def exec_module(self, module) -> None:
-        module.__dict__.update({name: make() for name, make in _STAND_INS.items()})
+        module.__dict__.update(_STAND_INS)
         module.__getattr__ = _load_and_get
         _state["module"] = module
 
@@ -115,29 +115,26 @@ class _Existing:
         pass
 
 
-def _load_and_get(name: str):
-    load()
-    return getattr(sys.modules[NAME], name)
-
-
 def _real():
     load()
     return sys.modules[NAME]
 
 
-def _allow_in_graph():
-    def allow_in_graph(fn):
-        if not deferred():
-            return _real().allow_in_graph(fn)
-        if isinstance(fn, (list, tuple)):
-            return [allow_in_graph(item) for item in fn]
-        if not callable(fn):
-            raise AssertionError("allow_in_graph expects a callable")
-        with _lock:
-            _state["allowed"].append(fn)
-        return fn
+def _load_and_get(name: str):
+    return getattr(_real(), name)
 
-    return allow_in_graph
+
+def _allow_in_graph(fn):
+    """The stand-in for ``allow_in_graph``: records ``fn`` for the real one."""
+    if not deferred():
+        return _real().allow_in_graph(fn)
+    if isinstance(fn, (list, tuple)):
+        return [_allow_in_graph(item) for item in fn]
+    if not callable(fn):
+        raise AssertionError("allow_in_graph expects a callable")
+    with _lock:
+        _state["allowed"].append(fn)
+    return fn
 
 
 def _wrapping(name: str):
@@ -165,8 +162,5 @@ def _wrapping(name: str):
     return decorator
 
 
-_STAND_INS = {
-    "allow_in_graph": _allow_in_graph,
-    "disable": lambda: _wrapping("disable"),
-    "assume_constant_result": lambda: _wrapping("assume_constant_result"),
-}
+_STAND_INS = {"allow_in_graph": _allow_in_graph, "disable": _wrapping("disable"),
+              "assume_constant_result": _wrapping("assume_constant_result")}
