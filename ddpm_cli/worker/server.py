@@ -1,4 +1,5 @@
-"""The warm worker: imports torch, diffusers and the CLI once, keeps recently used networks loaded, and runs
+"""The warm worker: imports torch, diffusers and the CLI once (what an unconditional sample needs before it
+listens, the text and autoencoder stack while idle afterwards), keeps recently used networks loaded, and runs
 each ``ddpm`` call in a child forked from itself, as the caller: its arguments, environment, working folder,
 umask, stdin/stdout/stderr (the descriptors themselves, passed over the socket), ignored signals and the
 thread count its OMP_NUM_THREADS asks for. The child reports its exit code to the client itself, so calls in
@@ -31,6 +32,7 @@ from dataclasses import dataclass
 from ddpm_cli.worker import child, preload, protocol
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+PRELOAD_AFTER_S = 0.3  # a step of preload.LATER runs once no call has run for this long
 
 
 def log(message: str) -> None:
@@ -58,6 +60,7 @@ class Worker:
         self.identity = identity
         self.environment = environment  # as the worker started (imports may add variables)
         self.calls: dict[int, Call] = {}
+        self.later = list(preload.LATER)  # imported while no call runs
         self.served, self.started, self.last_activity = 0, time.time(), time.monotonic()
         self.listener: socket.socket | None = None
         self.inode = None
@@ -94,6 +97,12 @@ class Worker:
                     log(f"idle for {self.idle_s / 60:g} min: stopping")
                     self.stop_listening()
                     continue
+            if self.later and not self.calls and self.listener is not None:
+                wait = self.last_activity + PRELOAD_AFTER_S - time.monotonic()
+                if wait <= 0:
+                    self._import_later()
+                    wait = 0  # then whatever arrived meanwhile
+                timeout = wait if timeout is None else min(timeout, wait)
             for key, _events in self.selector.select(timeout):
                 if self.selector.get_map().get(key.fd) is not key:
                     continue  # closed by an earlier handler of this round (a reaped call's connection)
@@ -102,6 +111,17 @@ class Worker:
                 except Exception:  # noqa: BLE001 - a bug in one call's handling must not end the worker
                     log("error:\n" + traceback.format_exc())
         log("stopped")
+
+    def _import_later(self) -> None:
+        """One step of what calls may need beyond an unconditional sample (preload.LATER)."""
+        began = time.monotonic()
+        preload.import_later(self.later.pop(0), log)
+        self.last_activity += time.monotonic() - began  # importing is not idleness
+        gc.collect()
+        gc.freeze()
+        if not self.later:
+            threads = len(os.listdir("/proc/self/task")) if os.path.isdir("/proc/self/task") else 1
+            log("preloaded the text and autoencoder stack" + (f"; warning: {threads} threads run" if threads > 1 else ""))
 
     def stop_listening(self) -> None:
         """No new calls (the socket goes); calls in flight finish and are reported, then the worker exits."""
