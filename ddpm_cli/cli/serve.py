@@ -31,7 +31,9 @@ def _describe(status: dict) -> str:
     idle = f"exits after {status['idle_minutes']:g} idle minutes" if status.get("idle_minutes") else "runs until stopped"
     return (f"a worker runs: pid {status['pid']}, ddpm {status['version']}, up {status['uptime_s']:.0f} s, "
             f"{status['calls']} calls ({status['running']} running), {idle}\n"
-            f"socket: {status['socket']}\nnetworks kept: {models}")
+            f"socket: {status['socket']}\nnetworks kept: {models}"
+            + (f"\nstill importing the text and autoencoder stack ({status['preloading']} steps left, while idle)"
+               if status.get("preloading") else ""))
 
 
 def serve(

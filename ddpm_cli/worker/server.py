@@ -178,7 +178,7 @@ class Worker:
     def status(self) -> dict:
         return {"ok": True, "pid": os.getpid(), "version": self.identity["version"], "install": self.identity["install"],
                 "socket": self.path, "uptime_s": round(time.time() - self.started, 1), "calls": self.served,
-                "running": len(self.calls), "models": self.cache.describe(),
+                "running": len(self.calls), "models": self.cache.describe(), "preloading": len(self.later),
                 "idle_minutes": None if self.idle_s is None else self.idle_s / 60}
 
     def _refusal(self, request: dict, fds: list[int]) -> str | None:
