@@ -66,7 +66,7 @@ def _import_first(log) -> None:
 
     torch.set_num_threads(1)
     for name in FIRST_CLASSES:
-        import_later(("diffusers", name), log)
+        _logged_step(("diffusers", name), log)
     for name in MODULES:
         try:
             importlib.import_module(name)
@@ -89,23 +89,23 @@ def _import_first(log) -> None:
 
 def import_later(step: tuple[str, str | None], log) -> None:
     """One step of :data:`LATER`: a package, or one name of it (diffusers' classes from their own modules)."""
+    with _one_thread():
+        _logged_step(step, log)
+
+
+def _logged_step(step: tuple[str, str | None], log) -> None:
     package, name = step
     try:
-        with _one_thread():
-            _import_step(package, name)
+        if package == "diffusers" and name is not None:
+            from ddpm_cli.engine.models.classes import model_class
+
+            model_class(name)
+        else:
+            module = importlib.import_module(package)
+            if name is not None:
+                getattr(module, name)
     except Exception as exc:  # noqa: BLE001 - an optional part missing: its calls import it themselves
         log(f"not preloaded: {package}{'.' + name if name else ''} ({type(exc).__name__}: {exc})")
-
-
-def _import_step(package: str, name: str | None) -> None:
-    if package == "diffusers" and name is not None:
-        from ddpm_cli.engine.models.classes import model_class
-
-        model_class(name)
-        return
-    module = importlib.import_module(package)
-    if name is not None:
-        getattr(module, name)
 
 
 def threads(environ: dict, default: int) -> int:

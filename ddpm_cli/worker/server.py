@@ -40,6 +40,18 @@ def log(message: str) -> None:
     sys.stderr.flush()
 
 
+def thread_count() -> int:
+    """Threads in this process (a forked child has only the one that forked it: locks others hold stay held)."""
+    return len(os.listdir("/proc/self/task")) if os.path.isdir("/proc/self/task") else 1
+
+
+def freeze_shared() -> None:
+    """Collect, then leave what exists out of later collections: the children share those objects' pages
+    instead of copying them on refcount writes."""
+    gc.collect()
+    gc.freeze()
+
+
 @dataclass
 class Call:
     conn: socket.socket | None
@@ -87,8 +99,7 @@ class Worker:
             signal.signal(number, lambda *_: None)  # handled in the loop, from the wake-up pipe
 
     def serve(self) -> None:
-        gc.collect()
-        gc.freeze()  # the children share the imported objects' pages instead of copying them on refcount writes
+        freeze_shared()
         while self.listener is not None or self.calls:
             timeout = None
             if self.idle_s is not None and not self.calls and self.listener is not None:
@@ -117,10 +128,9 @@ class Worker:
         began = time.monotonic()
         preload.import_later(self.later.pop(0), log)
         self.last_activity += time.monotonic() - began  # importing is not idleness
-        gc.collect()
-        gc.freeze()
+        freeze_shared()
         if not self.later:
-            threads = len(os.listdir("/proc/self/task")) if os.path.isdir("/proc/self/task") else 1
+            threads = thread_count()
             log("preloaded the text and autoencoder stack" + (f"; warning: {threads} threads run" if threads > 1 else ""))
 
     def stop_listening(self) -> None:
@@ -305,8 +315,7 @@ class Worker:
             log(f"could not keep {report['files']} ({type(exc).__name__}: {exc})")
         finally:
             torch.random.set_rng_state(state)
-        gc.collect()
-        gc.freeze()
+        freeze_shared()
 
     # The child: one call.
 
@@ -416,7 +425,7 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         if lock is not None:
             lock.close()
-    threads = len(os.listdir("/proc/self/task")) if os.path.isdir("/proc/self/task") else 1
+    threads = thread_count()
     if threads > 1:  # a forked child has only the thread that forked it: locks held by others stay held
         log(f"warning: {threads} threads run in the worker before forking")
     import torch
