@@ -1,4 +1,5 @@
-"""Scores a text-to-emoji model on the held-out prompts of ``heldout_prompts.tsv``.
+"""Scores a text-to-emoji model on the held-out prompts of ``heldout_prompts.tsv``: a text-conditional
+model, or a class-conditional one given each prompt's nearest class as txt2img gives it.
 
 Each prompt is sampled as ``ddpm txt2img`` samples it by default (dpmpp-2m, 30 steps, cfg 7.5), one
 image per seed. An image counts as a top-1 hit when the emoji nearest to it, by pixel distance among
@@ -84,11 +85,14 @@ def generate(model: str, prompts: list[str], seeds: list[int], batch: int = 256,
     pipeline = load_pipeline(model, device="cpu")
     drawn = {p: caption for p, (caption, _) in prompt_captions(pipeline, prompts, prior).items()}
     jobs = [(drawn[p], s) for p in prompts for s in seeds]
+    classes = {pipeline.class_name(k): k for k in range(pipeline.num_classes)} if pipeline.text_encoder is None else None
     images = []
     for start in range(0, len(jobs), batch):
         part = jobs[start:start + batch]
+        condition = (Condition(prompt=[p for p, _ in part]) if classes is None
+                     else Condition(class_label=[classes[p] for p, _ in part]))  # a class model: the nearest class
         images.append(sample_batch(pipeline, [s for _, s in part], SamplerSettings("dpmpp-2m", STEPS),
-                                   condition=Condition(prompt=[p for p, _ in part]), cfg=CFG))
+                                   condition=condition, cfg=CFG))
     flat = torch.cat(images)
     return {p: flat[i * len(seeds):(i + 1) * len(seeds)] for i, p in enumerate(prompts)}
 

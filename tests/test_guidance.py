@@ -13,15 +13,20 @@ from tests.conftest import tiny_unet
 NAMES = ["T-shirt/top", "Trouser", "Ankle boot"]
 
 
-@pytest.fixture
-def pipeline():
+def tiny_class_unet(classes: int) -> UNet2DModel:
+    """A tiny random class-conditional U-Net (with the null class) whose classes matter."""
     torch.manual_seed(0)
     unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
                        norm_num_groups=8, down_block_types=("DownBlock2D", "DownBlock2D"),
-                       up_block_types=("UpBlock2D", "UpBlock2D"), num_class_embeds=len(NAMES) + 1).eval()
+                       up_block_types=("UpBlock2D", "UpBlock2D"), num_class_embeds=classes + 1).eval()
     with torch.no_grad():
         unet.class_embedding.weight.mul_(5)  # make the classes matter
-    return from_unet(unet, NoiseSchedule.create(), class_names=NAMES)
+    return unet
+
+
+@pytest.fixture
+def pipeline():
+    return from_unet(tiny_class_unet(len(NAMES)), NoiseSchedule.create(), class_names=NAMES)
 
 
 def predict(pipeline, labels, x, t=500):

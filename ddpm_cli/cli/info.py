@@ -26,6 +26,7 @@ COMPONENTS = ("unet", "vae", "vqvae", "text_encoder", "transformer")
 # Which commands take a model, by its kind (cli/models.describe's "kind").
 COMMANDS = {"pixel diffusion": "sample, inpaint, eval", "latent diffusion": "sample, inpaint, eval",
             "inpainting": "inpaint", "VAE": "encode"}
+SHOWN_CLASSES = 20  # class names the text format lists; json lists all
 TRAINING_KEYS = ("data", "task", "scale", "resolution", "class_names", "text_encoder", "text_embedding", "max_length")
 
 
@@ -85,6 +86,8 @@ def model_info(spec: str, revision: str | None = None) -> dict:
     text = info.get("conditioning") == "text"
     info["commands"] = ("txt2img, inpaint" if text else "upscale" if kind.startswith("upscaler")
                         else COMMANDS.get(kind, "sample"))
+    if info.get("conditioning", "").startswith("class") and info["commands"].startswith("sample"):  # a prompt: its nearest class
+        info["commands"] = info["commands"].replace("sample", "sample, txt2img", 1)
     card = folder / "MODEL_CARD.md"
     if card.is_file():
         info["card"] = str(card)
@@ -118,7 +121,9 @@ def _lines(info: dict) -> list[str]:
                                                       if key != "class_names"))
         names = info["training"].get("class_names")
         if names:
-            lines.append(f"  classes       {', '.join(map(str, names))}")
+            shown = ", ".join(map(str, names[:SHOWN_CLASSES]))
+            more = len(names) - SHOWN_CLASSES
+            lines.append(f"  classes       {shown}" + (f", ... and {more} more (--format json lists all)" if more > 0 else ""))
     lines.append(f"  commands      {info['commands']}")
     if "card" in info:
         lines.append(f"  model card    {info['card']}")

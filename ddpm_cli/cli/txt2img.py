@@ -1,4 +1,5 @@
-"""``ddpm txt2img [MODEL] PROMPT``: images from a text-conditional diffusion model."""
+"""``ddpm txt2img [MODEL] PROMPT``: images from a text-conditional diffusion model, or from a class-conditional
+one given the class nearest in meaning to each prompt."""
 
 from __future__ import annotations
 
@@ -95,7 +96,7 @@ def split_positionals(words: list[str], model: str | None, from_file: str | None
 
 @handle_errors
 def txt2img(
-    words: Annotated[list[str] | None, typer.Argument(metavar="[MODEL] PROMPT", show_default=False, help=f"MODEL: a text-conditional model, a run folder, a Stable Diffusion-format folder or Hub id [default: the built-in {DEFAULT_MODEL}; `ddpm models` lists the built-ins ({', '.join(builtin_models())})]. PROMPT: what to draw (none with --from-file).")] = None,
+    words: Annotated[list[str] | None, typer.Argument(metavar="[MODEL] PROMPT", show_default=False, help=f"MODEL: a text-conditional model (or a class-conditional one: a prompt draws the class nearest in meaning), a run folder, a Stable Diffusion-format folder or Hub id [default: the built-in {DEFAULT_MODEL}; `ddpm models` lists the built-ins ({', '.join(builtin_models())})]. PROMPT: what to draw (none with --from-file).")] = None,
     model_alias: ModelAlias = None,
     negative_prompt: Annotated[str, typer.Option("--negative-prompt", help="What to steer away from (replaces the empty prompt of the unconditional branch).")] = "",
     cfg: Annotated[float, typer.Option("--cfg", min=0.0, help="Guidance scale w: eps_uncond + w (eps_cond - eps_uncond).")] = 7.5,
@@ -119,7 +120,7 @@ def txt2img(
     output: OutputOpt = None,
     outdir: OutdirAlias = None,
     grid: GridOpt = False,
-    prior: Annotated[Prior | None, typer.Option("--prior", show_default=False, help="nearest: draw the model's training caption nearest in meaning to the prompt (small models draw their captions far better than other wordings); none: the prompt as written [default: the model's; nearest for the built-in emoji].")] = None,
+    prior: Annotated[Prior | None, typer.Option("--prior", show_default=False, help="nearest: draw the model's training caption nearest in meaning to the prompt (small models draw their captions far better than other wordings); none: the prompt as written [default: the model's; nearest for class-conditional models, which take no other].")] = None,
     init_image: InitImageOpt = None,
     strength: StrengthOpt = None,
     resize: ResizeOpt = False,
@@ -158,20 +159,25 @@ def txt2img(
         start.check_extras(run, grid, stems[p])
 
     pipeline, settings = run.load()
-    if pipeline.text_encoder is None:
-        raise fail(f"{model} is not text-conditional; use `ddpm sample {model}`", EXIT_USAGE)
-    for text in dict.fromkeys([*prompts, negative_prompt]):
+    by_class = pipeline.text_encoder is None and pipeline.num_classes > 0  # a prompt draws its nearest class
+    if pipeline.text_encoder is None and not by_class:
+        raise fail(f"{model} is neither text- nor class-conditional; use `ddpm sample {model}`", EXIT_USAGE)
+    for text in dict.fromkeys([*prompts, negative_prompt]) if not by_class else ():
         dropped = pipeline.text_encoder.truncated_words(text)
         if dropped:
             say(f"ddpm: warning: prompt longer than the text encoder's {pipeline.text_encoder.max_length} tokens; "
                 f"dropped: {' '.join(dropped)}")
     from ddpm_cli.engine.models.captions import prompt_captions
+    from ddpm_cli.engine.models.pipeline import Condition
 
-    captions = prompt_captions(pipeline, prompts, prior)
+    captions = prompt_captions(pipeline, [*prompts, *([negative_prompt] if by_class and negative_prompt else [])], prior)
+    what = "the class" if by_class else "the model's training caption"
     for text, (caption, similarity) in captions.items():
         if caption != text:
-            say(f"ddpm: {text!r} draws the model's training caption {caption!r} (nearest in meaning, similarity "
-                f"{similarity:.2f}; --prior none draws the prompt as written)", run.quiet)
+            steer = f"--negative-prompt {text!r} steers away from" if text == negative_prompt else f"{text!r} draws"
+            say(f"ddpm: {steer} {what} {caption!r} (nearest in meaning, similarity {similarity:.2f}"
+                + ("" if by_class else "; --prior none draws the prompt as written") + ")", run.quiet)
+    classes = {pipeline.class_name(k): k for k in range(pipeline.num_classes)}
     model_height, model_width = pipeline.image_size
     size = (height or model_height, width or model_width)
     factor = pipeline.unet_factor * pipeline.latent_factor
@@ -183,6 +189,11 @@ def txt2img(
     run.announce(pipeline, settings, f", cfg {cfg}" + init.describe(steps_run))
     for job in todo:
         caption = captions[job.params["prompt"]][0]
+        if by_class:  # the class drawn, in the image's metadata
+            job.params["class_name"] = caption
+            job.condition = Condition(classes[caption], negative_class_label=classes[captions[negative_prompt][0]]
+                                      if negative_prompt else None)
+            continue
         if caption != job.params["prompt"]:
             job.params["caption"] = caption  # what the model drew, in the image's metadata
         job.condition, _, _ = run.condition(pipeline, cfg, prompt=caption, negative_prompt=negative_prompt)

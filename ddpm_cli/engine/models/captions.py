@@ -1,6 +1,10 @@
 """The training captions of a text-conditional model, kept beside it with their sentence embeddings
 (``captions.safetensors``), and the nearest-caption prompt prior that uses them.
 
+A class-conditional model takes prompts through the same prior: its class names are its captions
+(``captions.safetensors`` when its folder has them for exactly those names, else encoded when first
+needed by the sentence encoder ``PRIOR_ENCODER``), and a prompt draws the class nearest in meaning.
+
 A small model trained on a few hundred captions draws those captions well and other wordings badly:
 a prompt's sentence vector that lies between several captions ("a cat" between "cat face", "cat" and
 "lion face") gets a mixture of them. The nearest-caption prior maps each prompt to the training
@@ -22,6 +26,7 @@ from ddpm_cli.engine.choices import PRIORS
 from ddpm_cli.engine.errors import ModelError
 
 CAPTIONS_FILE = "captions.safetensors"
+PRIOR_ENCODER = "minilm"  # encodes a class model's prompts and class names when its folder names no encoder
 
 
 @dataclass
@@ -80,9 +85,15 @@ class CaptionIndex:
 def prompt_captions(pipeline, prompts: list[str], prior: str | None = None) -> dict[str, tuple[str, float]]:
     """{prompt: (what the model is given, cosine similarity)} under ``prior`` ("nearest": the nearest
     training caption; "none": the prompt itself; None: the model's own, ``prompt_prior`` in its
-    ddpm_model.json, else "none")."""
+    ddpm_model.json, else "none"). A class-conditional model is given the nearest class name."""
     from ddpm_cli.engine.errors import InputError
 
+    if pipeline.text_encoder is None and pipeline.num_classes:
+        if prior == "none":
+            raise InputError(f"{pipeline.name} is class-conditional: a prompt draws the class nearest in meaning "
+                             "(--prior nearest); --prior none needs a text-conditional model")
+        index, encoder = class_captions(pipeline)
+        return dict(zip(prompts, index.nearest(encoder, prompts)))
     prior = prior or pipeline.info.get("prompt_prior") or "none"
     if prior not in PRIORS:
         raise InputError(f"unknown prompt prior {prior!r}; choose one of {', '.join(PRIORS)}")
@@ -93,3 +104,27 @@ def prompt_captions(pipeline, prompts: list[str], prior: str | None = None) -> d
         raise InputError(f"--prior nearest needs a model trained with --text-embedding sentence, whose run folder "
                          f"holds its training captions ({CAPTIONS_FILE}); {pipeline.name} has none")
     return dict(zip(prompts, index.nearest(pipeline.text_encoder, prompts)))
+
+
+def class_captions(pipeline) -> tuple[CaptionIndex, object]:
+    """(the caption index of a class model's names, the sentence encoder of its prompts); the encoder is
+    loaded once per pipeline (``prompt_encoder``), the index read from the folder (when it holds exactly
+    these names) or made now."""
+    from ddpm_cli.engine.models.text import TextEncoder
+
+    names = [pipeline.class_name(k) for k in range(pipeline.num_classes)]
+    index = CaptionIndex.load(pipeline.folder)
+    if pipeline.prompt_encoder is None:
+        spec = (index.encoder if index is not None else "") or PRIOR_ENCODER
+        pipeline.prompt_encoder = TextEncoder.load(spec, pipeline.device, embedding="sentence")
+    encoder = pipeline.prompt_encoder
+    if index is None or index.captions != names or index.encoder != encoder.identity:
+        index = encode_captions(names, encoder)
+    return index, encoder
+
+
+def encode_captions(names: list[str], encoder) -> CaptionIndex:
+    """The caption index of ``names`` (class names: "_" reads as a space) under a sentence encoder."""
+    vectors = torch.cat([encoder.encode([name.replace("_", " ") for name in names[start:start + 256]])[0][:, 0]
+                         for start in range(0, len(names), 256)]).float().cpu()
+    return CaptionIndex(list(names), torch.nn.functional.normalize(vectors, dim=-1), encoder.identity)

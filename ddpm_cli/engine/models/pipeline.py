@@ -38,11 +38,13 @@ _VARIANCE_FROM_CONFIG = {"fixed_small": "fixed_small", "fixed_small_log": "fixed
 
 @dataclass(frozen=True)
 class Condition:
-    """What to generate: a class (index, or one per image) or a prompt with its negative prompt."""
+    """What to generate: a class (index, or one per image) or a prompt with its negative prompt. A class
+    model's unconditional branch is the null class, or ``negative_class_label`` to steer away from."""
 
     class_label: int | list[int] | None = None
     prompt: str | list[str] | None = None  # one prompt for the batch, or one per image
     negative_prompt: str = ""
+    negative_class_label: int | None = None
 
 
 def text_kwargs(hidden: torch.Tensor, mask: torch.Tensor | None, batch: int, dtype: torch.dtype) -> dict:
@@ -85,6 +87,7 @@ class Pipeline:
     max_noise_level: int | None = field(default=None)
     info: dict = field(default_factory=dict)  # ddpm_model.json: what the project recorded with the model
     forward: Callable | None = field(default=None)  # the U-Net call samplers use (acceleration.unet_forward)
+    prompt_encoder: object | None = field(default=None)  # a class model's prompt prior (captions.class_captions)
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -195,6 +198,8 @@ class Pipeline:
         if label is None:
             return {"class_labels": null}, None
         labels = label if isinstance(label, list) else [label] * batch
+        if condition.negative_class_label is not None:
+            null = torch.full((batch,), condition.negative_class_label, device=self.device, dtype=torch.long)
         return {"class_labels": torch.tensor(labels, device=self.device, dtype=torch.long)}, {"class_labels": null}
 
     @property
