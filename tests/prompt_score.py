@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 PROMPTS_FILE = Path(__file__).with_name("heldout_prompts.tsv")
-STEPS, CFG = 30, 7.5
+SAMPLER, STEPS, CFG = "dpmpp-2m", 30, 7.5  # txt2img's defaults
 
 
 def heldout_prompts(path: Path = PROMPTS_FILE) -> dict[str, set[str]]:
@@ -74,8 +74,8 @@ def score(generated: dict[str, torch.Tensor], references: torch.Tensor, code_poi
     return Score(hit1 / total, hit5 / total, total, per_prompt)
 
 
-def generate(model: str, prompts: list[str], seeds: list[int], batch: int = 256,
-             prior: str | None = None) -> dict[str, torch.Tensor]:
+def generate(model: str, prompts: list[str], seeds: list[int], batch: int = 256, prior: str | None = None,
+             sampler: str = SAMPLER, steps: int = STEPS, cfg: float = CFG) -> dict[str, torch.Tensor]:
     """{prompt: images for the seeds}, sampled in batches of up to ``batch`` images in one process, each
     prompt given to the model as ``ddpm txt2img --prior PRIOR`` gives it (None: the model's default)."""
     from ddpm_cli.engine.models.captions import prompt_captions
@@ -91,8 +91,8 @@ def generate(model: str, prompts: list[str], seeds: list[int], batch: int = 256,
         part = jobs[start:start + batch]
         condition = (Condition(prompt=[p for p, _ in part]) if classes is None
                      else Condition(class_label=[classes[p] for p, _ in part]))  # a class model: the nearest class
-        images.append(sample_batch(pipeline, [s for _, s in part], SamplerSettings("dpmpp-2m", STEPS),
-                                   condition=condition, cfg=CFG))
+        images.append(sample_batch(pipeline, [s for _, s in part], SamplerSettings(sampler, steps),
+                                   condition=condition, cfg=cfg))
     flat = torch.cat(images)
     return {p: flat[i * len(seeds):(i + 1) * len(seeds)] for i, p in enumerate(prompts)}
 
@@ -104,10 +104,14 @@ def main() -> None:
     parser.add_argument("--prompts", nargs="*", help="a subset of the held-out prompts")
     parser.add_argument("--grid", help="save a grid PNG: one row per prompt, one column per seed")
     parser.add_argument("--prior", choices=("nearest", "none"), help="as txt2img --prior [default: the model's]")
+    parser.add_argument("--sampler", default=SAMPLER)
+    parser.add_argument("--steps", type=int, default=STEPS)
+    parser.add_argument("--cfg", type=float, default=CFG)
     args = parser.parse_args()
     prompts = heldout_prompts()
     chosen = args.prompts or list(prompts)
-    generated = generate(args.model, chosen, list(range(args.seeds)), prior=args.prior)
+    generated = generate(args.model, chosen, list(range(args.seeds)), prior=args.prior, sampler=args.sampler,
+                         steps=args.steps, cfg=args.cfg)
     references, code_points = training_emoji()
     result = score(generated, references, code_points, prompts)
     for prompt, (h1, h5, nearest) in result.per_prompt.items():

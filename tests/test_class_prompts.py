@@ -63,17 +63,21 @@ def test_a_negative_prompt_steers_away_from_its_nearest_class(class_model, tmp_p
 
 
 def test_class_names_come_from_the_folders_index_when_it_matches(class_model, tmp_path):
-    """A stored index of other names (or none) is not used: the names are encoded when needed."""
+    """A stored index of other names (or none) is not used: the names are encoded when needed. With a stored
+    index, the encoder loads only for a prompt that is no class name."""
     from ddpm_cli.engine.models.captions import class_captions
     from ddpm_cli.engine.models.pipeline import load_pipeline
 
     pipeline = load_pipeline(str(class_model), device="cpu")
-    built, encoder = class_captions(pipeline)
-    assert built.captions == NAMES and built.encoder == "minilm"
+    built, _ = class_captions(pipeline)
+    assert built.captions == NAMES and built.encoder == "minilm" and pipeline.prompt_encoder is not None
     built.save(class_model)
     try:
-        stored, _ = class_captions(pipeline)
+        fresh = load_pipeline(str(class_model), device="cpu")
+        stored, encoder = class_captions(fresh)
         torch.testing.assert_close(stored.vectors, built.vectors, atol=2e-3, rtol=0)  # read back (fp16)
+        assert stored.nearest(encoder, ["Bag"]) == [("Bag", 1.0)] and fresh.prompt_encoder is None  # no encoder needed
+        assert stored.nearest(encoder, ["a leather handbag"])[0][0] == "Bag" and fresh.prompt_encoder is not None
         CaptionIndex(["Sneaker", "Bag"], built.vectors[2:4], "minilm").save(class_model)  # stale names
         assert class_captions(pipeline)[0].captions == NAMES
     finally:

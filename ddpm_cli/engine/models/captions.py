@@ -107,20 +107,31 @@ def prompt_captions(pipeline, prompts: list[str], prior: str | None = None) -> d
 
 
 def class_captions(pipeline) -> tuple[CaptionIndex, object]:
-    """(the caption index of a class model's names, the sentence encoder of its prompts); the encoder is
-    loaded once per pipeline (``prompt_encoder``), the index read from the folder (when it holds exactly
-    these names) or made now."""
-    from ddpm_cli.engine.models.text import TextEncoder
-
+    """(the caption index of a class model's names, the sentence encoder of its prompts): the index in the
+    folder when it holds exactly these names, else made now. The encoder is loaded once per pipeline
+    (``prompt_encoder``) and only when needed: a prompt that is a class name needs none."""
     names = [pipeline.class_name(k) for k in range(pipeline.num_classes)]
     index = CaptionIndex.load(pipeline.folder)
-    if pipeline.prompt_encoder is None:
-        spec = (index.encoder if index is not None else "") or PRIOR_ENCODER
-        pipeline.prompt_encoder = TextEncoder.load(spec, pipeline.device, embedding="sentence")
-    encoder = pipeline.prompt_encoder
-    if index is None or index.captions != names or index.encoder != encoder.identity:
-        index = encode_captions(names, encoder)
-    return index, encoder
+    if index is not None and index.captions == names and index.encoder:
+        return index, _PromptEncoder(pipeline, index.encoder)
+    encoder = _PromptEncoder(pipeline, PRIOR_ENCODER)
+    return encode_captions(names, encoder), encoder
+
+
+class _PromptEncoder:
+    """A class model's prompt encoder, loaded on first use and kept on the pipeline."""
+
+    def __init__(self, pipeline, spec: str):
+        self.pipeline, self.identity = pipeline, spec
+
+    def encode(self, texts: list[str]):
+        from ddpm_cli.engine.models.text import TextEncoder
+
+        loaded = self.pipeline.prompt_encoder
+        if loaded is None or loaded.identity != self.identity:
+            loaded = self.pipeline.prompt_encoder = TextEncoder.load(self.identity, self.pipeline.device,
+                                                                     embedding="sentence")
+        return loaded.encode(texts)
 
 
 def encode_captions(names: list[str], encoder) -> CaptionIndex:
