@@ -61,7 +61,7 @@ def test_version_and_models_list_without_torch():
     listed = json.loads(in_fresh_process("models", "--format", "json").stdout.rsplit("NO-TORCH", 1)[0])
     by_name = {row["name"]: row for row in listed}
     assert by_name["fashion-mnist"]["conditioning"] == "none" and by_name["fashion-mnist"]["resolution"] == "32x32"
-    assert by_name["emoji"]["conditioning"] == "text" and by_name["emoji"]["source"] == "built-in"
+    assert by_name["emoji"]["conditioning"] == "class (420)" and by_name["emoji"]["source"] == "built-in"
     assert 1_000_000 < by_name["fashion-mnist"]["bytes"] < 2_000_000
 
 

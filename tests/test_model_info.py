@@ -24,7 +24,8 @@ def test_info_describes_a_builtin_from_its_files():
     text = in_fresh_process("info", "emoji")
     assert text.returncode == 0, text.stderr
     assert text.stdout.startswith("emoji: pixel diffusion, built-in")
-    assert "conditioning  text" in text.stdout and "commands      txt2img" in text.stdout
+    assert "conditioning  class (420)" in text.stdout and "commands      sample, txt2img, inpaint, eval" in text.stdout
+    assert "classes       alien monster, amphora, " in text.stdout and "... and 400 more" in text.stdout
 
 
 def test_info_of_a_vae_folder_and_of_nothing(tmp_path):

@@ -268,9 +268,9 @@ def test_upscale_and_hub_models_replay_byte_identical(tiny_pipeline_dir, tmp_pat
 
 @pytest.mark.slow
 def test_an_image_made_in_a_batch_is_made_again_in_one(tmp_path):
-    """Batched kernels round differently at another batch size: on the built-in emoji model, image 5 of
-    a batch of 2 differs from the same seed made alone in a few values by 1 (3 of 3072 here), so replay
-    remakes it in a batch of 2, and its bytes are the same."""
+    """Batched kernels can round differently at another batch size (on the text-conditional model built in
+    before, image 5 of a batch of 2 differed from the same seed made alone in 3 of 3072 values, by 1), so
+    replay remakes an image in a batch as large, and its bytes are the same."""
     made = ddpm("txt2img", "emoji", "a red apple", "-n", 2, "--seed", 4, "--steps", 10, "-o", tmp_path / "made", "-q")
     assert made.returncode == 0, made.stderr
     original = tmp_path / "made" / "a-red-apple-000005.png"

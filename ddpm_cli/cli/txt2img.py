@@ -40,7 +40,7 @@ Examples:
   ddpm txt2img runs/emoji "red apple" --negative-prompt "green" -n 4 --seed 10
   ddpm txt2img runs/emoji --from-file prompts.txt -o out/          # one prompt per line; - reads stdin
   ddpm txt2img "green apple" --init-image apple.png --strength 0.5 --seeds 0-3 --grid   # image-to-image
-  ddpm txt2img "a cat" --interpolate 1,2 --frames 8 --animate gif --sampler ddim   # {slug}-frame-000.png ...
+  ddpm txt2img "a cat" --interpolate 1,2 --frames 8 --animate gif --sampler euler  # {slug}-frame-000.png ...
 """
 
 
