@@ -36,9 +36,9 @@ def main() -> None:
     info = json.loads(info_path.read_text()) if info_path.is_file() else {}
     info.update(item.split("=", 1) for item in args.info)
     if args.class_names:
-        names = args.class_names.read_text().splitlines()
-        if len(names) != len(info.get("class_names") or []):
-            raise SystemExit(f"{args.class_names} names {len(names)} classes; the model has {len(info.get('class_names') or [])}")
+        names, known = args.class_names.read_text().splitlines(), info.get("class_names") or []
+        if len(names) != len(known):
+            raise SystemExit(f"{args.class_names} names {len(names)} classes; the model has {len(known)}")
         info["class_names"] = names
     vae = None
     if (args.run_dir / "vae").is_dir():

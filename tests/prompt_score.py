@@ -85,12 +85,12 @@ def generate(model: str, prompts: list[str], seeds: list[int], batch: int = 256,
     pipeline = load_pipeline(model, device="cpu")
     drawn = {p: caption for p, (caption, _) in prompt_captions(pipeline, prompts, prior).items()}
     jobs = [(drawn[p], s) for p in prompts for s in seeds]
-    classes = {pipeline.class_name(k): k for k in range(pipeline.num_classes)} if pipeline.text_encoder is None else None
+    classes = pipeline.class_list if pipeline.class_prompted else None
     images = []
     for start in range(0, len(jobs), batch):
         part = jobs[start:start + batch]
         condition = (Condition(prompt=[p for p, _ in part]) if classes is None
-                     else Condition(class_label=[classes[p] for p, _ in part]))  # a class model: the nearest class
+                     else Condition(class_label=[classes.index(p) for p, _ in part]))  # a class model: the nearest class
         images.append(sample_batch(pipeline, [s for _, s in part], SamplerSettings(sampler, steps),
                                    condition=condition, cfg=cfg))
     flat = torch.cat(images)

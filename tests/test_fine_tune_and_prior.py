@@ -100,7 +100,7 @@ def test_prior_nearest_needs_a_caption_index(tmp_path, tiny_bert_dir):
     from ddpm_cli.engine.models.captions import prompt_captions
 
     class Pipeline:  # a text model without captions.safetensors
-        info, folder, name, text_encoder, num_classes = {}, tmp_path, "run", None, 0
+        info, folder, name, text_encoder, class_prompted = {}, tmp_path, "run", None, False
 
     with pytest.raises(Exception, match="needs a model trained with --text-embedding sentence"):
         prompt_captions(Pipeline(), ["a cat"], "nearest")

@@ -159,10 +159,10 @@ def txt2img(
         start.check_extras(run, grid, stems[p])
 
     pipeline, settings = run.load()
-    by_class = pipeline.text_encoder is None and pipeline.num_classes > 0  # a prompt draws its nearest class
+    by_class = pipeline.class_prompted  # a prompt draws its nearest class
     if pipeline.text_encoder is None and not by_class:
         raise fail(f"{model} is neither text- nor class-conditional; use `ddpm sample {model}`", EXIT_USAGE)
-    for text in dict.fromkeys([*prompts, negative_prompt]) if not by_class else ():
+    for text in dict.fromkeys([*prompts, negative_prompt]) if pipeline.text_encoder is not None else ():
         dropped = pipeline.text_encoder.truncated_words(text)
         if dropped:
             say(f"ddpm: warning: prompt longer than the text encoder's {pipeline.text_encoder.max_length} tokens; "
@@ -177,7 +177,6 @@ def txt2img(
             steer = f"--negative-prompt {text!r} steers away from" if text == negative_prompt else f"{text!r} draws"
             say(f"ddpm: {steer} {what} {caption!r} (nearest in meaning, similarity {similarity:.2f}"
                 + ("" if by_class else "; --prior none draws the prompt as written") + ")", run.quiet)
-    classes = {pipeline.class_name(k): k for k in range(pipeline.num_classes)}
     model_height, model_width = pipeline.image_size
     size = (height or model_height, width or model_width)
     factor = pipeline.unet_factor * pipeline.latent_factor
@@ -187,12 +186,13 @@ def txt2img(
     start.prepare(pipeline, model, run.seeds, latent_size)
     steps_run = init.prepare(pipeline, settings, size, todo)
     run.announce(pipeline, settings, f", cfg {cfg}" + init.describe(steps_run))
+    classes = pipeline.class_list
+    negative_class = classes.index(captions[negative_prompt][0]) if by_class and negative_prompt else None
     for job in todo:
         caption = captions[job.params["prompt"]][0]
         if by_class:  # the class drawn, in the image's metadata
             job.params["class_name"] = caption
-            job.condition = Condition(classes[caption], negative_class_label=classes[captions[negative_prompt][0]]
-                                      if negative_prompt else None)
+            job.condition = Condition(classes.index(caption), negative_class_label=negative_class)
             continue
         if caption != job.params["prompt"]:
             job.params["caption"] = caption  # what the model drew, in the image's metadata

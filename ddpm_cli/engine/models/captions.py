@@ -88,7 +88,7 @@ def prompt_captions(pipeline, prompts: list[str], prior: str | None = None) -> d
     ddpm_model.json, else "none"). A class-conditional model is given the nearest class name."""
     from ddpm_cli.engine.errors import InputError
 
-    if pipeline.text_encoder is None and pipeline.num_classes:
+    if pipeline.class_prompted:
         if prior == "none":
             raise InputError(f"{pipeline.name} is class-conditional: a prompt draws the class nearest in meaning "
                              "(--prior nearest); --prior none needs a text-conditional model")
@@ -110,7 +110,7 @@ def class_captions(pipeline) -> tuple[CaptionIndex, object]:
     """(the caption index of a class model's names, the sentence encoder of its prompts): the index in the
     folder when it holds exactly these names, else made now. The encoder is loaded once per pipeline
     (``prompt_encoder``) and only when needed: a prompt that is a class name needs none."""
-    names = [pipeline.class_name(k) for k in range(pipeline.num_classes)]
+    names = pipeline.class_list
     index = CaptionIndex.load(pipeline.folder)
     if index is not None and index.captions == names and index.encoder:
         return index, _PromptEncoder(pipeline, index.encoder)

@@ -172,6 +172,16 @@ class Pipeline:
     def class_name(self, index: int) -> str:
         return self.class_names[index] if self.class_names else str(index)
 
+    @property
+    def class_list(self) -> list[str]:
+        """Every class's name, in index order ("0", "1", ... for a model without names)."""
+        return [self.class_name(k) for k in range(self.num_classes)]
+
+    @property
+    def class_prompted(self) -> bool:
+        """A class model without a text encoder: txt2img gives each prompt its nearest class (engine.models.captions)."""
+        return self.text_encoder is None and self.num_classes > 0
+
     def conditioning(self, batch: int, condition: Condition | None) -> tuple[dict, dict | None]:
         """(cond, uncond) keyword tensors for the U-Net; uncond is None where nothing conditions.
 
@@ -198,9 +208,9 @@ class Pipeline:
         if label is None:
             return {"class_labels": null}, None
         labels = label if isinstance(label, list) else [label] * batch
-        if condition.negative_class_label is not None:
-            null = torch.full((batch,), condition.negative_class_label, device=self.device, dtype=torch.long)
-        return {"class_labels": torch.tensor(labels, device=self.device, dtype=torch.long)}, {"class_labels": null}
+        negative = condition.negative_class_label
+        uncond = null if negative is None else torch.full((batch,), negative, device=self.device, dtype=torch.long)
+        return {"class_labels": torch.tensor(labels, device=self.device, dtype=torch.long)}, {"class_labels": uncond}
 
     @property
     def sample_shape(self) -> tuple[int, int, int]:
