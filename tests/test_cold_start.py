@@ -74,3 +74,25 @@ print(json.dumps({
 }))
 """
     assert fresh_python(code) == {"lean": [], "same": [True] * 6, "transformers": True}
+
+
+def test_txt2img_on_the_builtin_model_loads_its_prompt_encoder_without_transformers(tmp_path):
+    """The built-in model's prompt prior encodes with MiniLM (a plain BERT: engine/models/text_bert.py), so
+    `ddpm txt2img` needs neither transformers nor what its model code imports (torch._dynamo, scipy)."""
+    out = tmp_path / "cat.png"
+    code = f"""
+import json, sys
+from ddpm_cli.cli.app import main
+sys.argv = ["ddpm", "txt2img", "a kitten", "-n", "1", "--steps", "2", "-o", {str(out)!r}, "--quiet"]
+try:
+    main()
+except SystemExit as exc:
+    code = exc.code
+print(json.dumps({{"code": code, "loaded": [m for m in {NOT_FOR_UNCONDITIONAL!r} if m in sys.modules],
+                  "encoder": "tokenizers" in sys.modules}}))
+"""
+    result = fresh_python(code)
+    assert result == {"code": 0, "loaded": [], "encoder": True}
+    from PIL import Image
+
+    assert json.loads(Image.open(out).info["ddpm"])["class_name"] == "cat"  # "a kitten" is no class name: the prior encoded it

@@ -11,7 +11,7 @@ from typing import Annotated
 import typer
 
 from ddpm_cli.cli.errors import handle_errors
-from ddpm_cli.cli.models import _human, _json, describe, describe_vae, kind_text
+from ddpm_cli.cli.models import _human, describe, describe_vae, kind_text
 from ddpm_cli.cli.options import RevisionOpt, format_option
 
 EXAMPLES = """
@@ -54,7 +54,7 @@ def parameters(folder: Path) -> dict[str, int]:
 
 def model_info(spec: str, revision: str | None = None) -> dict:
     """Everything ``ddpm info`` says about a model (ModelError when it cannot be found)."""
-    from ddpm_cli.engine.models.resolve import BUILTIN_DIR, MODEL_INFO_FILE, builtin_models, locate
+    from ddpm_cli.engine.models.resolve import BUILTIN_DIR, MODEL_INFO_FILE, builtin_models, json_or_empty, locate
 
     folder = locate(spec, revision)
     source = "built-in" if spec in builtin_models() and folder == Path(BUILTIN_DIR) / spec else "folder"
@@ -66,20 +66,20 @@ def model_info(spec: str, revision: str | None = None) -> dict:
 
         raise ModelError(f"{folder} holds no U-Net or VAE config; pass a model folder, a built-in name or a Hub id")
     info["source"] = source
-    unet = _json(folder / "unet" / "config.json") or _json(folder / "config.json")
+    unet = json_or_empty(folder / "unet" / "config.json") or json_or_empty(folder / "config.json")
     if "block_out_channels" in unet and "down_block_types" in unet:
         from ddpm_cli.training.presets import describe_unet
 
         info["architecture"] = describe_unet(unet)
     counts = parameters(folder)
     info["parameters"] = counts
-    scheduler = _json(folder / "scheduler" / "scheduler_config.json")
+    scheduler = json_or_empty(folder / "scheduler" / "scheduler_config.json")
     if scheduler:
         info["schedule"] = {key: scheduler[key] for key in ("_class_name", "num_train_timesteps", "beta_schedule",
                                                             "beta_start", "beta_end", "prediction_type",
                                                             "variance_type", "clip_sample", "sigma_min", "sigma_max",
                                                             "sigma_data", "sigma_schedule", "rho") if key in scheduler}
-    training = _json(folder / MODEL_INFO_FILE)
+    training = json_or_empty(folder / MODEL_INFO_FILE)
     if training:
         info["training"] = {key: training[key] for key in TRAINING_KEYS if training.get(key) is not None}
     kind = info["kind"]

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ddpm_cli.cli.errors import handle_errors
 from ddpm_cli.cli.options import format_option
-from ddpm_cli.engine.models.resolve import BUILTIN_DIR, MODEL_INFO_FILE, builtin_models
+from ddpm_cli.engine.models.resolve import BUILTIN_DIR, MODEL_INFO_FILE, builtin_models, json_or_empty
 
 
 EXAMPLES = """
@@ -19,14 +19,6 @@ Examples:
   ddpm models
   ddpm models --format json | jq -r '.[] | select(.conditioning == "text") | .name'
 """
-
-
-def _json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
 
 
 def _bytes(folder: Path) -> int:
@@ -51,11 +43,11 @@ def _human(size: int) -> str:
 
 def describe(name: str, source: str, folder: Path) -> dict | None:
     """What a model folder's configs say (None when it holds no U-Net config)."""
-    unet = _json(folder / "unet" / "config.json") or _json(folder / "config.json")
+    unet = json_or_empty(folder / "unet" / "config.json") or json_or_empty(folder / "config.json")
     if "sample_size" not in unet:
         return None
-    index, info = _json(folder / "model_index.json"), _json(folder / MODEL_INFO_FILE)
-    vae = _json(folder / "vae" / "config.json") or _json(folder / "vqvae" / "config.json")
+    index, info = json_or_empty(folder / "model_index.json"), json_or_empty(folder / MODEL_INFO_FILE)
+    vae = json_or_empty(folder / "vae" / "config.json") or json_or_empty(folder / "vqvae" / "config.json")
     factor = 2 ** (len(vae.get("block_out_channels", [])) - 1) if vae else 1
     size = unet["sample_size"]
     height, width = (size, size) if isinstance(size, int) else tuple(size)
@@ -79,7 +71,7 @@ def describe(name: str, source: str, folder: Path) -> dict | None:
     row = {"name": name, "source": source, "kind": kind, "conditioning": conditioning,
            "resolution": f"{height * factor}x{width * factor}", "channels": channels, "bytes": _bytes(folder),
            "path": str(folder)}
-    scheduler = _json(folder / "scheduler" / "scheduler_config.json")
+    scheduler = json_or_empty(folder / "scheduler" / "scheduler_config.json")
     if "sigma_data" in scheduler or str(scheduler.get("_class_name", "")).startswith("EDM"):
         row["objective"] = "edm"  # an EDM denoiser (Karras et al. 2022), sampled in sigma
     return row
@@ -90,8 +82,8 @@ VAE_CLASSES = ("Autoencoder", "VQModel")  # diffusers' class names of VAEs start
 
 def vae_config(folder: Path) -> dict:
     """The config of the VAE a folder holds (vae/, vqvae/, or a VAE's own config.json); {} when none."""
-    for config in (_json(folder / "vae" / "config.json"), _json(folder / "vqvae" / "config.json"),
-                   _json(folder / "config.json")):
+    for config in (json_or_empty(folder / "vae" / "config.json"), json_or_empty(folder / "vqvae" / "config.json"),
+                   json_or_empty(folder / "config.json")):
         if str(config.get("_class_name", "")).startswith(VAE_CLASSES):
             return config
     return {}

@@ -18,8 +18,9 @@ from ddpm_cli.worker import protocol
 
 # What calls import, imported once in the worker (the CLI's modules import most of it lazily).
 FIRST_CLASSES = ("UNet2DModel",)
-MODULES = ("numpy", "PIL.Image", "PIL.PngImagePlugin", "safetensors.torch", "rich.console", "rich.progress",
-           "typer._adapters", "typer._click.decorators", "pydantic", "diffusers.schedulers.scheduling_ddpm")
+MODULES = ("numpy", "PIL.Image", "PIL.PngImagePlugin", "safetensors.torch", "tokenizers", "rich.console",
+           "rich.progress", "typer._adapters", "typer._click.decorators", "pydantic",
+           "diffusers.schedulers.scheduling_ddpm")
 PACKAGES = ("ddpm_cli.cli", "ddpm_cli.engine")
 # Imported after the worker is ready, one step at a time, while no call runs.
 LATER = (("diffusers", "UNet2DConditionModel"), ("diffusers", "AutoencoderKL"), ("diffusers", "VQModel"),

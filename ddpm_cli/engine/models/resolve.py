@@ -42,6 +42,15 @@ def read_json(path: Path | str) -> dict:
     return data
 
 
+def json_or_empty(path: Path | str) -> dict:
+    """The JSON object in path, or {} when it is missing, unreadable or not an object (optional files)."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
 # --------------------------------------------------------------------------- resolution
 
 def builtin_models() -> list[str]:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from ddpm_cli.engine.models import cache
+from ddpm_cli.engine.models import cache, text_bert
 from ddpm_cli.engine.models.resolve import locate, read_json
 from ddpm_cli.engine.models.safety import check_weights
 from ddpm_cli.engine.choices import TEXT_EMBEDDINGS
@@ -58,6 +58,40 @@ def _from_pretrained(class_name: str, folder: str, **options):
 
 
 cache.register("transformers", _from_pretrained)
+cache.register("bert-model", lambda folder: text_bert.load_model(folder))
+cache.register("bert-tokens", lambda folder: text_bert.BertTokens(folder))
+
+
+class _TransformersTokens:
+    """A transformers tokenizer behind the calls TextEncoder makes of one (text_bert.BertTokens has the same)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.pad_token, self.pad_token_id = tokenizer.pad_token, tokenizer.pad_token_id
+        self.model_max_length = tokenizer.model_max_length
+
+    def special_tokens(self) -> int:
+        return self.tokenizer.num_special_tokens_to_add(pair=False)
+
+    def batch(self, prompts: list[str], max_length: int) -> dict[str, torch.Tensor]:
+        """The model's inputs, padded and truncated to max_length tokens; attention_mask always among them."""
+        batch = self.tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True,
+                               return_tensors="pt")
+        inputs = {k: batch[k] for k in self.tokenizer.model_input_names if k in batch}
+        inputs["input_ids"] = batch["input_ids"]
+        inputs["attention_mask"] = batch["attention_mask"] if "attention_mask" in batch else \
+            (batch["input_ids"] != self.pad_token_id).long()
+        return inputs
+
+    def pieces(self, prompt: str) -> tuple[list[int], list[tuple[int, int]] | None]:
+        """The prompt's token ids without special tokens, and their offsets in it (None from a slow tokenizer)."""
+        fast = bool(getattr(self.tokenizer, "is_fast", False))
+        with _quiet_transformers():  # silences "sequence length is longer than the maximum" warnings
+            enc = self.tokenizer(prompt, add_special_tokens=False, truncation=False, return_offsets_mapping=fast)
+        return enc["input_ids"], (enc.get("offset_mapping") or None) if fast else None
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
 
 
 def _builtin_path(name: str) -> Path:
@@ -88,6 +122,20 @@ def _locate(spec: str, subfolders: tuple[str, str], revision: str | None) -> tup
                      "pass a transformers model folder or a Stable Diffusion pipeline folder")
 
 
+def _load_transformers(kind: str, enc_dir: Path, tok_dir: Path, allow_pickle: bool):
+    """(model, tokenizer) loaded by transformers: CLIPTextModel or AutoModel, and AutoTokenizer."""
+    with _quiet_transformers():
+        options = dict(local_files_only=True, use_safetensors=None if allow_pickle else True)
+        if kind == "clip":
+            model = cache.load("transformers", enc_dir, class_name="CLIPTextModel", folder=str(enc_dir), **options)
+        else:
+            model = cache.load("transformers", enc_dir, class_name="AutoModel", folder=str(enc_dir),
+                               trust_remote_code=False, **options)
+        tokenizer = cache.load("transformers", tok_dir, class_name="AutoTokenizer", folder=str(tok_dir),
+                               local_files_only=True, trust_remote_code=False)
+    return model, _TransformersTokens(tokenizer)
+
+
 class TextEncoder:
     """A frozen text encoder and its tokenizer: prompts -> (hidden states, attention mask)."""
 
@@ -105,8 +153,12 @@ class TextEncoder:
     @classmethod
     def load(cls, spec: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
              subfolders: tuple[str, str] = ("text_encoder", "tokenizer"), max_length: int | None = None,
-             revision: str | None = None, allow_pickle: bool = False, embedding: str = "tokens") -> TextEncoder:
-        """Load "minilm", a local folder or a Hub id; ModelError when missing, corrupt or refused."""
+             revision: str | None = None, allow_pickle: bool = False, embedding: str = "tokens",
+             native: bool = True) -> TextEncoder:
+        """Load "minilm", a local folder or a Hub id; ModelError when missing, corrupt or refused.
+
+        A plain BERT with safetensors weights and a tokenizer.json loads without transformers (text_bert)
+        unless native is False; every other encoder loads with transformers."""
         import safetensors
 
         enc_dir, tok_dir = _locate(spec, tuple(subfolders), revision)
@@ -124,16 +176,12 @@ class TextEncoder:
         loader_errors = (OSError, ValueError, RuntimeError, KeyError, TypeError, AttributeError,
                          EOFError, ImportError, safetensors.SafetensorError)
         try:
-            with _quiet_transformers():
-                options = dict(local_files_only=True, use_safetensors=None if allow_pickle else True)
-                if kind == "clip":
-                    model = cache.load("transformers", enc_dir, class_name="CLIPTextModel", folder=str(enc_dir), **options)
-                else:
-                    model = cache.load("transformers", enc_dir, class_name="AutoModel", folder=str(enc_dir),
-                                       trust_remote_code=False, **options)
-                tokenizer = cache.load("transformers", tok_dir, class_name="AutoTokenizer", folder=str(tok_dir),
-                                       local_files_only=True, trust_remote_code=False)
-                model = model.to(device=torch.device(device), dtype=dtype).eval().requires_grad_(False)
+            if native and text_bert.plain_bert(config, enc_dir, tok_dir):
+                model = cache.load("bert-model", enc_dir, folder=str(enc_dir))
+                tokenizer = cache.load("bert-tokens", tok_dir, folder=str(tok_dir))
+            else:
+                model, tokenizer = _load_transformers(kind, enc_dir, tok_dir, allow_pickle)
+            model = model.to(device=torch.device(device), dtype=dtype).eval().requires_grad_(False)
         except torch.OutOfMemoryError:
             raise ResourceError(f"out of memory loading the text encoder {spec} on {device}; "
                                 "use another device or a smaller dtype") from None
@@ -150,7 +198,7 @@ class TextEncoder:
             length = (cap or 77) if kind == "clip" else min(DEFAULT_BERT_MAX_LENGTH, cap or DEFAULT_BERT_MAX_LENGTH)
         else:
             length = int(max_length)
-            extra = tokenizer.num_special_tokens_to_add(pair=False)
+            extra = tokenizer.special_tokens()
             if length <= extra:
                 raise InputError(f"max_length {length} leaves no room for words (the tokenizer adds {extra} "
                                  f"special tokens); pass more than {extra}")
@@ -176,15 +224,13 @@ class TextEncoder:
                     torch.empty(0, self.sequence_length, dtype=torch.long, device=device))
         if not all(isinstance(p, str) for p in prompts):
             raise InputError("every prompt must be text; check the captions or prompts given")
-        batch = self.tokenizer(prompts, padding="max_length", max_length=self.max_length,
-                               truncation=True, return_tensors="pt")
+        batch = self.tokenizer.batch(prompts, self.max_length)
         ids = batch["input_ids"].to(device)
-        mask = batch["attention_mask"] if "attention_mask" in batch else (batch["input_ids"] != self.tokenizer.pad_token_id)
-        mask = mask.to(device=device, dtype=torch.long)
+        mask = batch["attention_mask"].to(device=device, dtype=torch.long)
         if self.kind == "clip":  # as Stable Diffusion: input ids only (CLIP is causal; padding is attended)
             inputs = {"input_ids": ids}
         else:
-            inputs = {k: batch[k].to(device) for k in self.tokenizer.model_input_names if k in batch}
+            inputs = {k: v.to(device) for k, v in batch.items()}
             inputs.update(input_ids=ids, attention_mask=mask)
         try:
             with torch.no_grad():
@@ -208,17 +254,14 @@ class TextEncoder:
 
     def truncated_words(self, prompt: str) -> list[str]:
         """The words of prompt that do not fit in max_length tokens (special tokens counted); [] if it fits."""
-        keep = self.max_length - self.tokenizer.num_special_tokens_to_add(pair=False)
-        fast = bool(getattr(self.tokenizer, "is_fast", False))
-        with _quiet_transformers():  # silences "sequence length is longer than the maximum" warnings
-            enc = self.tokenizer(prompt, add_special_tokens=False, truncation=False, return_offsets_mapping=fast)
-        ids = enc["input_ids"]
+        keep = self.max_length - self.tokenizer.special_tokens()
+        ids, offsets = self.tokenizer.pieces(prompt)
         if len(ids) <= keep:
             return []
-        if fast and enc.get("offset_mapping"):
-            cut = enc["offset_mapping"][max(keep, 0)][0]
+        if offsets:
+            cut = offsets[max(keep, 0)][0]
             return [m.group() for m in re.finditer(r"\S+", prompt) if m.end() > cut]
-        return self.tokenizer.decode(ids[max(keep, 0):], skip_special_tokens=True).split()
+        return self.tokenizer.decode(ids[max(keep, 0):]).split()
 
 
 class EmbeddingCache:
