@@ -58,12 +58,13 @@ def _from_pretrained(class_name: str, folder: str, **options):
 
 
 cache.register("transformers", _from_pretrained)
-cache.register("bert-model", lambda folder: text_bert.load_model(folder))
-cache.register("bert-tokens", lambda folder: text_bert.BertTokens(folder))
+cache.register("bert-model", text_bert.load_model)
+cache.register("bert-tokens", text_bert.load_tokens)
 
 
 class _TransformersTokens:
-    """A transformers tokenizer behind the calls TextEncoder makes of one (text_bert.BertTokens has the same)."""
+    """A transformers tokenizer behind the calls TextEncoder makes of one (text_bert.BertTokens has the same,
+    and always gives offsets; decode is for a slow tokenizer's truncated words)."""
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
@@ -79,8 +80,8 @@ class _TransformersTokens:
                                return_tensors="pt")
         inputs = {k: batch[k] for k in self.tokenizer.model_input_names if k in batch}
         inputs["input_ids"] = batch["input_ids"]
-        inputs["attention_mask"] = batch["attention_mask"] if "attention_mask" in batch else \
-            (batch["input_ids"] != self.pad_token_id).long()
+        inputs["attention_mask"] = (batch["attention_mask"] if "attention_mask" in batch else
+                                    batch["input_ids"] != self.pad_token_id).long()
         return inputs
 
     def pieces(self, prompt: str) -> tuple[list[int], list[tuple[int, int]] | None]:
@@ -176,9 +177,10 @@ class TextEncoder:
         loader_errors = (OSError, ValueError, RuntimeError, KeyError, TypeError, AttributeError,
                          EOFError, ImportError, safetensors.SafetensorError)
         try:
-            if native and text_bert.plain_bert(config, enc_dir, tok_dir):
+            tokenizer = (cache.load("bert-tokens", tok_dir, folder=str(tok_dir))
+                         if native and text_bert.plain_bert(config, enc_dir, tok_dir) else None)
+            if tokenizer is not None:
                 model = cache.load("bert-model", enc_dir, folder=str(enc_dir))
-                tokenizer = cache.load("bert-tokens", tok_dir, folder=str(tok_dir))
             else:
                 model, tokenizer = _load_transformers(kind, enc_dir, tok_dir, allow_pickle)
             model = model.to(device=torch.device(device), dtype=dtype).eval().requires_grad_(False)
@@ -224,14 +226,10 @@ class TextEncoder:
                     torch.empty(0, self.sequence_length, dtype=torch.long, device=device))
         if not all(isinstance(p, str) for p in prompts):
             raise InputError("every prompt must be text; check the captions or prompts given")
-        batch = self.tokenizer.batch(prompts, self.max_length)
-        ids = batch["input_ids"].to(device)
-        mask = batch["attention_mask"].to(device=device, dtype=torch.long)
+        inputs = {k: v.to(device) for k, v in self.tokenizer.batch(prompts, self.max_length).items()}
+        mask = inputs["attention_mask"]
         if self.kind == "clip":  # as Stable Diffusion: input ids only (CLIP is causal; padding is attended)
-            inputs = {"input_ids": ids}
-        else:
-            inputs = {k: v.to(device) for k, v in batch.items()}
-            inputs.update(input_ids=ids, attention_mask=mask)
+            inputs = {"input_ids": inputs["input_ids"]}
         try:
             with torch.no_grad():
                 output = self.model(**inputs)

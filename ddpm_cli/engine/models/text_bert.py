@@ -9,12 +9,13 @@ library, the same tokenizer that transformers' fast tokenizer wraps. tests/test_
 ids, masks and hidden states equal transformers' (states to float rounding).
 
 Anything else (another architecture, relative positions, other activations, pickled or sharded weights, no
-tokenizer.json, a tokenizer class other than BERT's) is loaded by transformers as before: see
-:func:`plain_bert`.
+tokenizer.json, a tokenizer class or settings other than BERT's) is loaded by transformers as before: see
+:func:`plain_bert` and :func:`load_tokens`.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from types import SimpleNamespace
 from typing import NamedTuple
@@ -30,31 +31,6 @@ _TOKENIZER_CLASSES = (None, "BertTokenizer", "BertTokenizerFast")
 _NO_LIMIT = 10 ** 30  # transformers' model_max_length when a tokenizer names none
 
 
-def _single(processor: dict, cls: str, sep: str) -> bool:
-    """Whether a post-processor makes [CLS] text [SEP] of one text, all of token type 0."""
-    if processor.get("type") == "BertProcessing":
-        return [p[0] for p in (processor.get("cls"), processor.get("sep")) if p] == [cls, sep]
-    pieces = [next(iter(piece.items())) for piece in processor.get("single") or []]
-    return (processor.get("type") == "TemplateProcessing"
-            and [(kind, part.get("id"), part.get("type_id")) for kind, part in pieces]
-            == [("SpecialToken", cls, 0), ("Sequence", "A", 0), ("SpecialToken", sep, 0)])
-
-
-def _same_tokenizer(tokenizer: dict, settings: dict) -> bool:
-    """Whether tokenizer.json tokenizes as transformers' BERT tokenizer does with these tokenizer_config
-    settings: transformers builds its normalizer and special tokens from the settings, not from the file."""
-    model, normalizer = tokenizer.get("model") or {}, tokenizer.get("normalizer") or {}
-    return (model.get("type") == "WordPiece" and model.get("continuing_subword_prefix", "##") == "##"
-            and model.get("unk_token") == settings.get("unk_token", "[UNK]")
-            and normalizer == {"type": "BertNormalizer", "clean_text": True,
-                               "handle_chinese_chars": settings.get("tokenize_chinese_chars", True),
-                               "strip_accents": settings.get("strip_accents"),
-                               "lowercase": settings.get("do_lower_case", True)}
-            and (tokenizer.get("pre_tokenizer") or {}).get("type") == "BertPreTokenizer"
-            and _single(tokenizer.get("post_processor") or {}, settings.get("cls_token", "[CLS]"),
-                        settings.get("sep_token", "[SEP]")))
-
-
 def _tokenizer_settings(folder: Path) -> dict:
     """special_tokens_map.json overlaid by tokenizer_config.json, tokens given as {"content": ...} unwrapped."""
     settings = {**json_or_empty(folder / "special_tokens_map.json"), **json_or_empty(folder / "tokenizer_config.json")}
@@ -63,15 +39,8 @@ def _tokenizer_settings(folder: Path) -> dict:
 
 
 def plain_bert(config: dict, enc_dir: Path, tok_dir: Path) -> bool:
-    """Whether this module reproduces the encoder in enc_dir and its tokenizer in tok_dir exactly."""
-    try:
-        return _plain_bert(config, enc_dir, tok_dir)
-    except (AttributeError, TypeError, StopIteration):  # files of another shape: transformers judges them
-        return False
-
-
-def _plain_bert(config: dict, enc_dir: Path, tok_dir: Path) -> bool:
-    settings = _tokenizer_settings(tok_dir)
+    """Whether the encoder in enc_dir is one this module reproduces, with a BERT tokenizer.json in tok_dir
+    (whose content :func:`load_tokens` checks)."""
     return (config.get("model_type") == "bert"
             and config.get("position_embedding_type", "absolute") == "absolute"
             and config.get("hidden_act", "gelu") == "gelu"
@@ -80,8 +49,7 @@ def _plain_bert(config: dict, enc_dir: Path, tok_dir: Path) -> bool:
                     ("hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size",
                      "vocab_size", "max_position_embeddings", "type_vocab_size"))
             and (enc_dir / WEIGHTS).is_file() and (tok_dir / TOKENIZER).is_file()
-            and settings.get("tokenizer_class") in _TOKENIZER_CLASSES
-            and _same_tokenizer(json_or_empty(tok_dir / TOKENIZER), settings))
+            and _tokenizer_settings(tok_dir).get("tokenizer_class") in _TOKENIZER_CLASSES)
 
 
 class BertOutput(NamedTuple):
@@ -168,11 +136,11 @@ class BertTokens:
         from tokenizers import Tokenizer
 
         self.tokenizer = Tokenizer.from_file(str(Path(folder) / TOKENIZER))
-        settings = _tokenizer_settings(Path(folder))
-        pad = settings.get("pad_token", "[PAD]")  # transformers' default for BERT
+        self.settings = _tokenizer_settings(Path(folder))
+        pad = self.settings.get("pad_token", "[PAD]")  # transformers' default for BERT
         self.pad_token_id = self.tokenizer.token_to_id(pad) if isinstance(pad, str) else None
         self.pad_token = pad if self.pad_token_id is not None else None
-        limit = settings.get("model_max_length")
+        limit = self.settings.get("model_max_length")
         self.model_max_length = limit if isinstance(limit, int) else _NO_LIMIT
 
     def special_tokens(self) -> int:
@@ -194,5 +162,40 @@ class BertTokens:
         encoded = self.tokenizer.encode(prompt, add_special_tokens=False)
         return list(encoded.ids), list(encoded.offsets)
 
-    def decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+def _single(processor: dict, cls: str, sep: str) -> bool:
+    """Whether a post-processor makes [CLS] text [SEP] of one text, all of token type 0."""
+    if processor.get("type") == "BertProcessing":
+        return [p[0] for p in (processor.get("cls"), processor.get("sep")) if p] == [cls, sep]
+    pieces = [next(iter(piece.items())) for piece in processor.get("single") or []]
+    return (processor.get("type") == "TemplateProcessing"
+            and [(kind, part.get("id"), part.get("type_id")) for kind, part in pieces]
+            == [("SpecialToken", cls, 0), ("Sequence", "A", 0), ("SpecialToken", sep, 0)])
+
+
+def _same_as_transformers(tokens: BertTokens) -> bool:
+    """Whether the tokenizer tokenizes as transformers' BERT tokenizer does with the folder's settings:
+    transformers builds its normalizer and special tokens from tokenizer_config.json, not from the file."""
+    from tokenizers import models, normalizers, pre_tokenizers
+
+    tokenizer, settings = tokens.tokenizer, tokens.settings
+    model, normalizer, processor = tokenizer.model, tokenizer.normalizer, tokenizer.post_processor
+    return (isinstance(model, models.WordPiece) and model.continuing_subword_prefix == "##"
+            and model.unk_token == settings.get("unk_token", "[UNK]")
+            and isinstance(normalizer, normalizers.BertNormalizer) and normalizer.clean_text
+            and (normalizer.handle_chinese_chars, normalizer.strip_accents, normalizer.lowercase)
+            == (settings.get("tokenize_chinese_chars", True), settings.get("strip_accents"),
+                settings.get("do_lower_case", True))
+            and isinstance(tokenizer.pre_tokenizer, pre_tokenizers.BertPreTokenizer)
+            and processor is not None
+            and _single(json.loads(processor.__getstate__()), settings.get("cls_token", "[CLS]"),
+                        settings.get("sep_token", "[SEP]")))
+
+
+def load_tokens(folder: str) -> BertTokens | None:
+    """The BERT tokenizer in folder, or None where transformers would tokenize otherwise (it then loads it)."""
+    tokens = BertTokens(folder)
+    try:
+        return tokens if _same_as_transformers(tokens) else None
+    except (AttributeError, TypeError, ValueError, StopIteration):  # a post-processor of another shape
+        return None
